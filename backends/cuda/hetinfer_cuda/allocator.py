@@ -1,0 +1,186 @@
+"""The CUDA caching allocator: cuMemAlloc underneath, freed blocks cached by size class.
+
+Size classes: requests up to 1 MiB round up to 512 B, larger ones to 2 MiB. A freed
+block goes to the cache of its class and is handed out again for the next request of
+that class, with no driver call. When cuMemAlloc reports out of memory, the cache is
+emptied (cuMemFree of every cached block) and the allocation retried once; then
+OutOfMemoryError states the requested, allocated and reserved bytes.
+
+allocated: bytes of blocks in use (rounded sizes); reserved: bytes held from the
+driver (in use + cached); peak: the largest `allocated` seen.
+
+All work goes to the device's one stream, so a block freed while kernels that use it
+are still queued can be reused at once: the next user is ordered after them.
+CuPy's allocations are routed here too (cupy_bridge), so there is one pool.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from hetinfer.allocator import Allocator
+from hetinfer.buffer import Buffer
+from hetinfer.errors import DeviceError, OutOfMemoryError
+
+from . import driver as D
+
+SMALL_LIMIT = 1 << 20
+SMALL_ROUND = 512
+LARGE_ROUND = 2 << 20
+
+
+def size_class(nbytes: int) -> int:
+    n = max(int(nbytes), 1)
+    r = SMALL_ROUND if n <= SMALL_LIMIT else LARGE_ROUND
+    return (n + r - 1) // r * r
+
+
+def _fmt(n: int) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n} bytes ({n / div:.2f} {unit})"
+    return f"{n} bytes"
+
+
+class CudaAllocator(Allocator):
+    host_memory = False
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.cu = D.get_device(device.index)
+        self._cache: dict[int, list[int]] = {}
+        self._lock = threading.Lock()
+        self.allocated = 0
+        self.reserved = 0
+        self.peak = 0
+        self.cached = 0
+        self.num_mallocs = 0       # cuMemAlloc calls that succeeded
+        self.num_reuses = 0        # requests served from the cache
+        self.num_frees = 0         # cuMemFree calls (cache emptied)
+        self.num_ooms = 0
+        from . import cupy_bridge
+        cupy_bridge.attach(self)
+
+    # ------------------------------------------------------------ alloc / free
+    def alloc(self, nbytes: int) -> Buffer:
+        if nbytes < 0:
+            raise DeviceError(f"cannot allocate {nbytes} bytes")
+        size = size_class(nbytes)
+        with self._lock:
+            lst = self._cache.get(size)
+            if lst:
+                ptr = lst.pop()
+                self.cached -= size
+                self.num_reuses += 1
+            else:
+                ptr = self._malloc(size, nbytes)
+            self.allocated += size
+            self.peak = max(self.peak, self.allocated)
+        return Buffer(self.device, nbytes, ptr, self, owned=True)
+
+    def _malloc(self, size: int, requested: int) -> int:
+        drv = D._drv()
+        self.cu.make_current()
+        err, ptr = drv.cuMemAlloc(size)
+        if err == drv.CUresult.CUDA_ERROR_OUT_OF_MEMORY and self.cached:
+            self._empty_cache_locked()
+            err, ptr = drv.cuMemAlloc(size)
+        if err == drv.CUresult.CUDA_ERROR_OUT_OF_MEMORY or (
+                err != drv.CUresult.CUDA_SUCCESS and size > self.cu.total_memory):
+            self.num_ooms += 1
+            try:
+                free, total = self.cu.mem_info()
+                dev_info = f"; the device has {_fmt(free)} free of {_fmt(total)}"
+            except DeviceError:
+                dev_info = ""
+            raise OutOfMemoryError(
+                f"{self.device}: out of memory: requested {_fmt(requested)} "
+                f"(block of {_fmt(size)}); allocated {_fmt(self.allocated)}, "
+                f"reserved {_fmt(self.reserved)} by hetinfer (cache emptied and retried)"
+                f"{dev_info}")
+        if err != drv.CUresult.CUDA_SUCCESS:
+            raise DeviceError(f"cuMemAlloc({size}) on {self.device} failed: {D.error_text(err)}")
+        self.reserved += size
+        self.num_mallocs += 1
+        return int(ptr)
+
+    def free(self, buf: Buffer) -> None:
+        if buf.handle is None:
+            return
+        size = size_class(buf.nbytes)
+        with self._lock:
+            self._cache.setdefault(size, []).append(int(buf.handle))
+            self.allocated -= size
+            self.cached += size
+
+    def _empty_cache_locked(self) -> None:
+        if not self.cached:
+            return
+        drv = D._drv()
+        self.cu.synchronize()
+        for size, lst in self._cache.items():
+            while lst:
+                ptr = lst.pop()
+                D.check(drv.cuMemFree(ptr), "cuMemFree")
+                self.reserved -= size
+                self.cached -= size
+                self.num_frees += 1
+        self._cache.clear()
+
+    def empty_cache(self) -> None:
+        """Give every cached (free) block back to the driver."""
+        with self._lock:
+            self._empty_cache_locked()
+
+    # ------------------------------------------------------------ copies
+    @staticmethod
+    def ptr(buf: Buffer, offset: int = 0) -> int:
+        return int(buf.handle) + int(offset)
+
+    def copy_in(self, buf: Buffer, offset: int, src: np.ndarray) -> None:
+        src = np.ascontiguousarray(src)
+        n = src.nbytes
+        if offset < 0 or offset + n > buf.nbytes:
+            raise DeviceError(f"copy_in of {n} bytes at offset {offset} overruns a buffer of {buf.nbytes}")
+        if n == 0:
+            return
+        self.cu.make_current()
+        # pageable source: the call returns once the bytes are staged, so src may go away
+        D.check(D._drv().cuMemcpyHtoDAsync(self.ptr(buf, offset), src.ctypes.data, n, self.cu.stream),
+                "cuMemcpyHtoDAsync")
+
+    def copy_out(self, buf: Buffer, offset: int, dst: np.ndarray) -> None:
+        if not dst.flags.c_contiguous:
+            raise DeviceError("copy_out needs a contiguous host array")
+        n = dst.nbytes
+        if offset < 0 or offset + n > buf.nbytes:
+            raise DeviceError(f"copy_out of {n} bytes at offset {offset} overruns a buffer of {buf.nbytes}")
+        if n == 0:
+            return
+        self.cu.make_current()
+        D.check(D._drv().cuMemcpyDtoHAsync(dst.ctypes.data, self.ptr(buf, offset), n, self.cu.stream),
+                "cuMemcpyDtoHAsync")
+        self.cu.synchronize()
+
+    def copy(self, dst: Buffer, dst_offset: int, src: Buffer, src_offset: int, nbytes: int) -> None:
+        if nbytes == 0:
+            return
+        if dst_offset + nbytes > dst.nbytes or src_offset + nbytes > src.nbytes:
+            raise DeviceError(f"device copy of {nbytes} bytes overruns a buffer")
+        self.cu.make_current()
+        D.check(D._drv().cuMemcpyDtoDAsync(self.ptr(dst, dst_offset), self.ptr(src, src_offset),
+                                           nbytes, self.cu.stream), "cuMemcpyDtoDAsync")
+
+    # ------------------------------------------------------------ facts
+    def stats(self) -> dict:
+        return {"allocated": self.allocated, "reserved": self.reserved, "peak": self.peak,
+                "cached": self.cached, "num_mallocs": self.num_mallocs,
+                "num_reuses": self.num_reuses, "num_frees": self.num_frees, "num_ooms": self.num_ooms}
+
+    def reset_peak(self) -> None:
+        self.peak = self.allocated
+
+    def synchronize(self) -> None:
+        self.cu.synchronize()

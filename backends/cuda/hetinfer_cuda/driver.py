@@ -1,0 +1,327 @@
+"""The CUDA driver layer, on cuda-python (cuda.bindings.driver / cuda.bindings.nvrtc).
+
+- `check()` turns every driver result into a value or a DeviceError naming the call and
+  the driver's error name and string.
+- `CudaDevice`: the primary context and one stream per GPU, the device's architecture.
+- `compile_cubin()`: NVRTC for the device's own architecture (sm_XY); the compile log is
+  in the exception; CUBINs are cached on disk ($HETINFER_CACHE/cuda, default
+  ~/.cache/hetinfer/cuda) under a hash of source, options, architecture and NVRTC
+  version, so a second start compiles nothing. Modules and functions are cached in process.
+- `launch()`: the one place kernels are launched (args packed for cuLaunchKernel).
+
+cuda.bindings is imported inside functions only: importing this module needs no CUDA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from hetinfer.errors import DeviceError
+
+_CSRC = Path(__file__).parent / "csrc"
+
+
+class CompileError(DeviceError):
+    """NVRTC could not compile a kernel source; the message holds the compile log."""
+
+
+# ---------------------------------------------------------------- error checking
+def _drv():
+    from cuda.bindings import driver
+    return driver
+
+
+def _nvrtc():
+    from cuda.bindings import nvrtc
+    return nvrtc
+
+
+def error_text(err) -> str:
+    """'CUDA_ERROR_X: the driver's description' for a CUresult."""
+    driver = _drv()
+    try:
+        _, name = driver.cuGetErrorName(err)
+        _, desc = driver.cuGetErrorString(err)
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        desc = desc.decode() if isinstance(desc, bytes) else str(desc)
+        return f"{name}: {desc}"
+    except Exception:
+        return str(err)
+
+
+def check(result, what: str = "CUDA driver call"):
+    """Unpack a cuda.bindings driver result (err, *values): raise DeviceError on error,
+    else return None, the one value, or the tuple of values."""
+    driver = _drv()
+    if isinstance(result, tuple):
+        err, vals = result[0], result[1:]
+    else:
+        err, vals = result, ()
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise DeviceError(f"{what} failed: {error_text(err)}")
+    if not vals:
+        return None
+    return vals[0] if len(vals) == 1 else vals
+
+
+def check_nvrtc(result, what: str = "NVRTC call"):
+    nvrtc = _nvrtc()
+    err, vals = result[0], result[1:]
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        try:
+            msg = nvrtc.nvrtcGetErrorString(err)[1].decode()
+        except Exception:
+            msg = str(err)
+        raise CompileError(f"{what} failed: {msg}")
+    if not vals:
+        return None
+    return vals[0] if len(vals) == 1 else vals
+
+
+# ---------------------------------------------------------------- devices
+_init_lock = threading.Lock()
+_initialized = False
+_devices: dict[int, "CudaDevice"] = {}
+_tls = threading.local()
+
+
+def init() -> None:
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            check(_drv().cuInit(0), "cuInit")
+            _initialized = True
+
+
+def device_count() -> int:
+    init()
+    return int(check(_drv().cuDeviceGetCount(), "cuDeviceGetCount"))
+
+
+def driver_version() -> str:
+    v = int(check(_drv().cuDriverGetVersion(), "cuDriverGetVersion"))
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def nvrtc_version() -> tuple[int, int]:
+    major, minor = check_nvrtc(_nvrtc().nvrtcVersion(), "nvrtcVersion")
+    return int(major), int(minor)
+
+
+def get_device(index: int = 0) -> "CudaDevice":
+    dev = _devices.get(index)
+    if dev is None:
+        with _init_lock:
+            dev = _devices.get(index)
+            if dev is None:
+                dev = _devices[index] = CudaDevice(index)
+    dev.make_current()
+    return dev
+
+
+class CudaDevice:
+    """One GPU: its primary context, one stream, its architecture and loaded modules."""
+
+    def __init__(self, index: int):
+        driver = _drv()
+        init()
+        n = device_count()
+        if index >= n:
+            raise DeviceError(f"cuda:{index} does not exist: {n} CUDA device(s) present")
+        self.index = index
+        self.cu_device = check(driver.cuDeviceGet(index), "cuDeviceGet")
+        self.context = check(driver.cuDevicePrimaryCtxRetain(self.cu_device), "cuDevicePrimaryCtxRetain")
+        check(driver.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+        _tls.current = index
+        attr = driver.CUdevice_attribute
+        self.cc = (self.attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+                   self.attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR))
+        self.sm_count = self.attribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        self.arch = f"sm_{self.cc[0]}{self.cc[1]}"
+        raw = check(driver.cuDeviceGetName(256, self.cu_device), "cuDeviceGetName")
+        self.name = raw.split(b"\0", 1)[0].decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        self.total_memory = int(check(driver.cuDeviceTotalMem(self.cu_device), "cuDeviceTotalMem"))
+        # non-blocking: never serialised against the legacy default stream
+        self.stream = check(driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING),
+                            "cuStreamCreate")
+        self.stream_handle = int(self.stream)
+        self._modules: dict[str, object] = {}        # cache key -> CUmodule
+        self._functions: dict[tuple, object] = {}    # (module key, name) -> CUfunction
+        self._lock = threading.Lock()
+
+    def attribute(self, attr) -> int:
+        return int(check(_drv().cuDeviceGetAttribute(attr, self.cu_device), "cuDeviceGetAttribute"))
+
+    def make_current(self) -> None:
+        if getattr(_tls, "current", None) != self.index:
+            check(_drv().cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+            _tls.current = self.index
+
+    def synchronize(self) -> None:
+        self.make_current()
+        check(_drv().cuStreamSynchronize(self.stream), f"cuStreamSynchronize on cuda:{self.index}")
+
+    def mem_info(self) -> tuple[int, int]:
+        free, total = check(_drv().cuMemGetInfo(), "cuMemGetInfo")
+        return int(free), int(total)
+
+    # ------------------------------------------------------------ modules
+    def load_module(self, source: str, name: str, options=()) -> tuple[str, object]:
+        """Compile (or fetch from the caches) and load a module; returns (key, CUmodule)."""
+        options = tuple(options)
+        key = cache_key(source, options, self.arch)
+        mod = self._modules.get(key)
+        if mod is None:
+            with self._lock:
+                mod = self._modules.get(key)
+                if mod is None:
+                    cubin = compile_cubin(source, name, options, self.arch, key=key)
+                    self.make_current()
+                    import numpy as np
+                    image = np.frombuffer(cubin, np.uint8)
+                    mod = check(_drv().cuModuleLoadData(image.ctypes.data), f"cuModuleLoadData({name})")
+                    self._modules[key] = mod
+        return key, mod
+
+    def function(self, source: str, name: str, fn_name: str, options=()):
+        """The CUfunction fn_name of the module compiled from source (cached)."""
+        key, mod = self.load_module(source, name, options)
+        f = self._functions.get((key, fn_name))
+        if f is None:
+            f = check(_drv().cuModuleGetFunction(mod, fn_name.encode()),
+                      f"cuModuleGetFunction({fn_name!r} in {name})")
+            self._functions[(key, fn_name)] = f
+        return f
+
+    def __repr__(self) -> str:
+        return f"CudaDevice(cuda:{self.index}, {self.name}, {self.arch})"
+
+
+# ---------------------------------------------------------------- NVRTC + disk cache
+class CompileStats:
+    nvrtc_compiles = 0     # programs compiled by NVRTC in this process
+    disk_hits = 0          # CUBINs read back from the disk cache
+
+
+stats = CompileStats()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HETINFER_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "hetinfer"
+    return base / "cuda"
+
+
+def cache_key(source: str, options, arch: str) -> str:
+    try:
+        ver = "%d.%d" % nvrtc_version()
+    except Exception:
+        ver = "?"
+    h = hashlib.sha256()
+    for part in (source, "\0".join(options), arch, ver):
+        h.update(part.encode())
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+def compile_cubin(source: str, name: str, options, arch: str, key: str | None = None,
+                  use_disk_cache: bool = True) -> bytes:
+    """NVRTC: source -> CUBIN for arch (e.g. 'sm_90'). Raises CompileError with the log."""
+    key = key or cache_key(source, tuple(options), arch)
+    path = cache_dir() / f"{name}-{arch}-{key[:32]}.cubin"
+    if use_disk_cache:
+        try:
+            data = path.read_bytes()
+            if data:
+                stats.disk_hits += 1
+                return data
+        except OSError:
+            pass
+    nvrtc = _nvrtc()
+    opts = [f"--gpu-architecture={arch}", "--std=c++17", "-default-device"] + list(options)
+    prog = check_nvrtc(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []),
+                       "nvrtcCreateProgram")
+    try:
+        err, = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+        log = ""
+        try:
+            size = check_nvrtc(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            buf = b" " * int(size)
+            check_nvrtc(nvrtc.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
+            log = buf.rstrip(b"\0 ").decode(errors="replace")
+        except CompileError:
+            pass
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            what = nvrtc.nvrtcGetErrorString(err)[1].decode()
+            raise CompileError(f"NVRTC could not compile {name}.cu for {arch} ({what}); "
+                               f"options: {' '.join(opts)}\n--- compile log ---\n{log}")
+        size = check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+        cubin = b" " * int(size)
+        check_nvrtc(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    stats.nvrtc_compiles += 1
+    if use_disk_cache:
+        try:   # atomic: write a temporary file, then rename it into place
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(cubin)
+            os.replace(tmp, path)
+        except OSError:
+            pass   # a read-only cache only costs a compile next time
+    return cubin
+
+
+# ---------------------------------------------------------------- the project's kernels
+_DTYPE_CODE = {"f32": 0, "f16": 1, "bf16": 2}
+_source_cache: str | None = None
+
+
+def ops_source() -> str:
+    global _source_cache
+    if _source_cache is None:
+        _source_cache = (_CSRC / "common.cuh").read_text() + "\n" + (_CSRC / "ops.cu").read_text()
+    return _source_cache
+
+
+def kernel(dev: CudaDevice, dtype_name: str, fn_name: str):
+    """The CUfunction fn_name of the ops module for element type dtype_name."""
+    return dev.function(ops_source(), f"hetinfer_ops_{dtype_name}", fn_name,
+                        (f"-DHI_DTYPE={_DTYPE_CODE[dtype_name]}",))
+
+
+# ---------------------------------------------------------------- launching
+class Arg:
+    """Typed kernel arguments for launch(): Arg.ptr(int), Arg.i32(int), Arg.i64(int), Arg.f32(float)."""
+    ptr = ctypes.c_uint64
+    i32 = ctypes.c_int32
+    i64 = ctypes.c_int64
+    f32 = ctypes.c_float
+
+
+_SYNC = os.environ.get("HETINFER_CUDA_SYNC", "") not in ("", "0")
+
+
+def launch(dev: CudaDevice, fn, grid, block, args, shared: int = 0, name: str = "kernel") -> None:
+    """Launch fn on dev's stream. args: ctypes scalars (see Arg). A grid with a zero
+    dimension launches nothing. With HETINFER_CUDA_SYNC=1 every launch is synchronised
+    so an error is reported at the kernel that caused it."""
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    block = tuple(block) + (1,) * (3 - len(block))
+    if min(grid) <= 0:
+        return
+    holders = list(args)
+    ptrs = (ctypes.c_void_p * max(1, len(holders)))(*[ctypes.addressof(a) for a in holders])
+    dev.make_current()
+    err, = _drv().cuLaunchKernel(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                 shared, dev.stream, ctypes.addressof(ptrs), 0)
+    if err != _drv().CUresult.CUDA_SUCCESS:
+        raise DeviceError(f"launch of {name} (grid {grid}, block {block}) failed: {error_text(err)}")
+    if _SYNC:
+        check(_drv().cuStreamSynchronize(dev.stream), f"kernel {name} (HETINFER_CUDA_SYNC)")

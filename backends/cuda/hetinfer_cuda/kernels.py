@@ -1,0 +1,318 @@
+"""Python side of the CUDA kernels: argument packing and launch configuration.
+
+Each op's kernels are compiled for the dtype of its key argument (see hetinfer.ops.OPS).
+Another float dtype in a secondary input is first cast to the key dtype on the device
+(for matmul: x is cast to the weight's dtype), and an `out` of another dtype is
+computed in the key dtype and cast; the usual all-one-dtype call allocates nothing.
+Strided views are handled here, on the device: a non-contiguous argument is gathered
+into a contiguous temporary by a strided-copy kernel, and a non-contiguous output is
+scattered back the same way (registered with contiguous=False, so dispatch passes
+views as they are and nothing goes through the host).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+from hetinfer import dtypes as DT
+from hetinfer.errors import ShapeError
+from hetinfer.tensor import Tensor, empty
+
+from . import cupy_bridge
+from . import driver as D
+from .driver import Arg
+
+FLOATS = ("f32", "f16", "bf16")
+GEMV_MAX_M = 8          # rows of x up to which matmul uses the GEMV kernel
+ATT_MAXD = 256          # head dim limit of the attention kernel
+_GEMV_WARPS = 4
+_ATT_THREADS = 256
+
+
+# ---------------------------------------------------------------- helpers
+def _dev(t: Tensor) -> D.CudaDevice:
+    return D.get_device(t.device.index)
+
+
+def _p(t: Tensor | None) -> int:
+    return 0 if t is None else int(t.buffer.handle) + t.byte_offset
+
+
+def _aligned(*tensors) -> bool:
+    return all(_p(t) % 16 == 0 for t in tensors if t is not None)
+
+
+def _vec(t: Tensor) -> int:
+    return 16 // t.dtype.itemsize
+
+
+def _k(dev, dtype_name, fn):
+    return D.kernel(dev, dtype_name, fn)
+
+
+def _launch(dev, dtype_name, fn, grid, block, args, shared=0):
+    D.launch(dev, _k(dev, dtype_name, fn), grid, block, args, shared, name=f"{fn}<{dtype_name}>")
+
+
+def _row_threads(units: int, cap: int = 256) -> int:
+    """Threads for a one-block-per-row kernel: a multiple of 32, at most cap."""
+    return max(32, min(cap, (units + 31) // 32 * 32))
+
+
+def _grid_1d(dev, units: int, threads: int = 256) -> int:
+    return max(1, min((units + threads - 1) // threads, dev.sm_count * 16))
+
+
+def _cast_into(x: Tensor, out: Tensor) -> None:
+    dev = _dev(x)
+    n = x.numel
+    _launch(dev, x.dtype.name, f"cast_to_{out.dtype.name}", (_grid_1d(dev, n),), (256,),
+            [Arg.ptr(_p(x)), Arg.ptr(_p(out)), Arg.i64(n)])
+
+
+def _as(t: Tensor | None, dtype_name: str) -> Tensor | None:
+    """t in dtype_name: t itself, or a cast copy on the device."""
+    if t is None or t.dtype.name == dtype_name:
+        return t
+    tmp = empty(t.shape, dtype_name, t.device)
+    _cast_into(t, tmp)
+    return tmp
+
+
+def _target(out: Tensor, key: str) -> Tensor:
+    """Where the kernel writes: out, or a temporary of the key dtype cast into out later."""
+    return out if out.dtype.name == key else empty(out.shape, key, out.device)
+
+
+def _finish(tmp: Tensor, out: Tensor) -> None:
+    if tmp is not out:
+        _cast_into(tmp, out)
+
+
+# ---------------------------------------------------------------- strided views
+_COPY_MAXDIM = 8
+
+
+class _Layout2(ctypes.Structure):
+    _fields_ = [("ndim", ctypes.c_int32),
+                ("shape", ctypes.c_int64 * _COPY_MAXDIM),
+                ("sstride", ctypes.c_int64 * _COPY_MAXDIM),
+                ("dstride", ctypes.c_int64 * _COPY_MAXDIM)]
+
+
+def _contig_strides(shape):
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
+
+
+def _strided_copy(src: Tensor, sstrides, dst: Tensor, dstrides) -> None:
+    shape = src.shape
+    n = src.numel
+    if n == 0:
+        return
+    # drop unit dims; the kernel takes at most 8
+    dims = [(s, a, b) for s, a, b in zip(shape, sstrides, dstrides) if s != 1]
+    if len(dims) > _COPY_MAXDIM:
+        raise ShapeError(f"strided copy on cuda: more than {_COPY_MAXDIM} non-unit dims in {shape}")
+    lay = _Layout2()
+    lay.ndim = len(dims)
+    for i, (s, a, b) in enumerate(dims):
+        lay.shape[i], lay.sstride[i], lay.dstride[i] = s, a, b
+    dev = _dev(src)
+    _launch(dev, "f32", f"strided_copy_{src.dtype.itemsize}", (_grid_1d(dev, n),), (256,),
+            [Arg.ptr(_p(src)), Arg.ptr(_p(dst)), Arg.i64(n), lay])
+
+
+def _gather(t: Tensor) -> Tensor:
+    """A contiguous copy of view t, made on the device."""
+    c = empty(t.shape, t.dtype, t.device)
+    _strided_copy(t, t.strides, c, _contig_strides(t.shape))
+    return c
+
+
+def _scatter(c: Tensor, t: Tensor) -> None:
+    """Write contiguous c into view t."""
+    _strided_copy(c, _contig_strides(c.shape), t, t.strides)
+
+
+def _strided(fn, outputs):
+    """Wrap a kernel that wants contiguous tensors: gather strided arguments, scatter
+    strided outputs back. One gather per distinct view (out may be x)."""
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        made: dict[int, Tensor] = {}
+        back = []
+        for name, v in kw.items():
+            if isinstance(v, Tensor) and not v.is_contiguous:
+                c = made.get(id(v))
+                if c is None:
+                    c = made[id(v)] = _gather(v)
+                if name in outputs and all(c is not b for b, _ in back):
+                    back.append((c, v))
+                kw[name] = c
+        fn(**kw)
+        for c, v in back:
+            _scatter(c, v)
+    return wrapper
+
+
+# ---------------------------------------------------------------- ops
+def embedding(ids, table, out):
+    key = table.dtype.name
+    dev = _dev(table)
+    o = _target(out, key)
+    V, Dm = table.shape
+    vec = int(Dm % _vec(table) == 0 and _aligned(table, o))
+    threads = _row_threads(Dm // _vec(table) if vec else Dm)
+    _launch(dev, key, "embedding", (ids.shape[0],), (threads,),
+            [Arg.ptr(_p(ids)), Arg.i32(ids.dtype == DT.i64), Arg.ptr(_p(table)), Arg.ptr(_p(o)),
+             Arg.i32(V), Arg.i32(Dm), Arg.i32(vec)])
+    _finish(o, out)
+
+
+def rms_norm(x, weight, eps, out):
+    key = x.dtype.name
+    dev = _dev(x)
+    w = _as(weight, key)
+    o = _target(out, key)
+    Dm = x.shape[-1]
+    rows = x.numel // Dm if Dm else 0
+    vec = int(Dm % _vec(x) == 0 and _aligned(x, w, o))
+    threads = _row_threads(Dm // _vec(x) if vec else Dm)
+    _launch(dev, key, "rms_norm", (rows,), (threads,),
+            [Arg.ptr(_p(x)), Arg.ptr(_p(w)), Arg.ptr(_p(o)), Arg.i32(Dm), Arg.f32(eps), Arg.i32(vec)])
+    _finish(o, out)
+
+
+def matmul(x, weight, bias, scales, out):
+    key = weight.dtype.name
+    dev = _dev(weight)
+    N, K = weight.shape
+    xk = _as(x, key)
+    b = _as(bias, key)
+    o = _target(out, key)
+    M = x.numel // K if K else (out.numel // N if N else 0)
+    if M == 0 or N == 0:
+        return
+    if M <= GEMV_MAX_M or K == 0:
+        vec = int(K % _vec(weight) == 0 and _aligned(xk, weight))
+        _launch(dev, key, "gemv", ((N + _GEMV_WARPS - 1) // _GEMV_WARPS,), (_GEMV_WARPS * 32,),
+                [Arg.ptr(_p(xk)), Arg.ptr(_p(weight)), Arg.ptr(_p(b)), Arg.i32(b is not None),
+                 Arg.ptr(_p(o)), Arg.i32(M), Arg.i32(N), Arg.i32(K), Arg.i32(vec)])
+    elif cupy_bridge.cupy() is not None:
+        cupy_bridge.gemm(dev, key, _p(xk), _p(weight), _p(o), M, N, K)
+        if b is not None:
+            _launch(dev, key, "bias_add", (_grid_1d(dev, M * N),), (256,),
+                    [Arg.ptr(_p(o)), Arg.ptr(_p(b)), Arg.i32(M), Arg.i32(N)])
+    else:
+        _launch(dev, key, "gemm_tiled", ((N + 15) // 16, (M + 15) // 16), (16, 16),
+                [Arg.ptr(_p(xk)), Arg.ptr(_p(weight)), Arg.ptr(_p(b)), Arg.i32(b is not None),
+                 Arg.ptr(_p(o)), Arg.i32(M), Arg.i32(N), Arg.i32(K)])
+    _finish(o, out)
+
+
+def rope(x, positions, cos, sin, style, out):
+    key = x.dtype.name
+    dev = _dev(x)
+    o = _target(out, key)
+    ntok, H, Dh = x.shape
+    total = ntok * H * (Dh // 2)
+    _launch(dev, key, "rope", (_grid_1d(dev, total),), (256,),
+            [Arg.ptr(_p(x)), Arg.ptr(_p(positions)), Arg.i32(positions.dtype == DT.i64),
+             Arg.ptr(_p(cos)), Arg.ptr(_p(sin)), Arg.ptr(_p(o)),
+             Arg.i32(ntok), Arg.i32(H), Arg.i32(Dh), Arg.i32(cos.shape[0]),
+             Arg.i32(style == "interleaved")])
+    _finish(o, out)
+
+
+def _binary(fn, a, b, out):
+    key = a.dtype.name
+    dev = _dev(a)
+    b = _as(b, key)
+    o = _target(out, key)
+    n = a.numel
+    vec = int(n % _vec(a) == 0 and _aligned(a, b, o))
+    units = n // _vec(a) if vec else n
+    _launch(dev, key, fn, (_grid_1d(dev, units),), (256,),
+            [Arg.ptr(_p(a)), Arg.ptr(_p(b)), Arg.ptr(_p(o)), Arg.i64(n), Arg.i32(vec)])
+    _finish(o, out)
+
+
+def add(a, b, out):
+    _binary("add", a, b, out)
+
+
+def swiglu(gate, up, out):
+    _binary("swiglu", gate, up, out)
+
+
+def softmax(x, out):
+    key = x.dtype.name
+    dev = _dev(x)
+    o = _target(out, key)
+    Dm = x.shape[-1]
+    rows = x.numel // Dm if Dm else 0
+    _launch(dev, key, "softmax", (rows,), (_row_threads(Dm, 512),),
+            [Arg.ptr(_p(x)), Arg.ptr(_p(o)), Arg.i32(Dm)])
+    _finish(o, out)
+
+
+def attention(q, k_cache, v_cache, positions, scale, out):
+    key = q.dtype.name
+    dev = _dev(q)
+    ntok, Hq, Dh = q.shape
+    S, Hkv, _ = k_cache.shape
+    if Dh > ATT_MAXD:
+        raise ShapeError(f"attention on cuda: head dim {Dh} > {ATT_MAXD} is not supported yet")
+    o = _target(out, key)
+    _launch(dev, key, "attention", (Hq, ntok), (_ATT_THREADS,),
+            [Arg.ptr(_p(q)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)), Arg.ptr(_p(positions)),
+             Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(o)),
+             Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(S), Arg.f32(scale)])
+    _finish(o, out)
+
+
+def kv_cache_write(k, v, k_cache, v_cache, positions):
+    key = k_cache.dtype.name
+    dev = _dev(k_cache)
+    kk, vv = _as(k, key), _as(v, key)
+    ntok = k.shape[0]
+    S = k_cache.shape[0]
+    rowlen = k_cache.shape[1] * k_cache.shape[2]
+    _launch(dev, key, "kv_cache_write", (_grid_1d(dev, ntok * rowlen),), (256,),
+            [Arg.ptr(_p(kk)), Arg.ptr(_p(vv)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)),
+             Arg.ptr(_p(positions)), Arg.i32(positions.dtype == DT.i64),
+             Arg.i32(ntok), Arg.i32(rowlen), Arg.i32(S)])
+
+
+def argmax(x, out):
+    key = x.dtype.name
+    dev = _dev(x)
+    N = x.shape[-1]
+    rows = x.numel // N if N else 0
+    _launch(dev, key, "argmax", (rows,), (_row_threads(N, 512),),
+            [Arg.ptr(_p(x)), Arg.ptr(_p(out)), Arg.i32(N)])
+
+
+def cast(x, out):
+    _cast_into(x, out)
+
+
+_OUT = ("out",)
+KERNELS = [
+    ("embedding", _strided(embedding, _OUT)),
+    ("rms_norm", _strided(rms_norm, _OUT)),
+    ("matmul", _strided(matmul, _OUT)),
+    ("rope", _strided(rope, _OUT)),
+    ("add", _strided(add, _OUT)),
+    ("swiglu", _strided(swiglu, _OUT)),
+    ("softmax", _strided(softmax, _OUT)),
+    ("attention", _strided(attention, _OUT)),
+    ("kv_cache_write", _strided(kv_cache_write, ("k_cache", "v_cache"))),
+    ("argmax", _strided(argmax, _OUT)),
+    ("cast", _strided(cast, _OUT)),
+]

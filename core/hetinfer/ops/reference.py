@@ -1,0 +1,142 @@
+"""Float64 NumPy references: the definition of every op. Short and readable on
+purpose; every backend, the CPU one included, is tested against these."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def f64(a) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+def embedding(ids, table):
+    return f64(table)[np.asarray(ids)]                       # (T, D)
+
+
+def rms_norm(x, weight, eps):
+    x = f64(x)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * f64(weight)
+
+
+def dequantize_int8(weight, scales):
+    """Symmetric per-group int8: weight (N, K) int8, scales (N, K // G) -> (N, K)."""
+    n, k = weight.shape
+    g = k // scales.shape[1]
+    return (f64(weight).reshape(n, k // g, g) * f64(scales)[:, :, None]).reshape(n, k)
+
+
+def matmul(x, weight, bias=None, scales=None):
+    w = dequantize_int8(weight, scales) if scales is not None else f64(weight)
+    y = f64(x) @ w.T                                         # (..., K) @ (K, N) -> (..., N)
+    return y + f64(bias) if bias is not None else y
+
+
+def rope(x, positions, cos, sin, style):
+    x = f64(x)                                               # (T, H, D)
+    c = f64(cos)[np.asarray(positions)][:, None, :]          # (T, 1, D/2)
+    s = f64(sin)[np.asarray(positions)][:, None, :]
+    if style == "half":                                      # HF: rotate first half against second
+        h = x.shape[-1] // 2
+        x1, x2 = x[..., :h], x[..., h:]
+        return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]                      # interleaved pairs (llama2.c / Meta)
+    out = np.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out
+
+
+def add(a, b):
+    return f64(a) + f64(b)
+
+
+def swiglu(gate, up):
+    g = f64(gate)
+    return g / (1.0 + np.exp(-g)) * f64(up)
+
+
+def softmax(x):
+    x = f64(x)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention(q, k_cache, v_cache, positions, scale):
+    """Causal attention by position: query t sees keys 0..positions[t]. GQA: query
+    head h reads kv head h // (Hq // Hkv)."""
+    q, k, v = f64(q), f64(k_cache), f64(v_cache)             # (T, Hq, D), (S, Hkv, D), (S, Hkv, D)
+    pos = np.asarray(positions)
+    t, hq, _ = q.shape
+    group = hq // k.shape[1]
+    out = np.empty_like(q)
+    keys = np.arange(k.shape[0])
+    for h in range(hq):
+        kh = h // group
+        scores = (q[:, h, :] @ k[:, kh, :].T) * scale        # (T, S)
+        scores[keys[None, :] > pos[:, None]] = -np.inf
+        out[:, h, :] = softmax(scores) @ v[:, kh, :]
+    return out
+
+
+def kv_cache_write(k, v, k_cache, v_cache, positions):
+    kc, vc = f64(k_cache).copy(), f64(v_cache).copy()
+    kc[np.asarray(positions)] = f64(k)
+    vc[np.asarray(positions)] = f64(v)
+    return kc, vc
+
+
+def argmax(x):
+    return np.argmax(f64(x), axis=-1)
+
+
+def cast(x, np_dtype):
+    return f64(x).astype(np_dtype)
+
+
+def penalties(logits, counts, seen, repetition, presence, frequency):
+    """Repetition penalty (HF/CTRL) on every seen token (prompt and output); presence and
+    frequency penalties (OpenAI) from output counts. (B, V) -> (B, V)."""
+    x, c, s = f64(logits), f64(counts), np.asarray(seen) != 0
+    x = np.where(s, np.where(x > 0, x / repetition, x * repetition), x)
+    return x - presence * (c > 0) - frequency * c
+
+
+def _renorm(p):
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def sample_probs(logits, temperature, top_k, top_p, min_p):
+    """The distribution `sample` draws from, (B, V): temperature, then top-k, then top-p
+    (smallest set of most likely tokens whose mass reaches top_p), then min-p (tokens at
+    least min_p x the most likely); each filter renormalises. Temperature 0: argmax."""
+    x = f64(logits)
+    b, v = x.shape
+    if temperature == 0:
+        p = np.zeros_like(x)
+        p[np.arange(b), x.argmax(-1)] = 1.0
+        return p
+    p = softmax(x / temperature)
+    if 0 < top_k < v:
+        kth = -np.sort(-p, axis=-1)[:, top_k - 1:top_k]                 # (B, 1)
+        p = _renorm(np.where(p >= kth, p, 0.0))
+    if top_p < 1.0:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sp = np.take_along_axis(p, order, -1)
+        keep_sorted = (np.cumsum(sp, -1) - sp) < top_p                  # mass before it < top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        p = _renorm(np.where(keep, p, 0.0))
+    if min_p > 0.0:
+        p = _renorm(np.where(p >= min_p * p.max(-1, keepdims=True), p, 0.0))
+    return p
+
+
+def sample(logits, uniform, temperature, top_k, top_p, min_p):
+    """Inverse CDF in token-id order: the first token whose cumulative mass exceeds
+    uniform[b] x total. Deterministic given the uniforms, so a seeded host RNG gives
+    the same text on every run."""
+    p = sample_probs(logits, temperature, top_k, top_p, min_p)
+    cdf = np.cumsum(p, -1)
+    target = f64(uniform)[:, None] * cdf[:, -1:]
+    return np.argmax(cdf > target, axis=-1)

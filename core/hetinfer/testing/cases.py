@@ -1,0 +1,357 @@
+"""One case builder per op: draws sizes, dtypes, layouts and data through a Case,
+sets `case.call` to the op call, and states what the outputs must equal (the
+float64 reference in hetinfer.ops.reference on the same, already rounded, inputs).
+
+Sizes are bounded by a work budget so one example stays in the milliseconds on a
+CPU. A new op in hetinfer.ops.OPS needs a builder here: a kernel for an op with
+no builder fails the conformance suite."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+import hetinfer
+from hetinfer import dtypes as D
+from hetinfer.ops import reference as R
+
+from .strategies import MAX_HIDDEN, MAX_SEQ, Case, head_dim, hidden, lead_shape
+
+CASES: dict = {}
+
+
+def builder(op):
+    def deco(fn):
+        CASES[op] = fn
+        return fn
+    return deco
+
+
+def _positions(case: Case, name: str, pos: np.ndarray):
+    """Positions as an i32 or i64 tensor (drawn), sometimes a Python list (ops accept both)."""
+    kind = case.draw(st.sampled_from(["i32", "i64", "list"]), f"{name}.kind")
+    if kind == "list":
+        return [int(p) for p in pos]
+    return case.input(name, pos.astype(D.dtype(kind).np), kind)
+
+
+# --- embedding -----------------------------------------------------------------------
+@builder("embedding")
+def embedding(case: Case):
+    vocab = case.draw(hidden(), "vocab")
+    d = case.draw(hidden(), "dim")
+    t = case.draw(st.integers(1, 64), "tokens")
+    ids_dt = case.draw(st.sampled_from(["i32", "i64"]), "ids.dtype")
+    ids = case.rng.integers(0, vocab, size=t)
+    ids[0] = case.draw(st.sampled_from([0, vocab - 1, int(ids[0])]), "ids[0]")   # edges of the table
+    table = case.normal((vocab, d), case.dtype)
+    out_dt = case.other_float("out.dtype")
+    ids_t = case.input("ids", ids.astype(D.dtype(ids_dt).np), ids_dt)
+    table_t = case.input("table", table)
+    out = case.output("out", (t, d), out_dt)
+    case.call = lambda: hetinfer.ops.embedding(ids_t, table_t, out=out)
+    case.expect_exact("out", out, R.embedding(ids, table))
+
+
+# --- rms_norm ------------------------------------------------------------------------
+@builder("rms_norm")
+def rms_norm(case: Case):
+    d = case.draw(hidden(), "dim")
+    lead = case.draw(lead_shape(64), "lead")
+    scale = case.draw(st.sampled_from([1.0, 0.01, 30.0]), "x.scale")
+    eps = case.draw(st.sampled_from([1e-6, 1e-5]), "eps")
+    w_dt = case.other_float("weight.dtype")
+    out_dt = case.other_float("out.dtype")
+    x = case.normal(lead + (d,), case.dtype, scale)
+    w = case.normal((d,), w_dt)
+    x_t, w_t = case.input("x", x), case.input("weight", w)
+    out = case.output("out", x.shape, out_dt)
+    case.call = lambda: hetinfer.ops.rms_norm(x_t, w_t, eps=eps, out=out)
+    case.expect_close("out", out, R.rms_norm(x, w, eps))
+
+
+# --- matmul --------------------------------------------------------------------------
+@builder("matmul")
+def matmul(case: Case):
+    quant = case.dtype == D.i8
+    if quant:
+        group = case.draw(st.sampled_from([32, 64, 128]), "group")
+        k = group * case.draw(st.integers(1, 4), "groups")
+    else:
+        k = case.draw(hidden(), "K")
+    n = case.draw(hidden(), "N")
+    lead = case.draw(lead_shape(max(1, min(48, 4_000_000 // (k * n)))), "lead")
+    x_dt = case.other_float("x.dtype")
+    out_dt = case.other_float("out.dtype")
+    x = case.normal(lead + (k,), x_dt)
+    if quant:
+        w = case.rng.integers(-127, 128, size=(n, k)).astype(np.int8)
+        w[w == 0] = 1
+        s_dt = case.other_float("scales.dtype")
+        scales = (case.rng.uniform(0.002, 0.05, size=(n, k // group))).astype(s_dt.np)
+        wf = R.dequantize_int8(w, scales)
+    else:
+        w = case.normal((n, k), case.dtype, 1.0 / np.sqrt(k))
+        scales, wf = None, w.astype(np.float64)
+    bias = None
+    if case.draw(st.booleans(), "bias?"):
+        bias = case.normal((n,), case.other_float("bias.dtype"))
+    x_t = case.input("x", x)
+    w_t = case.input("weight", w, case.dtype)
+    s_t = case.input("scales", scales) if quant else None
+    b_t = case.input("bias", bias) if bias is not None else None
+    out = case.output("out", lead + (n,), out_dt)
+    case.call = lambda: hetinfer.ops.matmul(x_t, w_t, bias=b_t, scales=s_t, out=out)
+    mag = np.abs(x.astype(np.float64)) @ np.abs(wf).T            # |x| @ |W|^T bounds the rounding error
+    if bias is not None:
+        mag = mag + np.abs(bias.astype(np.float64))
+    case.expect_close("out", out, R.matmul(x, w, bias, scales), mag=np.maximum(mag, mag.max(initial=0) * 1e-3))
+
+
+# --- rope ----------------------------------------------------------------------------
+def rope_tables(n_pos: int, d: int, theta: float):
+    inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = np.arange(n_pos, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+@builder("rope")
+def rope(case: Case):
+    d = case.draw(head_dim(), "head_dim")
+    h = case.draw(st.integers(1, 8), "heads")
+    t = case.draw(st.integers(1, max(1, min(MAX_SEQ, 65536 // (h * d)))), "tokens")
+    style = case.draw(st.sampled_from(["half", "interleaved"]), "style")
+    theta = case.draw(st.sampled_from([10000.0, 500000.0, 1e6]), "theta")
+    if case.draw(st.booleans(), "contiguous positions?"):
+        start = case.draw(st.integers(0, MAX_SEQ), "start")
+        pos = np.arange(start, start + t)
+    else:
+        pos = case.rng.integers(0, MAX_SEQ, size=t)
+    n_pos = int(pos.max()) + 1 + case.draw(st.integers(0, 7), "table.extra")
+    cos, sin = rope_tables(n_pos, d, theta)
+    x = case.normal((t, h, d), case.dtype)
+    alias = case.draw(st.booleans(), "out is x?")
+    pos_t = _positions(case, "positions", pos)
+    cos_t, sin_t = case.input("cos", cos), case.input("sin", sin)
+    expected = R.rope(x, pos, cos, sin, style)
+    if alias:
+        x_t = case.inout("x", x)
+        case.call = lambda: hetinfer.ops.rope(x_t, pos_t, cos_t, sin_t, style=style, out=x_t)
+        case.expect_close("x (out=x)", x_t, expected)
+    else:
+        x_t = case.input("x", x)
+        out = case.output("out", x.shape, case.other_float("out.dtype"))
+        case.call = lambda: hetinfer.ops.rope(x_t, pos_t, cos_t, sin_t, style=style, out=out)
+        case.expect_close("out", out, expected)
+
+
+# --- add, swiglu ---------------------------------------------------------------------
+def _elementwise(case: Case, op: str, names, scales=(1.0, 1.0)):
+    d = case.draw(hidden(), "dim")
+    lead = case.draw(lead_shape(48), "lead")
+    a_dt, b_dt = case.dtype, case.other_float(f"{names[1]}.dtype")
+    a = case.normal(lead + (d,), a_dt, scales[0])
+    b = case.normal(lead + (d,), b_dt, scales[1])
+    a_t, b_t = case.input(names[0], a), case.input(names[1], b)
+    out = case.output("out", a.shape, case.other_float("out.dtype"))
+    fn = getattr(hetinfer.ops, op)
+    case.call = lambda: fn(a_t, b_t, out=out)
+    return a, b, out
+
+
+@builder("add")
+def add(case: Case):
+    a, b, out = _elementwise(case, "add", ("a", "b"))
+    mag = np.abs(a.astype(np.float64)) + np.abs(b.astype(np.float64))   # cancellation: bound by |a| + |b|
+    case.expect_close("out", out, R.add(a, b), mag=mag)
+
+
+@builder("swiglu")
+def swiglu(case: Case):
+    g_scale = case.draw(st.sampled_from([1.0, 4.0, 30.0]), "gate.scale")
+    g, u, out = _elementwise(case, "swiglu", ("gate", "up"), (g_scale, 1.0))
+    case.expect_close("out", out, R.swiglu(g, u))
+
+
+# --- softmax -------------------------------------------------------------------------
+@builder("softmax")
+def softmax(case: Case):
+    n = case.draw(hidden(1, 1024), "dim")
+    lead = case.draw(lead_shape(max(1, 8192 // n)), "lead")
+    scale = case.draw(st.sampled_from([1.0, 10.0, 40.0]), "x.scale")
+    x = case.normal(lead + (n,), case.dtype, scale)
+    x_t = case.input("x", x)
+    out = case.output("out", x.shape, case.other_float("out.dtype"))
+    case.call = lambda: hetinfer.ops.softmax(x_t, out=out)
+    case.expect_close("out", out, R.softmax(x))
+
+
+# --- attention -----------------------------------------------------------------------
+ATTN_BUDGET = 1 << 21     # bound on T * S * Hq * D per example
+
+
+@builder("attention")
+def attention(case: Case):
+    hkv = case.draw(st.integers(1, 4), "kv_heads")
+    group = case.draw(st.integers(1, 8), "gqa_ratio")
+    hq = hkv * group
+    d = case.draw(head_dim(), "head_dim")
+    per_tok = hq * d
+    if case.draw(st.sampled_from(["prefill", "decode"]), "mode") == "decode":
+        t = 1
+        s_max = max(1, min(2 * MAX_SEQ, ATTN_BUDGET // per_tok))
+        pos_hi = case.draw(st.integers(0, s_max - 1), "position")
+        pos = np.array([pos_hi])
+    else:
+        t = case.draw(st.integers(1, max(1, min(MAX_SEQ, int(np.sqrt(ATTN_BUDGET // per_tok))))), "tokens")
+        start = case.draw(st.integers(0, max(0, min(MAX_SEQ, ATTN_BUDGET // (per_tok * t) - t))), "start")
+        pos = np.arange(start, start + t)
+    s = int(pos.max()) + 1 + case.draw(st.integers(0, 8), "cache.extra_rows")
+    scale = case.draw(st.one_of(st.none(), st.floats(0.01, 1.0)), "scale")
+    q = case.normal((t, hq, d), case.dtype)
+    k = case.normal((s, hkv, d), case.dtype)
+    v = case.normal((s, hkv, d), case.dtype)
+    pos_t = _positions(case, "positions", pos)
+    q_t, k_t, v_t = case.input("q", q), case.input("k_cache", k), case.input("v_cache", v)
+    out = case.output("out", q.shape, case.other_float("out.dtype"))
+    case.call = lambda: hetinfer.ops.attention(q_t, k_t, v_t, pos_t, scale=scale, out=out)
+    sc = scale if scale is not None else 1.0 / np.sqrt(d)
+    case.expect_close("out", out, R.attention(q, k, v, pos, sc))
+
+
+# --- kv_cache_write ------------------------------------------------------------------
+@builder("kv_cache_write")
+def kv_cache_write(case: Case):
+    hkv = case.draw(st.integers(1, 8), "kv_heads")
+    d = case.draw(head_dim(), "head_dim")
+    s = case.draw(st.integers(1, max(1, min(MAX_SEQ, 65536 // (hkv * d)))), "cache_rows")
+    t = case.draw(st.integers(1, min(s, 64)), "tokens")
+    if case.draw(st.booleans(), "contiguous positions?"):
+        start = case.draw(st.integers(0, s - t), "start")
+        pos = np.arange(start, start + t)
+    else:
+        pos = case.rng.permutation(s)[:t]                     # distinct rows, any order
+    k = case.normal((t, hkv, d), case.other_float("k.dtype"))
+    v = case.normal((t, hkv, d), case.other_float("v.dtype"))
+    kc = case.normal((s, hkv, d), case.dtype)
+    vc = case.normal((s, hkv, d), case.dtype)
+    pos_t = _positions(case, "positions", pos)
+    k_t, v_t = case.input("k", k), case.input("v", v)
+    kc_t, vc_t = case.inout("k_cache", kc), case.inout("v_cache", vc)
+    case.call = lambda: hetinfer.ops.kv_cache_write(k_t, v_t, kc_t, vc_t, pos_t)
+    ek, ev = R.kv_cache_write(k, v, kc, vc, pos)
+    case.expect_exact("k_cache", kc_t, ek)
+    case.expect_exact("v_cache", vc_t, ev)
+
+
+# --- argmax --------------------------------------------------------------------------
+@builder("argmax")
+def argmax(case: Case):
+    n = case.draw(hidden(1, 2048), "dim")
+    lead = case.draw(st.sampled_from([(), (1,), (2,), (5,), (8,)]), "lead")
+    x = case.normal(lead + (n,), case.dtype, case.draw(st.sampled_from([1.0, 100.0]), "x.scale"))
+    rows = x.reshape(-1, n)
+    for r in range(rows.shape[0]):                            # plant ties with the row maximum
+        ties = case.draw(st.integers(0, 3), f"ties[{r}]")
+        at = case.rng.integers(0, n, size=ties)
+        rows[r, at] = rows[r].max()
+    x_t = case.input("x", x)
+    out = case.output("out", lead, "i32")
+    case.call = lambda: hetinfer.ops.argmax(x_t, out=out)
+    case.expect_exact("out", out, R.argmax(x).astype(np.int32))
+
+
+# --- cast ----------------------------------------------------------------------------
+@builder("cast")
+def cast(case: Case):
+    d = case.draw(hidden(), "dim")
+    lead = case.draw(lead_shape(48), "lead")
+    scale = case.draw(st.sampled_from([1.0, 1e-3, 100.0]), "x.scale")
+    x = case.normal(lead + (d,), case.dtype, scale)
+    x_t = case.input("x", x)
+    outs = []
+    for dt in D.FLOATS:                                     # to every float dtype
+        o = case.output(f"out[{dt}]", x.shape, dt)
+        outs.append(o)
+        case.expect_exact(f"out[{dt}]", o, R.cast(x, dt.np))
+
+    def call():
+        for o in outs:
+            hetinfer.ops.cast(x_t, out=o)
+    case.call = call
+
+
+# --- penalties -----------------------------------------------------------------------
+@builder("penalties")
+def penalties(case: Case):
+    v = case.draw(hidden(1, 2048), "vocab")
+    b = case.draw(st.integers(1, 4), "batch")
+    repetition = case.draw(st.sampled_from([1.0, 1.1, 1.3, 0.8]), "repetition")
+    presence = case.draw(st.sampled_from([0.0, 0.5, -0.25]), "presence")
+    frequency = case.draw(st.sampled_from([0.0, 0.2]), "frequency")
+    logits = case.normal((b, v), case.dtype, case.draw(st.sampled_from([1.0, 5.0]), "logits.scale"))
+    counts = case.rng.integers(0, 4, size=(b, v)).astype(np.int32) * (case.rng.random((b, v)) < 0.2)
+    seen = ((counts > 0) | (case.rng.random((b, v)) < 0.1)).astype(np.int32) * \
+        case.rng.choice(np.array([1, 2, -1], np.int32), size=(b, v))          # "nonzero" means seen
+    counts_t = case.input("counts", counts.astype(np.int32), "i32")
+    seen_t = case.input("seen", seen, "i32")
+    expected = R.penalties(logits, counts, seen, repetition, presence, frequency)
+    kw = dict(repetition=repetition, presence=presence, frequency=frequency)
+    if case.draw(st.booleans(), "out is logits?"):
+        l_t = case.inout("logits", logits)
+        case.call = lambda: hetinfer.ops.penalties(l_t, counts_t, seen_t, out=l_t, **kw)
+        case.expect_close("logits (out=logits)", l_t, expected)
+    else:
+        l_t = case.input("logits", logits)
+        out = case.output("out", (b, v), case.other_float("out.dtype"))
+        case.call = lambda: hetinfer.ops.penalties(l_t, counts_t, seen_t, out=out, **kw)
+        case.expect_close("out", out, expected)
+
+
+# --- sample --------------------------------------------------------------------------
+SAMPLE_SLACK = 1e-4   # a kernel may round its softmax / cumulative sums: thresholds and the
+                      # uniform number are accepted within this much of the reference's
+
+
+def sample_candidates(logits, uniform, temperature, top_k, top_p, min_p, slack=SAMPLE_SLACK):
+    """For each row, the tokens reference.sample gives with uniform, top_p and min_p moved
+    by up to `slack` (so tokens at a rounding boundary are accepted either way)."""
+    us = [uniform, np.clip(uniform - slack, 0.0, None), np.clip(uniform + slack, None, 1 - 1e-12)]
+    tps = [top_p] + ([top_p - slack, min(1.0, top_p + slack)] if top_p < 1.0 else [])
+    mps = [min_p] + ([min_p * (1 - slack * 10), min_p * (1 + slack * 10)] if min_p > 0 else [])
+    ok = [set() for _ in range(logits.shape[0])]
+    for u in us:
+        for tp in tps:
+            for mp in mps:
+                for row, tok in enumerate(R.sample(logits, u, temperature, top_k, tp, mp)):
+                    ok[row].add(int(tok))
+    return ok
+
+
+@builder("sample")
+def sample(case: Case):
+    v = case.draw(hidden(1, 2048), "vocab")
+    b = case.draw(st.integers(1, 4), "batch")
+    temperature = case.draw(st.sampled_from([0.0, 0.7, 1.0, 1.5]), "temperature")
+    top_k = case.draw(st.sampled_from([0, 1, 5, 40, v]), "top_k")
+    top_p = case.draw(st.sampled_from([1.0, 0.95, 0.5]), "top_p")
+    min_p = case.draw(st.sampled_from([0.0, 0.05, 0.3]), "min_p")
+    logits = case.normal((b, v), case.dtype, case.draw(st.sampled_from([1.0, 3.0]), "logits.scale"))
+    if temperature == 0:                                       # greedy: plant ties, first one wins
+        row_max = logits.max(axis=-1)
+        for r in range(b):
+            logits[r, case.rng.integers(0, v, size=2)] = row_max[r]
+    uniform = case.rng.random(b).astype(np.float32)
+    l_t = case.input("logits", logits)
+    u_t = case.input("uniform", uniform, "f32")
+    out = case.output("out", (b,), "i32")
+    case.call = lambda: hetinfer.ops.sample(l_t, u_t, temperature=temperature, top_k=top_k,
+                                            top_p=top_p, min_p=min_p, out=out)
+    if temperature == 0:
+        case.expect_exact("out", out, R.sample(logits, uniform, 0.0, top_k, top_p, min_p).astype(np.int32))
+    else:
+        case.expect_member("out", out, sample_candidates(logits, uniform.astype(np.float64), temperature,
+                                                         top_k, top_p, min_p))
+
+
+__all__ = ["CASES", "builder", "MAX_HIDDEN"]

@@ -1,0 +1,363 @@
+"""Tokenizer: text <-> token ids, from tokenizer.json, tokenizer.model or a GGUF's vocabulary.
+
+Backends:
+- ``tokenizers.Tokenizer`` for tokenizer.json and for GGUF vocabularies, rebuilt the way
+  transformers converts them (transformers/integrations/gguf/gguf_tokenizer_mapping.py):
+  ``gpt2`` -> byte-level BPE with the file's merges and the split regex named by
+  tokenizer.ggml.pre; ``llama`` -> SentencePiece-style BPE with byte fallback, merges derived
+  from the scores, Metaspace (prepend to the first section only).
+  Control (type 3) and user-defined (type 4) tokens are added so they match whole.
+- ``sentencepiece.SentencePieceProcessor`` for tokenizer.model (llama2.c, old HF repos).
+
+``encode`` never lets the backend add special tokens; it prepends BOS itself when ``add_bos``
+(default: what the model's tokenizer config says). ``StreamDecoder`` turns ids into text
+incrementally.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+from .errors import LoadError
+
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.pre -> split regex; absent ("smollm", "gpt2", "default", ...) -> ByteLevel's GPT-2 regex
+PRE_TOKENIZER_SPLITS = {
+    "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT,
+    "dbrx": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT,
+}
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two vocabulary
+    pieces, best score first (ties: shorter left, shorter right), as transformers does."""
+    merges = []
+    for token, score in scores.items():
+        local = [(token[:i], token[i:], score) for i in range(1, len(token))
+                 if token[:i] in vocab and token[i:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+class _HFBackend:
+    """A tokenizers.Tokenizer."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+    def id_to_piece(self, i: int) -> str:
+        p = self.tok.id_to_token(i)
+        if p is None:
+            raise IndexError(f"token id {i} is out of range (vocab size {self.vocab_size()})")
+        return p
+
+    def piece_to_id(self, piece: str):
+        return self.tok.token_to_id(piece)
+
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+
+class _SPBackend:
+    """A sentencepiece model; control pieces (<s>, </s>, ...) in the text are matched whole."""
+
+    def __init__(self, sp):
+        self.sp = sp
+        n = sp.get_piece_size()
+        self.control = {i for i in range(n) if sp.is_control(i)}
+        pieces = sorted((sp.id_to_piece(i) for i in self.control if sp.id_to_piece(i)), key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, pieces)) + ")") if pieces else None
+
+    def encode(self, text: str) -> list[int]:
+        if self._split is None:
+            return self.sp.encode(text)
+        out: list[int] = []
+        for k, part in enumerate(self._split.split(text)):
+            if k % 2:
+                out.append(self.sp.piece_to_id(part))
+            elif part:
+                out += self.sp.encode(part)
+        return out
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        out, run = [], []
+        for i in ids:
+            if i in self.control:
+                if run:
+                    out.append(self.sp.decode(run))
+                    run = []
+                if not skip_special:
+                    out.append(self.sp.id_to_piece(i))
+            else:
+                run.append(i)
+        if run:
+            out.append(self.sp.decode(run))
+        return "".join(out)
+
+    def id_to_piece(self, i: int) -> str:
+        if not 0 <= i < self.sp.get_piece_size():
+            raise IndexError(f"token id {i} is out of range (vocab size {self.sp.get_piece_size()})")
+        return self.sp.id_to_piece(i)
+
+    def piece_to_id(self, piece: str):
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+
+class Tokenizer:
+    """Text <-> ids. Attributes: ``bos_id`` (int | None), ``eos_ids`` (list[int]), ``vocab_size``,
+    ``special_ids`` (frozenset of control/special token ids), ``add_bos`` (the default of encode)."""
+
+    def __init__(self, backend, *, bos_id: int | None, eos_ids: Iterable[int], add_bos: bool,
+                 special_ids: Iterable[int], kind: str):
+        self._b = backend
+        self.bos_id = None if bos_id is None else int(bos_id)
+        self.eos_ids = list(dict.fromkeys(int(e) for e in eos_ids))
+        self.add_bos = bool(add_bos) and self.bos_id is not None
+        self.special_ids = frozenset(int(i) for i in special_ids)
+        self.kind = kind
+
+    # ---- use ----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._b.vocab_size()
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Ids of ``text``; special tokens written in the text match whole. BOS is prepended when
+        ``add_bos`` (None: the tokenizer config's default)."""
+        ids = list(self._b.encode(text))
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of ``ids`` (special tokens written out unless ``skip_special``)."""
+        return self._b.decode([int(i) for i in ids], skip_special)
+
+    def id_to_piece(self, i: int) -> str:
+        """The vocabulary entry of id ``i`` as stored (e.g. 'Ġthe', '▁the', '<0x0A>')."""
+        return self._b.id_to_piece(int(i))
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self._b.piece_to_id(piece)
+
+    def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.kind}, vocab={self.vocab_size}, bos={self.bos_id}, eos={self.eos_ids}, "
+                f"add_bos={self.add_bos})")
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_sentencepiece(cls, path, add_bos: bool = True, eos_ids: Iterable[int] = ()) -> "Tokenizer":
+        """A SentencePiece tokenizer.model."""
+        import sentencepiece as spm
+        path = Path(path)
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise LoadError(f"{path}: not a valid SentencePiece tokenizer.model ({e})") from None
+        b = _SPBackend(sp)
+        bos = sp.bos_id() if sp.bos_id() >= 0 else None
+        eos = ([sp.eos_id()] if sp.eos_id() >= 0 else []) + list(eos_ids)
+        return cls(b, bos_id=bos, eos_ids=eos, add_bos=add_bos, special_ids=b.control, kind="sentencepiece")
+
+    @classmethod
+    def from_tokenizer_json(cls, path, tokenizer_config: dict | None = None, config: dict | None = None,
+                            generation_config: dict | None = None) -> "Tokenizer":
+        """A tokenizers tokenizer.json plus the HF tokenizer_config.json / config.json dicts."""
+        from tokenizers import Tokenizer as HFTok
+        path = Path(path)
+        try:
+            tok = HFTok.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise LoadError(f"{path}: not a valid tokenizer.json ({e})") from None
+        tc, config, gc = tokenizer_config or {}, config or {}, generation_config or {}
+        special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        for i, t in (tc.get("added_tokens_decoder") or {}).items():
+            if t.get("special"):
+                special.add(int(i))
+
+        def tid(v):
+            if isinstance(v, dict):
+                v = v.get("content")
+            return tok.token_to_id(v) if isinstance(v, str) else None
+
+        bos = tid(tc.get("bos_token"))
+        if bos is None:
+            bos = config.get("bos_token_id")
+        eos = []
+        for v in (tid(tc.get("eos_token")), config.get("eos_token_id"), gc.get("eos_token_id")):
+            eos += [] if v is None else (list(v) if isinstance(v, list) else [v])
+        if "add_bos_token" in tc:
+            add_bos = bool(tc["add_bos_token"])
+        else:  # what the post-processor does
+            with_sp = tok.encode("a", add_special_tokens=True).ids
+            without = tok.encode("a", add_special_tokens=False).ids
+            add_bos = bos is not None and len(with_sp) > len(without) and with_sp[0] == bos
+        return cls(_HFBackend(tok), bos_id=bos, eos_ids=eos, add_bos=add_bos, special_ids=special,
+                   kind="tokenizers")
+
+    @classmethod
+    def from_hf_dir(cls, path, config: dict | None = None) -> "Tokenizer | None":
+        """tokenizer.json (preferred) or tokenizer.model of an HF directory; None if it has neither."""
+        path = Path(path)
+
+        def js(name):
+            p = path / name
+            if not p.exists():
+                return {}
+            try:
+                return json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise LoadError(f"{p}: cannot read it as JSON ({e})") from None
+
+        tc, gc = js("tokenizer_config.json"), js("generation_config.json")
+        config = config if config is not None else js("config.json")
+        if (path / "tokenizer.json").exists():
+            return cls.from_tokenizer_json(path / "tokenizer.json", tc, config, gc)
+        if (path / "tokenizer.model").exists():
+            eos = config.get("eos_token_id")
+            eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
+            return cls.from_sentencepiece(path / "tokenizer.model", add_bos=tc.get("add_bos_token", True),
+                                          eos_ids=eos)
+        return None
+
+    @classmethod
+    def from_gguf(cls, path) -> "Tokenizer":
+        """The vocabulary embedded in a GGUF file."""
+        from .loaders.gguf_file import read_gguf
+        meta, _, _ = read_gguf(Path(path))
+        return cls.from_gguf_metadata(meta, path)
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, path="<gguf>") -> "Tokenizer":
+        """Build from GGUF ``tokenizer.ggml.*`` metadata (parsed values)."""
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTok
+
+        model = meta.get("tokenizer.ggml.model")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise LoadError(f"{path}: GGUF file has no tokenizer.ggml.tokens")
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if model == "gpt2":
+            spelling = bytes_to_unicode()
+            alphabet = set(spelling.values())
+            vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+                     for i, t in enumerate(tokens)}
+            merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+            tok = HFTok(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                   end_of_word_suffix="", fuse_unk=False))
+            split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+            if split is None:
+                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            else:
+                tok.pre_tokenizer = pre_tokenizers.Sequence([
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tok.decoder = decoders.ByteLevel()
+            control_ok = lambda t: set(t) <= alphabet  # noqa: E731  (others are llama.cpp mislabels)
+            default_bos = False
+        elif model == "llama":
+            vocab = {t: i for i, t in enumerate(tokens)}
+            if meta.get("tokenizer.ggml.merges"):
+                merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+            else:
+                scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+                merges = generate_merges(vocab, dict(zip(tokens, scores)))
+            tok = HFTok(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+            tok.normalizer = None
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+            tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(content=" ", left=1, right=0)])
+            control_ok = lambda t: True  # noqa: E731
+            default_bos = True
+        else:
+            raise LoadError(f"{path}: GGUF tokenizer model {model!r} is not supported; supported: gpt2 "
+                            "(byte-level BPE), llama (SentencePiece)")
+        control = [t for t, ty in zip(tokens, types) if ty == GGUF_CONTROL and control_ok(t)]
+        if control:
+            tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+        user = [t for t, ty in zip(tokens, types) if ty == GGUF_USER_DEFINED and t in vocab]
+        if user:
+            tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+        special = {i for i, ty in enumerate(types) if ty == GGUF_CONTROL}
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", default_bos)
+        return cls(_HFBackend(tok), bos_id=bos, eos_ids=eos, add_bos=add_bos, special_ids=special,
+                   kind=f"gguf-{model}")
+
+
+class StreamDecoder:
+    """Incremental detokenizer: ``push(id)`` returns only the newly completed text.
+
+    It decodes a short window of recent ids (so SentencePiece's leading-space rule and multi-byte
+    characters split over several byte tokens come out right) and holds text back while it ends in
+    an incomplete character (U+FFFD). ``"".join(push(i) for i in ids) + flush() == decode(ids)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self.tok = tokenizer
+        self.skip_special = skip_special
+        self.ids: list[int] = []
+        self._prefix = 0   # window start
+        self._read = 0     # ids before this were emitted
+
+    def _decode(self, ids):
+        return self.tok.decode(ids, self.skip_special)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        prefix_text = self._decode(self.ids[self._prefix:self._read])
+        new_text = self._decode(self.ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd") \
+                and new_text.startswith(prefix_text):
+            self._prefix, self._read = self._read, len(self.ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        prefix_text = self._decode(self.ids[self._prefix:self._read])
+        new_text = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return new_text[len(prefix_text):] if new_text.startswith(prefix_text) else new_text
+
+    def reset(self) -> None:
+        self.ids.clear()
+        self._prefix = self._read = 0

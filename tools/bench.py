@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Speed figures, one JSON line per case.
+
+CPU (default): SmolLM2-135M-Instruct (or --model) in f32: load time, prefill tok/s of
+a --prompt-len prompt, decode tok/s, peak RSS; the same for HF transformers on the
+same weights; and the machine's read bandwidth (a large NumPy reduction), so decode
+is also reported as % of the roofline (tok/s x weight bytes / bandwidth).
+Each case runs in its own process so peak RSS is its own. --quantize int8 adds a case
+that loads the same model quantized to int8 groups (hetinfer.quant) and a summary line
+comparing its decode tok/s and peak RSS with the f32 case of the same run.
+
+    python tools/bench.py --device cpu [--model PATH] [--prompt-len 256] [--new 64] [--quantize int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def prompt_ids(tokenizer_encode, n):
+    text = ("The old lighthouse keeper climbed the spiral stairs each evening, counting the steps "
+            "and listening to the sea. ") * 64
+    ids = tokenizer_encode(text)
+    return ids[:n]
+
+
+def case_bandwidth(args):
+    a = np.random.default_rng(0).random(1 << 27, dtype=np.float32)   # 512 MiB
+    a.sum()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t)
+    return {"case": "read_bandwidth", "bytes": a.nbytes, "GB_s": a.nbytes / np.median(times) / 1e9}
+
+
+def case_hetinfer(args):
+    from hetinfer.engine import Generator, load
+    t = time.perf_counter()
+    quantize = getattr(args, "case_quantize", None)
+    model, ckpt = load(args.model, args.device, args.dtype, max_context=args.prompt_len + args.new + 8,
+                       progress=False, quantize=quantize)
+    load_s = time.perf_counter() - t
+    ids = prompt_ids(ckpt.tokenizer.encode, args.prompt_len)
+    gen = Generator(model, ckpt.tokenizer, args.prompt_len + args.new + 8)
+    list(gen.generate(ids[:16], max_new_tokens=4, stop_ids=[]))                       # warm-up
+    list(gen.generate(ids, max_new_tokens=args.new, stop_ids=[]))
+    st = gen.stats
+    return {"case": "hetinfer" + (f"_{quantize}" if quantize else ""), "device": args.device,
+            "dtype": args.dtype, "quantize": quantize, "load_s": load_s,
+            "prompt_tokens": len(ids), "prefill_tok_s": st.prefill_tok_s,
+            "decode_tokens": st.new_tokens - 1, "decode_tok_s": st.decode_tok_s,
+            "weight_bytes": model.weight_bytes, "peak_rss_bytes": rss()}
+
+
+def case_hf(args):
+    import torch
+    import transformers
+    from hetinfer.engine import default_model_path
+    from hetinfer.loaders import load_checkpoint
+    path = args.model or str(default_model_path())
+    torch.set_num_threads(os.cpu_count() or 1)
+    t = time.perf_counter()
+    if os.path.isdir(path):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32,
+                                                               gguf_file=os.path.basename(path))
+    hf.eval()
+    load_s = time.perf_counter() - t
+    ids = prompt_ids(load_checkpoint(path, progress=False).tokenizer.encode, args.prompt_len)
+    with torch.inference_mode():
+        hf(torch.tensor([ids[:16]]))                                   # warm-up
+        t = time.perf_counter()
+        out = hf(torch.tensor([ids]), use_cache=True)
+        prefill_s = time.perf_counter() - t
+        pkv, nxt = out.past_key_values, out.logits[0, -1].argmax()
+        t = time.perf_counter()
+        for _ in range(args.new - 1):
+            out = hf(nxt.view(1, 1), past_key_values=pkv, use_cache=True)
+            pkv, nxt = out.past_key_values, out.logits[0, -1].argmax()
+        decode_s = time.perf_counter() - t
+    return {"case": "hf_transformers", "torch": torch.__version__, "load_s": load_s,
+            "prompt_tokens": len(ids), "prefill_tok_s": len(ids) / prefill_s,
+            "decode_tokens": args.new - 1, "decode_tok_s": (args.new - 1) / decode_s,
+            "peak_rss_bytes": rss()}
+
+
+def case_hetinfer_int8(args):
+    args.case_quantize = "int8"
+    return case_hetinfer(args)
+
+
+CASES = {"bandwidth": case_bandwidth, "hetinfer": case_hetinfer, "hetinfer_int8": case_hetinfer_int8,
+         "hf": case_hf}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="f32")
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="also run hetinfer with int8 weights and compare with f32")
+    p.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.case:
+        print(json.dumps(CASES[args.case](args)))
+        return
+    if args.device != "cpu":
+        from hetinfer_cuda.bench import main as cuda_main   # the CUDA suite and the torch anchor
+        return cuda_main(sys.argv[1:])
+    results = {}
+    for name in ("bandwidth", "hetinfer") + (("hetinfer_int8",) if args.quantize else ()) + ("hf",):
+        cmd = [sys.executable, __file__, "--case", name] + sys.argv[1:]
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        results[name] = json.loads(line)
+        print(line, flush=True)
+    ours, hf, bw = results["hetinfer"], results["hf"], results["bandwidth"]
+    roof = ours["decode_tok_s"] * ours["weight_bytes"] / (bw["GB_s"] * 1e9)
+    print(json.dumps({"case": "summary", "decode_vs_hf": ours["decode_tok_s"] / hf["decode_tok_s"],
+                      "prefill_vs_hf": ours["prefill_tok_s"] / hf["prefill_tok_s"],
+                      "decode_roofline_pct": 100 * roof, "load_s": ours["load_s"],
+                      "peak_rss_over_weights": ours["peak_rss_bytes"] / ours["weight_bytes"]}))
+    if args.quantize:
+        q = results["hetinfer_int8"]
+        print(json.dumps({"case": "summary_int8", "decode_tok_s_f32": ours["decode_tok_s"],
+                          "decode_tok_s_int8": q["decode_tok_s"],
+                          "decode_int8_over_f32": q["decode_tok_s"] / ours["decode_tok_s"],
+                          "peak_rss_f32": ours["peak_rss_bytes"], "peak_rss_int8": q["peak_rss_bytes"],
+                          "peak_rss_int8_over_f32": q["peak_rss_bytes"] / ours["peak_rss_bytes"],
+                          "prefill_int8_over_f32": q["prefill_tok_s"] / ours["prefill_tok_s"]}))
+
+
+if __name__ == "__main__":
+    main()
