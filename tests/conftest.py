@@ -106,13 +106,19 @@ def reload_quietly() -> None:
 
 
 @pytest.fixture(scope="session")
-def installed_plugins(pytestconfig, tmp_path_factory):
-    """Path of the site directory holding hetinfer-dummy and hetinfer-broken, on sys.path
-    for the rest of the session, with hetinfer's plugins reloaded from entry points."""
+def test_plugin_site(pytestconfig, tmp_path_factory):
+    """The site directory holding the pip-installed hetinfer-dummy and hetinfer-broken."""
     cache = getattr(pytestconfig, "cache", None)
     root = Path(cache.mkdir("hetinfer-test-plugins")) if cache is not None \
         else tmp_path_factory.getbasetemp() / "hetinfer-test-plugins"
-    site = install_test_plugins(root)
+    return install_test_plugins(root)
+
+
+@pytest.fixture(scope="module")
+def installed_plugins(test_plugin_site):
+    """test_plugin_site on sys.path for one test module, with hetinfer's plugins reloaded
+    from entry points; afterwards the plugins are gone again (other modules never see them)."""
+    site = test_plugin_site
     sys.path.insert(0, str(site))
     importlib.invalidate_caches()
     reload_quietly()

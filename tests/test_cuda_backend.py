@@ -285,6 +285,11 @@ def test_norm_elementwise_softmax_argmax_cast(dt):
     v = _rnd(rng, (3, 32000), dt, 5.0)
     v[1, 100] = v[1, 7] = v[1].max() + 1                                 # a tie: first index wins
     assert np.array_equal(ops.argmax(_cu(v)).numpy(), R.argmax(v))
+    lg = _rnd(rng, (2, 300), dt)
+    cnt = rng.integers(0, 3, (2, 300)).astype(np.int32)
+    seen = (rng.random((2, 300)) < 0.3).astype(np.int32)
+    _close(ops.penalties(_cu(lg), _cu(cnt), _cu(seen), 1.3, 0.2, 0.1).numpy(),
+           R.penalties(lg, cnt, seen, 1.3, 0.2, 0.1), dt)
     for to in DTYPES:
         got = ops.cast(_cu(a), to).numpy()
         assert np.array_equal(got.astype(np.float64), R.cast(a, hetinfer.dtype(to).np).astype(np.float64))

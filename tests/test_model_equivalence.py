@@ -101,3 +101,26 @@ def test_smollm2_config(smollm2):
     c = ckpt.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
     assert c.tie_word_embeddings and model.lm_head is model.embed
+
+
+# --- Qwen2.5-Coder-0.5B-Instruct (qwen2 arch, Q4_K_M GGUF), assembled by the fetch script -------
+@pytest.mark.slow
+def test_qwen25_top1_every_position_and_greedy():
+    import os
+    from pathlib import Path
+    path = Path(os.environ.get("HETINFER_QWEN_GGUF",
+                               Path.home() / ".cache/hetinfer/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
+    if not path.exists():
+        pytest.skip("run ../shared/models/fetch-qwen2.5-0.5b.sh first")
+    model, ckpt = load(path, "cpu", "f32", max_context=512, progress=False)
+    assert ckpt.config.architecture == "Qwen2ForCausalLM" and ckpt.config.attention_bias
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    ids = ckpt.tokenizer.encode(PROSE)[:64]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    ours = our_logits(model, ids)
+    rel = np.linalg.norm(ours - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() == 1.0, f"relative errors {rel}"
+    gen = Generator(model, ckpt.tokenizer, 512)
+    assert list(gen.generate(ids[:20], max_new_tokens=32, stop_ids=[])) == hf_greedy(hf, ids[:20], 32)

@@ -4,6 +4,7 @@ for missing kernels, in-process plugins, and the conformance pytest plugin itsel
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import warnings
@@ -65,6 +66,12 @@ def test_dummy_kernel_dispatches(installed_plugins):
     # a strided view goes through dispatch's contiguous copies (the kernel asked for them)
     s = hetinfer.ops.add(a[:, ::2], b[:, 1:])
     np.testing.assert_array_equal(s.numpy(), np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::2] + 0.5)
+    # a strided out: dispatch copies the kernel's contiguous result back with the dummy cast kernel
+    o = hetinfer.empty((2, 6), "f32", "dummy").fill_(0.0)
+    hetinfer.ops.add(a, b, out=o[:, ::2])
+    np.testing.assert_array_equal(o.numpy()[:, ::2], np.arange(6, dtype=np.float32).reshape(2, 3) + 0.5)
+    np.testing.assert_array_equal(o.numpy()[:, 1::2], np.zeros((2, 3)))
+    assert "cast" in [c[0] for c in hetinfer_dummy.CALLS[before:]]
     # cpu kernels are untouched by the dummy plugin
     assert registry.lookup("add", "cpu", "f32").source == "cpu"
 
@@ -277,7 +284,8 @@ class ClashingHooks:
 def test_plugin_clashing_with_builtin_is_an_error():
     plugins.pm.register(ClashingHooks(), name="test-clash")
     try:
-        with pytest.raises(RegistrationError, match=r"add/cpu/f32 at priority 0: from cpu and from test-clash"):
+        with pytest.raises(RegistrationError, match=r"add/cpu/f32 at priority 0: from (cpu and from test-clash"
+                                                     r"|test-clash and from cpu)"):
             registry.lookup("add", "cpu", "f32")
     finally:
         plugins.pm.unregister(name="test-clash")
@@ -313,8 +321,9 @@ def test_conformance_on_unknown_device_is_skipped(tmp_path, plugin_env):
 
 def test_conformance_runs_on_a_third_party_device(tmp_path, plugin_env):
     """`pytest --hetinfer-device=dummy` runs the suite against the dummy backend's one kernel."""
-    rc, out = _pytest(tmp_path, plugin_env, "--hetinfer-device=dummy", "--hetinfer-examples=15", "-v")
-    assert "test_kernel_conforms[add-f32]" in out, out
+    rc, out = _pytest(tmp_path, plugin_env, "--hetinfer-device=dummy", "--hetinfer-examples=15", "-rA")
+    for kernel in ("add-f32", "cast-f32", "cast-f16", "cast-bf16"):
+        assert re.search(rf"PASSED \S*::test_kernel_conforms\[{kernel}\]", out), out
     assert "test_kernel_conforms[rms_norm" not in out, out
     assert rc == 0, out
 
@@ -322,3 +331,46 @@ def test_conformance_runs_on_a_third_party_device(tmp_path, plugin_env):
 def test_conformance_flag_rejects_malformed_device(tmp_path, plugin_env):
     rc, out = _pytest(tmp_path, plugin_env, "--hetinfer-device=cuda:x")
     assert rc != 0 and "--hetinfer-device: bad device index" in out, out
+
+
+# --- the `hetinfer kernels` / `hetinfer devices` commands --------------------------------------
+def _cli(env, *args):
+    res = subprocess.run([sys.executable, "-m", "hetinfer", *args], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout, res.stderr
+
+
+def _row(text, first):
+    rows = [line.split() for line in text.splitlines() if line.split()[:1] == [first]]
+    assert len(rows) == 1, text
+    return rows[0]
+
+
+def test_cli_kernels_table(plugin_env):
+    out, _ = _cli(plugin_env, "kernels")
+    header = _row(out, "op")
+    assert {"cpu/f32", "cpu/f16", "cpu/bf16", "cpu/i8", "dummy/f32"} <= set(header), out
+    add = dict(zip(header[1:], _row(out, "add")[1:]))
+    assert add["dummy/f32"] == "dummy" and add["cpu/f32"] == "cpu", out
+    rms = dict(zip(header[1:], _row(out, "rms_norm")[1:]))
+    assert rms["dummy/f32"] == "-" and rms["cpu/i8"] == "-" and rms["cpu/bf16"] == "cpu", out
+    assert dict(zip(header[1:], _row(out, "matmul")[1:]))["cpu/i8"] == "cpu", out
+    for op in hetinfer.ops.OPS:
+        _row(out, op)
+
+
+def test_cli_kernels_respects_allowlist(plugin_env):
+    out, err = _cli(dict(plugin_env, HETINFER_PLUGINS="cpu"), "kernels")
+    assert "dummy" not in out and "broken" not in err, out + err
+    assert "cpu/f32" in _row(out, "op")
+
+
+def test_cli_devices(plugin_env):
+    out, err = _cli(plugin_env, "devices")
+    assert "available" in " ".join(_row(out, "cpu")), out
+    dummy = " ".join(_row(out, "dummy"))
+    assert "available (2)" in dummy and "unavailable" not in dummy, out
+    absent = " ".join(_row(out, "dummyabsent"))
+    assert "unavailable" in absent and "no dummy accelerator in this machine" in absent, out
+    assert "broken" in out + err and "fails to import on purpose" in out + err, out + err

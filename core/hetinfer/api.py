@@ -30,10 +30,10 @@ class CompletionOutput:
 
 class LLM:
     def __init__(self, model=None, device: str = "cpu", dtype: str = "f32", max_context: int = 4096,
-                 progress: bool = False):
+                 progress: bool = False, eager: bool = False):
         self.model, self.checkpoint = load(model, device, dtype, max_context, progress=progress)
         self.tokenizer = self.checkpoint.tokenizer
-        self.generator = Generator(self.model, self.tokenizer, max_context)
+        self.generator = Generator(self.model, self.tokenizer, max_context, graphs=not eager)
         self._template = None
 
     @property

@@ -111,7 +111,7 @@ def cmd_generate(args) -> int:
     model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=True,
                        quantize=args.quantize)
     tok = ckpt.tokenizer
-    gen = Generator(model, tok, args.max_context)
+    gen = Generator(model, tok, args.max_context, graphs=not (args.eager or args.profile))
     params = _params(args, temperature=0.8 if args.story else 0.0, max_tokens=400 if args.story else None)
     if args.story:
         prompt, templated = _story_prompt(args, ckpt)
@@ -150,7 +150,7 @@ def cmd_chat(args) -> int:
     from .engine import Generator, load
     model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=True,
                        quantize=args.quantize)
-    gen = Generator(model, ckpt.tokenizer, args.max_context)
+    gen = Generator(model, ckpt.tokenizer, args.max_context, graphs=not (args.eager or args.profile))
     session = ChatSession(gen, ChatTemplate.from_checkpoint(ckpt), system=args.system,
                           params=_params(args, temperature=0.7, top_p=0.9, max_tokens=512))
     print("chat: /reset clears the conversation, /exit leaves; Ctrl-C stops an answer", file=sys.stderr)
@@ -224,6 +224,8 @@ def _model_args(s, prompt: str | None) -> None:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--stop-id", type=int, action="append", help="stop token id (repeatable)")
     s.add_argument("--profile", action="store_true", help="print time per op kind and per layer")
+    s.add_argument("--eager", action="store_true",
+                   help="no graph capture of the decode step (on devices that capture, e.g. cuda)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,15 +19,17 @@ class Device:
             return spec
         if not isinstance(spec, str) or not spec:
             raise DeviceError(f"expected a device like 'cpu' or 'cuda:0', got {spec!r}")
-        name, _, idx = spec.partition(":")
-        if idx:
+        name, colon, idx = spec.partition(":")
+        if not name.isidentifier():
+            raise DeviceError(f"bad device type in {spec!r}; expected e.g. 'cpu' or 'cuda:0'")
+        if colon:
             if not idx.isdigit():
                 raise DeviceError(f"bad device index in {spec!r}; expected e.g. 'cuda:0'")
             return cls(name, int(idx))
         return cls(name, 0)
 
     def __str__(self) -> str:
-        return self.type if self.type == "cpu" else f"{self.type}:{self.index}"
+        return self.type if self.type == "cpu" and self.index == 0 else f"{self.type}:{self.index}"
 
 
 @dataclass

@@ -97,8 +97,11 @@ class Generator:
     The cache outlives a call: `cached` lists the tokens whose keys and values it
     holds, so a chat turn prefills only what is new (prefix reuse)."""
 
-    def __init__(self, model, tokenizer, max_context: int | None = None):
+    def __init__(self, model, tokenizer, max_context: int | None = None, graphs: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        # CUDA-graph style capture of the decode step, where the device's allocator offers
+        # capture(fn) -> replay; off with graphs=False (--eager)
+        self._capture = getattr(get_allocator(model.device), "capture", None) if graphs else None
         self.cache = KVCache.for_model(model, max_context)
         self._ids1 = empty((1,), i32, model.device)      # decode inputs, reused every step
         self._pos1 = empty((1,), i32, model.device)
@@ -108,6 +111,22 @@ class Generator:
     @property
     def max_context(self) -> int:
         return self.cache.max_len
+
+    def _decode_step(self, sampler) -> None:
+        """One decode step on the device: forward + choice into sampler.out, no host sync.
+        The first step of a sampler runs eagerly (warming kernels and buffers); where the
+        device can capture, the second is captured and every later one replays it."""
+        def body():
+            sampler.device_step(self.model.forward(self._ids1, self._pos1, self.cache))
+        if self._capture is None:
+            return body()
+        replay = getattr(sampler, "_replay", None)
+        if replay is None:
+            if not getattr(sampler, "_warm", False):
+                sampler._warm = True
+                return body()
+            replay = sampler._replay = self._capture(body)
+        replay()
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not prompt:
@@ -159,6 +178,7 @@ class Generator:
         self.cached.extend(new)
         st.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
+        step = self._decode_step
         try:
             while True:
                 st.new_tokens += 1
@@ -174,9 +194,10 @@ class Generator:
                     break
                 self._ids1.fill_(token)
                 self._pos1.fill_(len(self.cached))
-                logits = self.model.forward(self._ids1, self._pos1, self.cache)
+                sampler.prepare()
+                step(sampler)
                 self.cached.append(token)
-                token = sampler(logits)
+                token = sampler.read()
         finally:                # also when the caller stops early (stop string, Ctrl-C)
             st.finish_reason = st.finish_reason or "stop"
             st.decode_s = time.perf_counter() - t1

@@ -24,6 +24,7 @@ Q8_0 quantizes them too.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -320,6 +321,9 @@ def save_quantized(ckpt, out_dir, group: int | None = None, scale_dt=None, progr
                                   "modules_not_converted": list(NOT_CONVERTED)}
     save_file(tensors, str(out / "model.safetensors"),
               metadata={"format": "pt", "quant_method": QUANT_METHOD, "group_size": str(view.group)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "model.safetensors", 0o666 & ~umask)      # save_file creates it 0600
     (out / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     _write_tokenizer(ckpt, out)
     if progress:

@@ -70,11 +70,27 @@ def _table() -> dict[tuple, list[KernelEntry]]:
     return table
 
 
+_winners: dict = {}
+_winners_gen = None
+
+
 def lookup(op: str, device_type: str, dtype) -> KernelEntry:
-    """The winning kernel for a key, or KernelNotFoundError saying what exists instead."""
+    """The winning kernel for a key, or KernelNotFoundError saying what exists instead.
+    Called on every op: a hit costs two dict lookups and a generation check."""
+    global _winners_gen
+    plugins.load_plugins()
+    gen = (plugins._PluginManager.generation, _user_gen)
+    if gen != _winners_gen:
+        _winners.clear()
+        _winners_gen = gen
+    key = (op, device_type, dtype)
+    hit = _winners.get(key)
+    if hit is not None:
+        return hit
     dt = to_dtype(dtype)
     hit = _table().get((op, device_type, dt.name))
     if hit:
+        _winners[key] = hit[0]
         return hit[0]
     table = _table()
     for_op = sorted(f"{k[1]}/{k[2]}" for k in table if k[0] == op)

@@ -83,7 +83,13 @@ class Sampler:
             mask[0, np.asarray(prompt_ids)] = 1
             self.seen.copy_(np.maximum(self.seen.numpy(), mask))
 
-    def __call__(self, logits: Tensor) -> int:
+    def prepare(self) -> None:
+        """Host -> device inputs of the next step (the uniform number). Outside any graph."""
+        if self.p.temperature != 0:
+            self.uniform.fill_(self.rng.random())
+
+    def device_step(self, logits: Tensor) -> None:
+        """Penalties and the choice, all on the device into self.out (capturable in a graph)."""
         p = self.p
         if self._counts_host is not None:
             if self._penalized is None:
@@ -93,11 +99,18 @@ class Sampler:
         if p.temperature == 0:
             ops.argmax(logits, out=self.out)
         else:
-            self.uniform.fill_(self.rng.random())
             ops.sample(logits, self.uniform, p.temperature, p.top_k, p.top_p, p.min_p, out=self.out)
+
+    def read(self) -> int:
+        """The chosen id back on the host (4 bytes); updates the penalty counts."""
         token = int(self.out.numpy()[0])
         if self._counts_host is not None:      # one element each, written in place
             self._counts_host[token] += 1
             self.counts[0, token:token + 1].fill_(self._counts_host[token])
             self.seen[0, token:token + 1].fill_(1)
         return token
+
+    def __call__(self, logits: Tensor) -> int:
+        self.prepare()
+        self.device_step(logits)
+        return self.read()

@@ -24,7 +24,7 @@ def _contig_strides(shape) -> tuple[int, ...]:
 
 
 class Tensor:
-    __slots__ = ("buffer", "shape", "strides", "offset", "dtype", "device", "_host")
+    __slots__ = ("buffer", "shape", "strides", "offset", "dtype", "device", "_host", "_np")
 
     def __init__(self, buffer, shape, dtype, strides=None, offset: int = 0):
         self.buffer = buffer
@@ -34,6 +34,7 @@ class Tensor:
         self.offset = int(offset)
         self.device: Device = buffer.device
         self._host = getattr(buffer.allocator, "host_memory", False)
+        self._np = None              # cached zero-copy view (host memory only)
 
     # --- facts -------------------------------------------------------------
     @property
@@ -68,14 +69,23 @@ class Tensor:
         """Apply a numpy view operation to a fake array of the same layout and read
         the resulting shape, strides and offset back (numpy does the index maths)."""
         fake = np.lib.stride_tricks.as_strided(np.empty(1, np.uint8), self.shape, self.strides)
-        view = fn(fake)
-        if view.base is None and view.size > 1:
-            raise ShapeError("that operation needs a copy; call .contiguous() first")
+        try:
+            view = fn(fake)
+        except (ValueError, np.exceptions.AxisError) as e:
+            raise ShapeError(f"bad axes for a tensor of shape {self.shape}: {e}") from None
+        base = view if isinstance(view, np.ndarray) else None
+        while base is not None and base is not fake:      # a view's base chain reaches fake
+            base = base.base
+        if base is None:
+            raise ShapeError("that operation needs a copy (basic indexing only); call .contiguous() first")
         delta = view.__array_interface__["data"][0] - fake.__array_interface__["data"][0]
         return Tensor(self.buffer, view.shape, self.dtype, view.strides, self.offset + delta)
 
     def __getitem__(self, idx) -> "Tensor":
         try:
+            idx = idx if isinstance(idx, tuple) else (idx,)
+            if not any(i is Ellipsis for i in idx):
+                idx = idx + (Ellipsis,)          # keeps an all-integer index (0-d result) a view
             return self._restride(lambda a: a[idx])
         except IndexError as e:
             raise ShapeError(f"bad index {idx!r} for tensor of shape {self.shape}: {e}") from None
@@ -121,8 +131,10 @@ class Tensor:
         """Host-memory devices: a zero-copy view. Others: a copy on the host."""
         isz = self.dtype.itemsize
         if self._host:
-            return np.ndarray(self.shape, self.dtype.np, buffer=self.buffer.handle,
-                              offset=self.byte_offset, strides=tuple(s * isz for s in self.strides))
+            if self._np is None:     # a tensor's layout never changes, so its view can be kept
+                self._np = np.ndarray(self.shape, self.dtype.np, buffer=self.buffer.handle,
+                                      offset=self.byte_offset, strides=tuple(s * isz for s in self.strides))
+            return self._np
         if self.numel == 0:
             return np.empty(self.shape, self.dtype.np)
         # copy the byte range the view covers, then take the view on the host
@@ -131,7 +143,7 @@ class Tensor:
         span = np.empty(hi - lo + 1, self.dtype.np)
         self.buffer.allocator.copy_out(self.buffer, (self.offset + lo) * isz, span.view(np.uint8))
         view = np.lib.stride_tricks.as_strided(span[-lo:], self.shape, tuple(s * isz for s in self.strides))
-        return np.ascontiguousarray(view)
+        return view.copy()        # (np.ascontiguousarray would turn a 0-d view into shape (1,))
 
     def to(self, device) -> "Tensor":
         device = Device.parse(device)
@@ -150,7 +162,15 @@ class Tensor:
         return tensor(self.numpy(), device=self.device)
 
     def copy_(self, src) -> "Tensor":
-        """Copy src (Tensor or array) into this tensor's elements."""
+        """Copy src (Tensor or array) into this tensor's elements. Between tensors of one
+        non-host device the copy runs on the device (the backend's strided cast kernel)."""
+        if (isinstance(src, Tensor) and not self._host and src.device == self.device
+                and self.dtype.is_float and src.dtype.is_float):
+            if src.shape != self.shape:
+                raise ShapeError(f"copy_: source shape {src.shape} != destination shape {self.shape}")
+            from . import ops
+            ops.cast(src, out=self)
+            return self
         arr = src.numpy() if isinstance(src, Tensor) else np.asarray(src)
         if arr.shape != self.shape:
             raise ShapeError(f"copy_: source shape {arr.shape} != destination shape {self.shape}")
@@ -198,7 +218,7 @@ def tensor(data, dtype=None, device="cpu") -> Tensor:
     """Copy array-like data into a new tensor on device."""
     arr = np.asarray(data)
     dt = to_dtype(dtype) if dtype is not None else to_dtype(arr.dtype if arr.dtype != np.float64 else np.float32)
-    arr = np.ascontiguousarray(arr.astype(dt.np, copy=False))
+    arr = np.asarray(arr.astype(dt.np, copy=False), order="C")    # keeps 0-d arrays 0-d
     out = empty(arr.shape, dt, device)
     out.buffer.allocator.copy_in(out.buffer, 0, arr.reshape(-1).view(np.uint8))
     return out

@@ -33,6 +33,19 @@ class Layer:
     wo_scales: hi.Tensor | None = None          # (D, Hq * Dh // G)
     w_gate_up_scales: hi.Tensor | None = None   # (2 F, D // G)
     w_down_scales: hi.Tensor | None = None      # (D, F // G)
+    # row counts of the fused weights, for prefill, which multiplies by row-slices so
+    # that q, k, v (and gate, up) come out as separate contiguous tensors
+    qkv_rows: tuple = ()     # (Hq Dh, Hkv Dh, Hkv Dh)
+    f: int = 0               # intermediate size
+
+    @staticmethod
+    def split(w, rows):
+        """Row-slices of a fused weight, bias or scales: contiguous views, no copy."""
+        out, at = [], 0
+        for n in rows:
+            out.append(None if w is None else w[at:at + n])
+            at += n
+        return out
 
 
 class LlamaForCausalLM:
@@ -107,6 +120,9 @@ class LlamaForCausalLM:
                 attn_norm=attn_norm, wqkv=wqkv, bqkv=bqkv, wo=wo, mlp_norm=mlp_norm,
                 w_gate_up=w_gate_up, w_down=w_down,
                 wqkv_scales=sqkv, wo_scales=so, w_gate_up_scales=sgu, w_down_scales=sd,
+                qkv_rows=(cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
+                          cfg.num_key_value_heads * cfg.head_dim),
+                f=cfg.intermediate_size,
             ))
         embed = put(need("model.embed_tokens.weight"))
         lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in host else put(need("lm_head.weight"))
@@ -129,6 +145,15 @@ class LlamaForCausalLM:
                 "last": hi.empty((1, c.hidden_size), dt, dev),
                 "logits": hi.empty((1, c.vocab_size), dt, dev),              # (1, V)
             }
+            # views made once per workspace (making a view costs tens of microseconds)
+            qkv, f = ws["qkv"], c.intermediate_size
+            ws["q"] = qkv[:, :nq].view(t, c.num_attention_heads, c.head_dim)          # (T, Hq, Dh)
+            ws["k"] = qkv[:, nq:nq + nkv].view(t, c.num_key_value_heads, c.head_dim)  # (T, Hkv, Dh)
+            ws["v"] = qkv[:, nq + nkv:].view(t, c.num_key_value_heads, c.head_dim)
+            ws["attn_flat"] = ws["attn"].view(t, nq)                                  # (T, Hq Dh)
+            ws["gate_up_flat"] = ws["gate_up"].view(t, 2 * f)                         # (T, 2F)
+            ws["gate"], ws["up"] = ws["gate_up"][:, 0], ws["gate_up"][:, 1]           # (T, F) each
+            ws["x_last"] = ws["x"][t - 1:t]                                            # (1, D)
             if t == 1:          # prefill workspaces are dropped after use; decode's is kept
                 self._ws[t] = ws
         return ws
@@ -138,39 +163,51 @@ class LlamaForCausalLM:
         cache. Returns logits (1, V) of the last token, or (T, V) with all_logits."""
         c = self.config
         t = ids.shape[0]
-        hq, hkv, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        nq, nkv = hq * dh, hkv * dh
         ws = self._workspace(t)
         x, h = ws["x"], ws["h"]
         profiler.set_layer("embed")
         ops.embedding(ids, self.embed, out=x)                                  # (T, D)
+        if t == 1:
+            q, k, v = ws["q"], ws["k"], ws["v"]          # views of the fused qkv output
+        else:                                            # prefill: separate contiguous outputs
+            q = hi.empty((t, c.num_attention_heads, c.head_dim), self.dtype, self.device)
+            k = hi.empty((t, c.num_key_value_heads, c.head_dim), self.dtype, self.device)
+            v = hi.empty((t, c.num_key_value_heads, c.head_dim), self.dtype, self.device)
+            gate = hi.empty((t, c.intermediate_size), self.dtype, self.device)
+            up = hi.empty((t, c.intermediate_size), self.dtype, self.device)
         for i, layer in enumerate(self.layers):
             profiler.set_layer(f"layer {i}")
             ops.rms_norm(x, layer.attn_norm, c.rms_norm_eps, out=h)
-            qkv = ops.matmul(h, layer.wqkv, layer.bqkv, layer.wqkv_scales, out=ws["qkv"])  # (T, (Hq+2Hkv) Dh)
-            q = qkv[:, :nq].view(t, hq, dh)                                    # (T, Hq, Dh)
-            k = qkv[:, nq:nq + nkv].view(t, hkv, dh)                           # (T, Hkv, Dh)
-            v = qkv[:, nq + nkv:].view(t, hkv, dh)
-            if t > 1:                                                          # strided views -> rows
-                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            if t == 1:
+                ops.matmul(h, layer.wqkv, layer.bqkv, layer.wqkv_scales, out=ws["qkv"])  # (1, (Hq+2Hkv) Dh)
+            else:
+                rows = layer.qkv_rows
+                for w, b, sc, o in zip(layer.split(layer.wqkv, rows), layer.split(layer.bqkv, rows),
+                                       layer.split(layer.wqkv_scales, rows), (q, k, v)):
+                    ops.matmul(h, w, b, sc, out=o.view(t, -1))                # (T, H Dh)
             ops.rope(q, positions, self.cos, self.sin, c.rope_style, out=q)
             ops.rope(k, positions, self.cos, self.sin, c.rope_style, out=k)
             ops.kv_cache_write(k, v, cache.k[i], cache.v[i], positions)
             ops.attention(q, cache.k[i], cache.v[i], positions, out=ws["attn"])  # (T, Hq, Dh)
-            ops.matmul(ws["attn"].view(t, nq), layer.wo, scales=layer.wo_scales, out=ws["proj"])
+            ops.matmul(ws["attn_flat"], layer.wo, scales=layer.wo_scales, out=ws["proj"])
             ops.add(x, ws["proj"], out=x)
             ops.rms_norm(x, layer.mlp_norm, c.rms_norm_eps, out=h)
-            gu = ops.matmul(h, layer.w_gate_up, scales=layer.w_gate_up_scales,
-                            out=ws["gate_up"].view(t, 2 * c.intermediate_size))
-            gu = gu.view(t, 2, c.intermediate_size)
-            ops.swiglu(gu[:, 0], gu[:, 1], out=ws["act"])                      # (T, F)
+            if t == 1:
+                ops.matmul(h, layer.w_gate_up, scales=layer.w_gate_up_scales, out=ws["gate_up_flat"])  # (1, 2F)
+                ops.swiglu(ws["gate"], ws["up"], out=ws["act"])               # (1, F)
+            else:
+                ff = (layer.f, layer.f)
+                for w, sc, o in zip(layer.split(layer.w_gate_up, ff), layer.split(layer.w_gate_up_scales, ff),
+                                    (gate, up)):
+                    ops.matmul(h, w, scales=sc, out=o)                        # (T, F)
+                ops.swiglu(gate, up, out=ws["act"])
             ops.matmul(ws["act"], layer.w_down, scales=layer.w_down_scales, out=ws["proj"])
             ops.add(x, ws["proj"], out=x)
         profiler.set_layer("head")
         if all_logits:
             hn = ops.rms_norm(x, self.norm, c.rms_norm_eps)
             return ops.matmul(hn, self.lm_head)                                # (T, V)
-        ops.rms_norm(x[t - 1:t], self.norm, c.rms_norm_eps, out=ws["last"])
+        ops.rms_norm(ws["x_last"], self.norm, c.rms_norm_eps, out=ws["last"])
         return ops.matmul(ws["last"], self.lm_head, out=ws["logits"])         # (1, V)
 
     @property

@@ -38,7 +38,7 @@ C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -54,7 +54,11 @@ static inline float h2f(uint16_t h) {
 
 static inline float scale_at(const void *sc, int kind, int64_t i) {
     if (kind == 0) return ((const float *)sc)[i];
+#ifdef __F16C__
+    if (kind == 1) return _cvtsh_ss(((const uint16_t *)sc)[i]);
+#else
     if (kind == 1) return h2f(((const uint16_t *)sc)[i]);
+#endif
     uint32_t f = (uint32_t)((const uint16_t *)sc)[i] << 16;           /* bf16 */
     float r; memcpy(&r, &f, 4); return r;
 }
@@ -105,12 +109,65 @@ static float dot_row(const float *x, const int8_t *w, int64_t K, int64_t G, cons
     return tot;
 }
 
+#ifdef __AVX2__
+static inline __m256 cvt8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_shuffle_ps(r, r, 0x55));
+    return _mm_cvtss_f32(r);
+}
+
+/* two weight rows against one x: x loaded once, eight independent FMA chains (G % 32 == 0) */
+static void dot_2rows(const float *x, const int8_t *w0, const int8_t *w1, int64_t K, int64_t G,
+                      const void *sc, int kind, int64_t s0, int64_t s1, float *r0, float *r1) {
+    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / G; g++) {
+        const int8_t *p0 = w0 + g * G, *p1 = w1 + g * G;
+        const float *xp = x + g * G;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+        for (int64_t j = 0; j < G; j += 32) {
+            __m256 x0 = _mm256_loadu_ps(xp + j), x1 = _mm256_loadu_ps(xp + j + 8);
+            __m256 x2 = _mm256_loadu_ps(xp + j + 16), x3 = _mm256_loadu_ps(xp + j + 24);
+            a0 = _mm256_fmadd_ps(cvt8(p0 + j), x0, a0);
+            b0 = _mm256_fmadd_ps(cvt8(p1 + j), x0, b0);
+            a1 = _mm256_fmadd_ps(cvt8(p0 + j + 8), x1, a1);
+            b1 = _mm256_fmadd_ps(cvt8(p1 + j + 8), x1, b1);
+            a2 = _mm256_fmadd_ps(cvt8(p0 + j + 16), x2, a2);
+            b2 = _mm256_fmadd_ps(cvt8(p1 + j + 16), x2, b2);
+            a3 = _mm256_fmadd_ps(cvt8(p0 + j + 24), x3, a3);
+            b3 = _mm256_fmadd_ps(cvt8(p1 + j + 24), x3, b3);
+        }
+        __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        __m256 b = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
+        t0 = _mm256_fmadd_ps(a, _mm256_set1_ps(scale_at(sc, kind, s0 + g)), t0);
+        t1 = _mm256_fmadd_ps(b, _mm256_set1_ps(scale_at(sc, kind, s1 + g)), t1);
+    }
+    *r0 = hsum(t0);
+    *r1 = hsum(t1);
+}
+#endif
+
 /* out (M, N) = x (M, K) @ (q (N, K) * scales (N, K/G))^T; all contiguous, out f32 */
 void hi_i8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t N,
                 const void *sc, int kind, int64_t G, float *out) {
-    int64_t ng = K / G;
-    #pragma omp parallel for schedule(static) if (N * K >= 65536)
-    for (int64_t n = 0; n < N; n++)
+    int64_t ng = K / G, pairs = 0;
+#ifdef __AVX2__
+    if (G % 32 == 0) {
+        pairs = N / 2;
+        #pragma omp parallel for schedule(dynamic, 16) if (N * K >= 65536)
+        for (int64_t p = 0; p < pairs; p++)
+            for (int64_t m = 0; m < M; m++)
+                dot_2rows(x + m * K, w + 2 * p * K, w + (2 * p + 1) * K, K, G, sc, kind, 2 * p * ng,
+                          (2 * p + 1) * ng, out + m * N + 2 * p, out + m * N + 2 * p + 1);
+    }
+#endif
+    #pragma omp parallel for schedule(dynamic, 32) if ((N - 2 * pairs) * K >= 65536)
+    for (int64_t n = 2 * pairs; n < N; n++)
         for (int64_t m = 0; m < M; m++)
             out[m * N + n] = dot_row(x + m * K, w + n * K, K, G, sc, kind, n * ng);
 }
@@ -187,6 +244,9 @@ def _build() -> ctypes.CDLL:
                     errors.append(f"{cc} {' '.join(flags)}: {r.stderr.strip()[-400:]}")
                     continue
                 os.replace(out, so)          # atomic: a concurrent build of the same key is harmless
+        # OpenMP workers sleep between products instead of spinning: the other ops run on NumPy/BLAS
+        # threads, and a spinning worker steals their core (decode was 2-10x slower on 2 loaded cores)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         lib = ctypes.CDLL(str(so))
         i64, vp = ctypes.c_int64, ctypes.c_void_p
         lib.hi_i8_gemv.argtypes = [vp, i64, i64, vp, i64, vp, ctypes.c_int, i64, vp]

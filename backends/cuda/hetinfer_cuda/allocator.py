@@ -12,6 +12,11 @@ driver (in use + cached); peak: the largest `allocated` seen.
 All work goes to the device's one stream, so a block freed while kernels that use it
 are still queued can be reused at once: the next user is ordered after them.
 CuPy's allocations are routed here too (cupy_bridge), so there is one pool.
+
+capture(fn) -> replay: CUDA graphs (the engine finds this method by getattr). While fn
+is captured, alloc, copy_in, copy_out, synchronize and empty_cache raise DeviceError:
+a captured step must use preallocated buffers and leave host transfers to the caller
+(done on the same stream before the replay).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ class CudaAllocator(Allocator):
         super().__init__(device)
         self.cu = D.get_device(device.index)
         self._cache: dict[int, list[int]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # a Buffer freed by GC inside alloc re-enters
         self.allocated = 0
         self.reserved = 0
         self.peak = 0
@@ -64,7 +69,21 @@ class CudaAllocator(Allocator):
         cupy_bridge.attach(self)
 
     # ------------------------------------------------------------ alloc / free
+    def _no_capture(self, what: str) -> None:
+        if self.cu.capturing:
+            raise DeviceError(f"{self.device}: {what} while a CUDA graph is being captured; a captured "
+                              "step must use preallocated buffers and no host transfers "
+                              "(run it eagerly with graphs=False / --eager to find the culprit)")
+
+    def capture(self, fn):
+        """Capture the device work of fn() into a CUDA graph; returns replay(), which
+        launches it on this device's stream (no host sync). Destroyed when replay is
+        garbage collected."""
+        return D.capture_graph(self.cu, fn)
+
     def alloc(self, nbytes: int) -> Buffer:
+        if self.cu.capturing:
+            self._no_capture(f"allocation of {nbytes} bytes")
         if nbytes < 0:
             raise DeviceError(f"cannot allocate {nbytes} bytes")
         size = size_class(nbytes)
@@ -131,6 +150,7 @@ class CudaAllocator(Allocator):
 
     def empty_cache(self) -> None:
         """Give every cached (free) block back to the driver."""
+        self._no_capture("empty_cache")
         with self._lock:
             self._empty_cache_locked()
 
@@ -140,6 +160,7 @@ class CudaAllocator(Allocator):
         return int(buf.handle) + int(offset)
 
     def copy_in(self, buf: Buffer, offset: int, src: np.ndarray) -> None:
+        self._no_capture("a host-to-device copy")
         src = np.ascontiguousarray(src)
         n = src.nbytes
         if offset < 0 or offset + n > buf.nbytes:
@@ -152,6 +173,7 @@ class CudaAllocator(Allocator):
                 "cuMemcpyHtoDAsync")
 
     def copy_out(self, buf: Buffer, offset: int, dst: np.ndarray) -> None:
+        self._no_capture("a device-to-host copy")
         if not dst.flags.c_contiguous:
             raise DeviceError("copy_out needs a contiguous host array")
         n = dst.nbytes
@@ -183,4 +205,5 @@ class CudaAllocator(Allocator):
         self.peak = self.allocated
 
     def synchronize(self) -> None:
+        self._no_capture("synchronize")
         self.cu.synchronize()

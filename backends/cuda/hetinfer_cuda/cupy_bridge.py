@@ -100,3 +100,16 @@ def gemm(dev, dtype_name: str, x_ptr: int, w_ptr: int, out_ptr: int, M: int, N: 
         cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K,
                       a, w_ptr, t, K, x_ptr, t, K,
                       a + 4, out_ptr, t, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+
+
+def gemm_or_disable(dev, dtype_name, x_ptr, w_ptr, out_ptr, M, N, K) -> bool:
+    """gemm(); if cuBLAS through CuPy fails, warn once, stop using CuPy and return False
+    (the caller then runs its own kernel)."""
+    try:
+        gemm(dev, dtype_name, x_ptr, w_ptr, out_ptr, M, N, K)
+        return True
+    except Exception as e:
+        _state["cupy"] = None
+        _state["reason"] = f"cuBLAS through CuPy failed: {type(e).__name__}: {e}"
+        warnings.warn(f"hetinfer-cuda: {_state['reason']}; using the built-in GEMM kernel", RuntimeWarning)
+        return False

@@ -84,7 +84,7 @@ def check_nvrtc(result, what: str = "NVRTC call"):
 
 
 # ---------------------------------------------------------------- devices
-_init_lock = threading.Lock()
+_init_lock = threading.RLock()   # get_device -> CudaDevice() -> init() re-enter it
 _initialized = False
 _devices: dict[int, "CudaDevice"] = {}
 _tls = threading.local()
@@ -150,9 +150,10 @@ class CudaDevice:
         self.stream = check(driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING),
                             "cuStreamCreate")
         self.stream_handle = int(self.stream)
+        self.capturing = 0        # > 0 while a CUDA graph is being captured on self.stream
         self._modules: dict[str, object] = {}        # cache key -> CUmodule
         self._functions: dict[tuple, object] = {}    # (module key, name) -> CUfunction
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def attribute(self, attr) -> int:
         return int(check(_drv().cuDeviceGetAttribute(attr, self.cu_device), "cuDeviceGetAttribute"))
@@ -251,9 +252,11 @@ def compile_cubin(source: str, name: str, options, arch: str, key: str | None = 
         log = ""
         try:
             size = check_nvrtc(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-            buf = b" " * int(size)
+            # a fresh bytearray: NVRTC writes into it (never into a bytes object, which
+            # for size 1 is CPython's shared b" " and would corrupt it)
+            buf = bytearray(max(int(size), 1))
             check_nvrtc(nvrtc.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
-            log = buf.rstrip(b"\0 ").decode(errors="replace")
+            log = bytes(buf).rstrip(b"\0 ").decode(errors="replace")
         except CompileError:
             pass
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
@@ -261,8 +264,9 @@ def compile_cubin(source: str, name: str, options, arch: str, key: str | None = 
             raise CompileError(f"NVRTC could not compile {name}.cu for {arch} ({what}); "
                                f"options: {' '.join(opts)}\n--- compile log ---\n{log}")
         size = check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        cubin = b" " * int(size)
-        check_nvrtc(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        buf = bytearray(int(size))
+        check_nvrtc(nvrtc.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
+        cubin = bytes(buf)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     stats.nvrtc_compiles += 1
@@ -323,5 +327,83 @@ def launch(dev: CudaDevice, fn, grid, block, args, shared: int = 0, name: str = 
                                  shared, dev.stream, ctypes.addressof(ptrs), 0)
     if err != _drv().CUresult.CUDA_SUCCESS:
         raise DeviceError(f"launch of {name} (grid {grid}, block {block}) failed: {error_text(err)}")
-    if _SYNC:
+    if _SYNC and not dev.capturing:
         check(_drv().cuStreamSynchronize(dev.stream), f"kernel {name} (HETINFER_CUDA_SYNC)")
+
+
+# ---------------------------------------------------------------- CUDA graphs
+def _destroy_graph(dev: CudaDevice, graph, graph_exec) -> None:
+    try:
+        dev.make_current()
+        drv = _drv()
+        if graph_exec is not None:
+            drv.cuGraphExecDestroy(graph_exec)
+        if graph is not None:
+            drv.cuGraphDestroy(graph)
+    except Exception:      # interpreter shutdown: the context may be gone already
+        pass
+
+
+class GraphReplay:
+    """An instantiated CUDA graph; calling it launches the graph on the device's stream.
+    The graph and its executable are destroyed when this object is garbage collected."""
+
+    def __init__(self, dev: CudaDevice, graph, graph_exec, nodes: int):
+        import weakref
+        self.dev, self._exec, self.nodes = dev, graph_exec, nodes
+        self.launches = 0
+        self._finalizer = weakref.finalize(self, _destroy_graph, dev, graph, graph_exec)
+
+    def __call__(self) -> None:
+        dev = self.dev
+        dev.make_current()
+        err, = _drv().cuGraphLaunch(self._exec, dev.stream)
+        if err != _drv().CUresult.CUDA_SUCCESS:
+            raise DeviceError(f"cuGraphLaunch ({self.nodes} nodes) failed: {error_text(err)}")
+        self.launches += 1
+        if _SYNC:
+            check(_drv().cuStreamSynchronize(dev.stream), "graph replay (HETINFER_CUDA_SYNC)")
+
+    def destroy(self) -> None:
+        self._finalizer()
+
+    def __repr__(self) -> str:
+        return f"GraphReplay({self.nodes} nodes on cuda:{self.dev.index}, {self.launches} launches)"
+
+
+def capture_graph(dev: CudaDevice, fn) -> GraphReplay:
+    """Capture the work fn() queues on dev's stream into a CUDA graph (thread-local
+    capture mode: nothing fn queues runs now), instantiate it and return its replay.
+    While capturing, the allocator refuses to allocate, copy to or from the host or
+    synchronise (a clear DeviceError instead of a broken graph)."""
+    drv = _drv()
+    dev.make_current()
+    check(drv.cuStreamBeginCapture(dev.stream, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+          "cuStreamBeginCapture")
+    dev.capturing += 1
+    graph = None
+    try:
+        try:
+            fn()
+        finally:
+            dev.capturing -= 1
+            err, graph = drv.cuStreamEndCapture(dev.stream)
+        if err != drv.CUresult.CUDA_SUCCESS:
+            graph = None
+            raise DeviceError(f"cuStreamEndCapture failed: {error_text(err)} (the captured step did "
+                              "something a CUDA graph cannot hold: a host sync, a host copy or an allocation)")
+        try:
+            res = drv.cuGraphGetNodes(graph, 0)          # (err, nodes, numNodes)
+            nodes = int(res[-1]) if res[0] == drv.CUresult.CUDA_SUCCESS else -1
+        except Exception:
+            nodes = -1
+        graph_exec = check(drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        try:
+            check(drv.cuGraphUpload(graph_exec, dev.stream), "cuGraphUpload")
+        except Exception:
+            pass
+    except BaseException:
+        if graph is not None:
+            _destroy_graph(dev, graph, None)
+        raise
+    return GraphReplay(dev, graph, graph_exec, nodes)

@@ -203,8 +203,8 @@ def matmul(x, weight, bias, scales, out):
         _launch(dev, key, "gemv", ((N + _GEMV_WARPS - 1) // _GEMV_WARPS,), (_GEMV_WARPS * 32,),
                 [Arg.ptr(_p(xk)), Arg.ptr(_p(weight)), Arg.ptr(_p(b)), Arg.i32(b is not None),
                  Arg.ptr(_p(o)), Arg.i32(M), Arg.i32(N), Arg.i32(K), Arg.i32(vec)])
-    elif cupy_bridge.cupy() is not None:
-        cupy_bridge.gemm(dev, key, _p(xk), _p(weight), _p(o), M, N, K)
+    elif cupy_bridge.cupy() is not None and cupy_bridge.gemm_or_disable(dev, key, _p(xk), _p(weight),
+                                                                        _p(o), M, N, K):
         if b is not None:
             _launch(dev, key, "bias_add", (_grid_1d(dev, M * N),), (256,),
                     [Arg.ptr(_p(o)), Arg.ptr(_p(b)), Arg.i32(M), Arg.i32(N)])
@@ -302,6 +302,40 @@ def cast(x, out):
     _cast_into(x, out)
 
 
+def penalties(logits, counts, seen, repetition, presence, frequency, out):
+    key = logits.dtype.name
+    dev = _dev(logits)
+    o = _target(out, key)
+    n = logits.numel
+    _launch(dev, key, "penalties", (_grid_1d(dev, n),), (256,),
+            [Arg.ptr(_p(logits)), Arg.ptr(_p(counts)), Arg.ptr(_p(seen)), Arg.ptr(_p(o)), Arg.i64(n),
+             Arg.f32(repetition), Arg.f32(presence), Arg.f32(frequency)])
+    _finish(o, out)
+
+
+def sample(logits, uniform, temperature, top_k, top_p, min_p, out):
+    """One block per row (see csrc/ops.cu `sample`); temperature 0 is argmax."""
+    if temperature == 0:
+        argmax(logits, out)
+        return
+    key = logits.dtype.name
+    dev = _dev(logits)
+    B, V = logits.shape
+    threads = 1024 if V >= 16384 else 256
+    _launch(dev, key, "sample", (B,), (threads,),
+            [Arg.ptr(_p(logits)), Arg.ptr(_p(uniform)), Arg.ptr(_p(out)), Arg.i32(V),
+             Arg.f32(1.0 / temperature), Arg.i32(top_k), Arg.f32(top_p), Arg.f32(min_p)])
+
+
+def fill_uniform(t, lo: float, hi: float, seed: int = 0) -> None:
+    """Fill a contiguous float tensor on the device with hashed uniform numbers in [lo, hi)
+    (benchmark weights; nothing goes through the host)."""
+    dev = _dev(t)
+    n = t.numel
+    _launch(dev, t.dtype.name, "fill_uniform", (_grid_1d(dev, n),), (256,),
+            [Arg.ptr(_p(t)), Arg.i64(n), Arg.i64(seed), Arg.f32(lo), Arg.f32(hi - lo)])
+
+
 _OUT = ("out",)
 KERNELS = [
     ("embedding", _strided(embedding, _OUT)),
@@ -315,4 +349,6 @@ KERNELS = [
     ("kv_cache_write", _strided(kv_cache_write, ("k_cache", "v_cache"))),
     ("argmax", _strided(argmax, _OUT)),
     ("cast", _strided(cast, _OUT)),
+    ("penalties", _strided(penalties, _OUT)),
+    ("sample", _strided(sample, _OUT)),
 ]

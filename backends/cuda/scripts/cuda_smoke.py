@@ -89,54 +89,70 @@ def main():
 
 
 def timings(dev, cu):
+    """Sanity only. Op calls from Python are host-bound (dispatch ~tens of us), so kernel
+    times are taken from back-to-back launches through the launch helper (10 per
+    event pair), and the per-op host cost is reported separately."""
     from hetinfer_cuda import driver as D
+    from hetinfer_cuda.driver import Arg
     drv = D._drv()
 
-    def bench(fn, reps=20):
+    def bench(fn, reps=10, inner=10):
         fn()
         dev.synchronize()
         start, end = D.check(drv.cuEventCreate(0)), D.check(drv.cuEventCreate(0))
         ts = []
         for _ in range(reps):
             D.check(drv.cuEventRecord(start, dev.stream))
-            fn()
+            for _ in range(inner):
+                fn()
             D.check(drv.cuEventRecord(end, dev.stream))
             D.check(drv.cuEventSynchronize(end))
-            ts.append(D.check(drv.cuEventElapsedTime(start, end)))
-        return float(np.median(ts)) * 1e-3   # seconds
+            ts.append(D.check(drv.cuEventElapsedTime(start, end)) / inner)
+        return float(np.median(ts)) * 1e-3   # seconds per call
+
+    def p(t):
+        return int(t.buffer.handle) + t.byte_offset
 
     rng = np.random.default_rng(1)
-    print("sanity timings (median of 20, CUDA events):")
+    print("sanity timings (CUDA events; kernel = back-to-back launches, op = Python op call):")
     N, K = 14336, 4096
     w = cu(rng.standard_normal((N, K)).astype(np.float16))
     x = cu(rng.standard_normal((1, K)).astype(np.float16))
     out = hetinfer.empty((1, N), "f16", "cuda")
+    gemv = D.kernel(dev, "f16", "gemv")
+    args = [Arg.ptr(p(x)), Arg.ptr(p(w)), Arg.ptr(0), Arg.i32(0), Arg.ptr(p(out)),
+            Arg.i32(1), Arg.i32(N), Arg.i32(K), Arg.i32(1)]
+    t = bench(lambda: D.launch(dev, gemv, ((N + 3) // 4,), (128,), args))
+    print(f"  gemv kernel f16 {N}x{K} M=1: {t * 1e6:.1f} us, {N * K * 2 / t / 1e9:.0f} GB/s of weight")
     t = bench(lambda: ops.matmul(x, w, out=out))
-    print(f"  gemv f16 {N}x{K} M=1: {t * 1e6:.1f} us, {N * K * 2 / t / 1e9:.0f} GB/s of weight")
+    print(f"  matmul op (same, through dispatch): {t * 1e6:.1f} us per call")
     x64 = cu(rng.standard_normal((512, K)).astype(np.float16))
     o64 = hetinfer.empty((512, N), "f16", "cuda")
     t = bench(lambda: ops.matmul(x64, w, out=o64))
-    print(f"  matmul f16 M=512 ({'cuBLAS' if __import__('hetinfer_cuda').cupy_bridge.cupy() else 'tiled'}): "
+    print(f"  matmul op f16 M=512 ({'cuBLAS' if __import__('hetinfer_cuda').cupy_bridge.cupy() else 'tiled'}): "
           f"{t * 1e6:.1f} us, {2 * 512 * N * K / t / 1e12:.1f} TFLOP/s")
     xs = cu(rng.standard_normal((1, 4096)).astype(np.float16))
     g = cu(rng.standard_normal(4096).astype(np.float16))
     xo = hetinfer.empty((1, 4096), "f16", "cuda")
     t = bench(lambda: ops.rms_norm(xs, g, out=xo))
-    print(f"  rms_norm f16 1x4096: {t * 1e6:.1f} us (launch-bound)")
+    print(f"  rms_norm op f16 1x4096: {t * 1e6:.1f} us per call (host dispatch cost)")
     S, Hq, Hkv, Dh = 2048, 32, 8, 128
     kc = cu(rng.standard_normal((S, Hkv, Dh)).astype(np.float16))
     vc = cu(rng.standard_normal((S, Hkv, Dh)).astype(np.float16))
     q = cu(rng.standard_normal((1, Hq, Dh)).astype(np.float16))
     pos = cu(np.array([S - 1], np.int32))
     ao = hetinfer.empty((1, Hq, Dh), "f16", "cuda")
-    t = bench(lambda: ops.attention(q, kc, vc, pos, out=ao))
-    print(f"  attention decode f16 S={S} Hq={Hq} Hkv={Hkv} D={Dh}: {t * 1e6:.1f} us, "
-          f"{2 * S * Hkv * Dh * 2 / t / 1e9:.0f} GB/s of cache")
+    att = D.kernel(dev, "f16", "attention")
+    aargs = [Arg.ptr(p(q)), Arg.ptr(p(kc)), Arg.ptr(p(vc)), Arg.ptr(p(pos)), Arg.i32(0), Arg.ptr(p(ao)),
+             Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(S), Arg.f32(Dh ** -0.5)]
+    t = bench(lambda: D.launch(dev, att, (Hq, 1), (256,), aargs))
+    print(f"  attention decode kernel f16 S={S} Hq={Hq} Hkv={Hkv} D={Dh}: {t * 1e6:.1f} us, "
+          f"{2 * S * Hkv * Dh * 2 / t / 1e9:.0f} GB/s of cache (one block per head, no split)")
     qp = cu(rng.standard_normal((512, Hq, Dh)).astype(np.float16))
     pp = cu(np.arange(512, dtype=np.int32))
     po = hetinfer.empty((512, Hq, Dh), "f16", "cuda")
-    t = bench(lambda: ops.attention(qp, kc, vc, pp, out=po), reps=5)
-    print(f"  attention prefill f16 T=512: {t * 1e3:.2f} ms")
+    t = bench(lambda: ops.attention(qp, kc, vc, pp, out=po), reps=5, inner=2)
+    print(f"  attention prefill op f16 T=512: {t * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

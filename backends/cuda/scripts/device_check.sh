@@ -5,6 +5,13 @@
 #
 #   bash backends/cuda/scripts/device_check.sh            (from the repository root)
 #   STEPS="smoke tests conf" EXAMPLES=30 bash ...         (choose steps)
+#
+# Steps: env smoke tests conf graphs stash model generate bench
+#   stash     copy carried .models/smol.part.* into /tmp/hetinfer-models (kept while the
+#             machine is warm: the 98 MB GGUF comes in two calls of < 64 MiB)
+#   model     assemble the GGUF from the parts (sha256 checked), tests/test_cuda_model.py
+#   generate  hetinfer generate --device cuda (f16 and bf16) on it
+#   bench     tools/bench.py --device cuda, with the torch anchor if .carry/torch_anchor.py
 set -u
 OUT=${OUT:-/tmp/hetinfer-out}
 mkdir -p "$OUT"
@@ -13,7 +20,7 @@ ROOT=$(pwd)
 PY=${PY:-python3}
 STEPS=${STEPS:-"env smoke tests conf"}
 EXAMPLES=${EXAMPLES:-30}
-export PYTHONUNBUFFERED=1 HETINFER_CACHE=${HETINFER_CACHE:-/tmp/hetinfer-cache}
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 HETINFER_CACHE=${HETINFER_CACHE:-/tmp/hetinfer-cache}
 has() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
 
 # ---- environment -------------------------------------------------------------------
@@ -48,22 +55,26 @@ for spec in "hetinfer|.|core|[pytest11]|hetinfer = hetinfer.testing.plugin" \
     tail -3 "$OUT/pip-$name.log"; shim "$name" "$dir" "$sect" "$ep"
   fi
 done
-$PY -c "import hetinfer; [print('device:', d.name, d.available, d.reason or d.description) for d in hetinfer.devices()]" 2>&1
+$PY -m hetinfer devices 2>&1 || $PY -c "import hetinfer; [print('device:', d.name, d.available, d.reason or d.description) for d in hetinfer.devices()]" 2>&1
+$PY -m hetinfer kernels 2>&1 | head -16
 
 # ---- smoke (twice) -------------------------------------------------------------------
 if has smoke; then
-  timeout 240 $PY backends/cuda/scripts/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
+  timeout -s ABRT 150 $PY backends/cuda/scripts/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
   echo "--- second start (disk cache) ---" | tee -a "$OUT/smoke.log"
-  timeout 120 $PY backends/cuda/scripts/cuda_smoke.py --no-timing 2>&1 | grep -E "compile stats|first op" | tee -a "$OUT/smoke.log"
+  timeout -s ABRT 60 $PY backends/cuda/scripts/cuda_smoke.py --no-timing 2>&1 | grep -E "compile stats|first op" | tee -a "$OUT/smoke.log"
 fi
 
 # ---- tests ---------------------------------------------------------------------------
 if has tests; then
-  timeout 300 $PY -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py 2>&1 | tee "$OUT/test_cuda_backend.log" | tail -40
+  timeout -s ABRT 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py 2>&1 | tee "$OUT/test_cuda_backend.log" | tail -40
+  echo "--- matmul without CuPy (built-in tiled GEMM) ---"
+  HETINFER_CUDA_CUPY=0 timeout -s ABRT 100 $PY -m pytest -q -p no:cacheprovider -k "matmul or cupy" \
+    tests/test_cuda_backend.py 2>&1 | tail -2
 fi
 if has conf; then
   if [ -f core/hetinfer/testing/conformance.py ]; then
-    timeout 420 $PY -m pytest -v -p no:cacheprovider --hetinfer-device=cuda --hetinfer-examples="$EXAMPLES" \
+    timeout -s ABRT 200 $PY -m pytest -v -p no:cacheprovider --hetinfer-device=cuda --hetinfer-examples="$EXAMPLES" \
       core/hetinfer/testing/conformance.py > "$OUT/conformance.log" 2>&1
     grep -E "FAILED|Error|error" "$OUT/conformance.log" | head -60
     echo "=== conformance per dtype ==="
@@ -77,7 +88,50 @@ if has conf; then
     echo "conformance suite not present (core/hetinfer/testing/conformance.py)"
   fi
 fi
+if has graphs; then
+  timeout -s ABRT 200 $PY -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 \
+    | tee "$OUT/test_cuda_graphs.log" | tail -15
+fi
+MODELS=/tmp/hetinfer-models
+GGUF=$MODELS/SmolLM2-135M-Instruct.Q4_1.gguf
+if has stash; then
+  mkdir -p $MODELS
+  cp -v .models/smol.part.* .models/smol.sha256 $MODELS/ 2>/dev/null
+  ls -la $MODELS
+fi
+if has model || has generate; then
+  if [ ! -f "$GGUF" ]; then
+    mkdir -p $MODELS; cp .models/smol.part.* .models/smol.sha256 $MODELS/ 2>/dev/null
+    if [ -f $MODELS/smol.part.aa ] && [ -f $MODELS/smol.part.ab ]; then
+      cat $MODELS/smol.part.aa $MODELS/smol.part.ab > "$GGUF"
+      if [ "$(sha256sum "$GGUF" | cut -d' ' -f1)" != "$(cat $MODELS/smol.sha256)" ]; then
+        echo "GGUF sha256 mismatch"; rm -f "$GGUF"
+      else echo "GGUF assembled, sha256 ok"; fi
+    else echo "GGUF parts missing: $(ls $MODELS 2>&1)"; fi
+  fi
+fi
+if has model && [ -f "$GGUF" ]; then
+  HETINFER_SMOLLM2_GGUF=$GGUF timeout -s ABRT 300 $PY -m pytest -q -rs -s -p no:cacheprovider \
+    tests/test_cuda_model.py 2>&1 | tee "$OUT/test_cuda_model.log" | grep -vE "^\s*$" | tail -25
+fi
+if has generate && [ -f "$GGUF" ]; then
+  for dt in f16 bf16 f32; do
+    echo "--- generate --dtype $dt ---"
+    timeout -s ABRT 120 $PY -m hetinfer generate --device cuda --dtype $dt --model "$GGUF" -n 64 \
+      "Once upon a time" 2>&1 | grep -v "loading" | tail -6 | tee -a "$OUT/generate.log"
+  done
+  echo "--- generate --eager f16 ---"
+  timeout -s ABRT 120 $PY -m hetinfer generate --device cuda --dtype f16 --eager --model "$GGUF" -n 64 \
+    "Once upon a time" 2>&1 | tail -2 | tee -a "$OUT/generate.log"
+fi
+if has bench; then
+  A=""; [ -f .carry/torch_anchor.py ] && A="--anchor .carry/torch_anchor.py"
+  timeout -s ABRT ${BENCH_TIMEOUT:-540} $PY tools/bench.py --device cuda ${BENCH_ARGS:-} $A 2>&1 \
+    | tee "$OUT/bench.log" | grep -E "^\{|Error|error" | tail -30
+fi
 echo "=== summary ==="
 grep -E "compile stats" "$OUT/smoke.log" 2>/dev/null
 tail -1 "$OUT/test_cuda_backend.log" 2>/dev/null
 tail -1 "$OUT/conformance.log" 2>/dev/null
+tail -1 "$OUT/test_cuda_graphs.log" 2>/dev/null
+tail -1 "$OUT/test_cuda_model.log" 2>/dev/null

@@ -46,10 +46,16 @@ def _t(op, name, t, dtypes=None, ndim=None) -> Tensor:
 
 
 def _same_device(op, **tensors):
-    devs = {n: t.device for n, t in tensors.items() if t is not None}
-    if len(set(devs.values())) > 1:
-        where = ", ".join(f"{n} on {d}" for n, d in devs.items())
-        raise DeviceError(f"{op}: all tensors must be on one device; got {where}")
+    first = None
+    for name, t in tensors.items():
+        if t is not None:
+            if not isinstance(t, Tensor):
+                raise DTypeError(f"{op}: {name} must be a hetinfer Tensor, got {type(t).__name__}")
+            if first is None:
+                first = t.device
+            elif t.device != first:
+                where = ", ".join(f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
+                raise DeviceError(f"{op}: all tensors must be on one device; got {where}")
 
 
 def _shape(op, name, t, expected):
@@ -72,6 +78,8 @@ def _positions(op, positions, device, n):
         positions = tensor(np.asarray(positions, np.int32).reshape(-1), D.i32, device)
     _t(op, "positions", positions, (D.i32, D.i64), 1)
     _shape(op, "positions", positions, (n,))
+    if positions._host and n and int(positions.numpy().min()) < 0:
+        raise ShapeError(f"{op}: positions must be >= 0, got {int(positions.numpy().min())}")
     return positions
 
 

@@ -408,3 +408,282 @@ struct Layout2 {
 STRIDED_COPY(strided_copy_2, unsigned short)
 STRIDED_COPY(strided_copy_4, unsigned int)
 STRIDED_COPY(strided_copy_8, unsigned long long)
+
+// ---------------------------------------------------------------- penalties
+// Repetition penalty on seen tokens (HF/CTRL), presence and frequency penalties from
+// output counts (OpenAI). Elementwise; out may be logits.
+extern "C" __global__ void penalties(const T* logits, const int* __restrict__ counts,
+                                     const int* __restrict__ seen, T* out, long long n,
+                                     float repetition, float presence, float frequency) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float x = to_f32(logits[i]);
+        if (seen[i] != 0) x = x > 0.f ? x / repetition : x * repetition;
+        const int c = counts[i];
+        x -= presence * (float)(c > 0) + frequency * (float)c;
+        out[i] = from_f32<T>(x);
+    }
+}
+
+// ---------------------------------------------------------------- sample
+// One block per row of logits (B, V): temperature, top-k, top-p, min-p, then the
+// inverse CDF in token-id order over the kept set, driven by uniform[row] (as
+// reference.sample). Temperature 0 is argmax (the host launches `argmax` instead).
+//
+// e_i = exp((x_i - max x) / T) in f32 (the largest is exactly 1). Masses are summed
+// as 64-bit fixed point (e * 2^40), so every sum is exact and the result does not
+// depend on the order of the block's atomics: the same inputs give the same token.
+// Thresholds are found by radix select (4 passes of 8 bits) over order-preserving
+// 32-bit keys of the logits: top-k on counts (ties at the k-th value are kept), top-p
+// on masses (the smallest set, in descending order with ties broken by token id, whose
+// mass before each member is < top_p). min-p keeps e_i >= min_p. Then two passes over
+// contiguous per-thread chunks (in token-id order) with block scans find the rank of
+// each tie at the top-p boundary and the token where the cumulative mass passes
+// uniform x total.
+#define SMP_FIX 1099511627776.0f     // 2^40
+typedef unsigned long long u64;
+
+__device__ __forceinline__ u32 order_key(float x) {
+    x = x + 0.0f;                                    // -0 -> +0: equal values, equal keys
+    const u32 u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ u64 fixmass(float x, float xmax, float invT) {
+    const float e = expf((x - xmax) * invT);
+    return (u64)(e * SMP_FIX);
+}
+
+template <typename V> __device__ __forceinline__ V shfl_up(V v, int o) { return __shfl_up_sync(0xffffffffu, v, o); }
+
+// Exclusive scan over the block (blockDim.x a multiple of 32, <= 1024); the block's
+// total goes to *total. Integer types only (exact, so the order does not matter).
+template <typename V> __device__ V block_exclusive_scan(V v, V* total) {
+    __shared__ V warp_pre[32];
+    __shared__ V tot_sh;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    V inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const V n = shfl_up(inc, o);
+        if (lane >= o) inc += n;
+    }
+    __syncthreads();                                   // earlier calls may still read warp_pre
+    if (lane == 31) warp_pre[w] = inc;                 // the warp's total
+    __syncthreads();
+    if (w == 0) {
+        const V t = lane < nw ? warp_pre[lane] : (V)0;
+        V ti = t;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const V n = shfl_up(ti, o);
+            if (lane >= o) ti += n;
+        }
+        __syncwarp();
+        if (lane < nw) warp_pre[lane] = ti - t;        // exclusive prefix of the warps
+        if (lane == 31) tot_sh = ti;                   // lanes >= nw add 0: lane 31 holds the total
+    }
+    __syncthreads();
+    const V res = warp_pre[w] + inc - v;
+    *total = tot_sh;
+    return res;
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+sample(const T* __restrict__ logits, const float* __restrict__ uniform, int* __restrict__ out,
+       int V, float invT, int top_k, float top_p, float min_p) {
+    const size_t row = blockIdx.x;
+    const T* x = logits + row * (size_t)V;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    __shared__ u32 hcnt[256];
+    __shared__ u64 hmass[256];
+    __shared__ u32 s_prefix, s_remaining;
+    __shared__ u64 s_above;
+    __shared__ u64 s_sum;
+    __shared__ int s_answer, s_last;
+
+    // max logit
+    float m = -HI_INF;
+    for (int i = tid; i < V; i += nt) m = fmaxf(m, to_f32(x[i]));
+    const float xmax = block_max(m);
+
+    // ---- top-k: the k-th largest key (count radix select)
+    const bool use_k = top_k > 0 && top_k < V;
+    u32 kth = 0;
+    if (use_k) {
+        u32 prefix = 0, mask = 0;
+        u32 remaining = (u32)top_k;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int b = tid; b < 256; b += nt) hcnt[b] = 0;
+            __syncthreads();
+            for (int i = tid; i < V; i += nt) {
+                const u32 k = order_key(to_f32(x[i]));
+                if ((k & mask) == prefix) atomicAdd(&hcnt[(k >> shift) & 255u], 1u);
+            }
+            __syncthreads();
+            if (tid == 0) {
+                u32 rem = remaining;
+                int b = 255;
+                for (; b > 0; --b) {
+                    if (hcnt[b] >= rem) break;
+                    rem -= hcnt[b];
+                }
+                s_prefix = prefix | ((u32)b << shift);
+                s_remaining = rem;
+            }
+            __syncthreads();
+            prefix = s_prefix;
+            remaining = s_remaining;
+            mask |= 255u << shift;
+            __syncthreads();
+        }
+        kth = prefix;
+    }
+
+    // ---- mass of the top-k set
+    if (tid == 0) s_sum = 0;
+    __syncthreads();
+    {
+        u64 part = 0;
+        for (int i = tid; i < V; i += nt) {
+            const float f = to_f32(x[i]);
+            if (!use_k || order_key(f) >= kth) part += fixmass(f, xmax, invT);
+        }
+        atomicAdd(&s_sum, part);
+    }
+    __syncthreads();
+    const u64 SA = s_sum;
+
+    // ---- top-p: kappa = the smallest key (within top-k) with mass(keys > kappa) < P
+    const bool use_p = top_p < 1.0f;
+    const double P = (double)top_p * (double)SA;
+    u32 kappa = 0;
+    u64 G = 0, qk = 0;
+    if (use_p) {
+        u32 prefix = 0, mask = 0;
+        u64 above = 0;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int b = tid; b < 256; b += nt) { hcnt[b] = 0; hmass[b] = 0; }
+            __syncthreads();
+            for (int i = tid; i < V; i += nt) {
+                const float f = to_f32(x[i]);
+                const u32 k = order_key(f);
+                if ((k & mask) == prefix && (!use_k || k >= kth)) {
+                    const u32 b = (k >> shift) & 255u;
+                    atomicAdd(&hcnt[b], 1u);
+                    atomicAdd(&hmass[b], fixmass(f, xmax, invT));
+                }
+            }
+            __syncthreads();
+            if (tid == 0) {
+                u64 cum = 0, chosen_cum = 0;
+                int chosen = -1;
+                for (int b = 255; b >= 0; --b) {
+                    if (hcnt[b] > 0 && (double)(above + cum) < P) { chosen = b; chosen_cum = cum; }
+                    cum += hmass[b];
+                }
+                if (chosen < 0) chosen = 255;          // cannot happen (the top bin qualifies)
+                s_prefix = prefix | ((u32)chosen << shift);
+                s_above = above + chosen_cum;
+            }
+            __syncthreads();
+            prefix = s_prefix;
+            above = s_above;
+            mask |= 255u << shift;
+            __syncthreads();
+        }
+        kappa = prefix;
+        G = above;
+        // the mass of one token at kappa, computed as for the tokens themselves
+        const u32 kb = (kappa & 0x80000000u) ? (kappa & 0x7fffffffu) : ~kappa;
+        qk = fixmass(__uint_as_float(kb), xmax, invT);
+    }
+
+    // ---- per-thread contiguous chunks, in token-id order
+    const int chunk = (V + nt - 1) / nt;
+    const int lo = min(V, tid * chunk), hi = min(V, lo + chunk);
+    u32 tie_before = 0;
+    if (use_p) {                    // rank of this chunk's first kappa-tie among all ties
+        u32 c = 0;
+        for (int i = lo; i < hi; ++i) c += order_key(to_f32(x[i])) == kappa;
+        u32 tot;
+        tie_before = block_exclusive_scan<u32>(c, &tot);
+    }
+    // kept(i): in top-k, in top-p (ties at kappa by rank), e >= min_p
+#define SMP_KEPT(f, k, r, q)                                                             \
+    ((!use_k || (k) >= kth) &&                                                           \
+     (!use_p || (k) > kappa || ((k) == kappa && (double)(G + (u64)(r) * qk) < P)) &&     \
+     (min_p <= 0.f || expf(((f) - xmax) * invT) >= min_p))
+    u64 mine = 0;
+    int last = -1;
+    {
+        u32 r = tie_before;
+        for (int i = lo; i < hi; ++i) {
+            const float f = to_f32(x[i]);
+            const u32 k = order_key(f);
+            const u64 q = fixmass(f, xmax, invT);
+            if (SMP_KEPT(f, k, r, q)) { mine += q; last = i; }
+            if (use_p && k == kappa) ++r;
+        }
+    }
+    u64 W;
+    const u64 before = block_exclusive_scan<u64>(mine, &W);
+    if (tid == 0) { s_answer = -1; s_last = -1; }
+    __syncthreads();
+    if (last >= 0) atomicMax(&s_last, last);
+    if (W > 0) {
+        u64 target = (u64)((double)uniform[row] * (double)W);
+        if (target >= W) target = W - 1;
+        if (mine > 0 && before <= target && target < before + mine) {
+            u64 c = before;
+            u32 r = tie_before;
+            for (int i = lo; i < hi; ++i) {
+                const float f = to_f32(x[i]);
+                const u32 k = order_key(f);
+                const u64 q = fixmass(f, xmax, invT);
+                if (SMP_KEPT(f, k, r, q)) {
+                    c += q;
+                    if (c > target) { s_answer = i; break; }
+                }
+                if (use_p && k == kappa) ++r;
+            }
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int a = s_answer >= 0 ? s_answer : s_last;
+        out[row] = a >= 0 ? a : 0;
+    }
+#undef SMP_KEPT
+}
+
+// ---------------------------------------------------------------- fill_uniform
+// out[i] = lo + span * u(i, seed), u in [0, 1) from a 64-bit hash (splitmix64):
+// benchmark weights made on the device.
+extern "C" __global__ void fill_uniform(T* __restrict__ out, long long n, long long seed, float lo, float span) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        unsigned long long z = (unsigned long long)i + 0x9e3779b97f4a7c15ull * ((unsigned long long)seed + 1);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        const float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+        out[i] = from_f32<T>(lo + span * u);
+    }
+}
+
+// ---------------------------------------------------------------- read_sum
+// Bandwidth probe: sums n 16-byte words as 4 u32 lanes (the value is irrelevant; the
+// reads are what is timed). One atomic per block.
+extern "C" __global__ void read_sum(const uint4* __restrict__ p, long long n, unsigned int* __restrict__ out) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    unsigned int acc = 0;
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        const uint4 a = __ldg(p + i), b = __ldg(p + i + stride), c = __ldg(p + i + 2 * stride),
+                    d = __ldg(p + i + 3 * stride);
+        acc += a.x ^ b.y ^ c.z ^ d.w ^ a.w ^ b.x ^ c.y ^ d.z;
+    }
+    for (; i < n; i += stride) { const uint4 a = __ldg(p + i); acc += a.x ^ a.w; }
+    acc = __reduce_add_sync(0xffffffffu, acc);
+    if ((threadIdx.x & 31) == 0 && acc == 0x12345678u) atomicAdd(out, 1u);
+}

@@ -2,7 +2,9 @@
 
 Device type "dummy" (two devices): memory is host bytes, but the allocator says
 host_memory = False, so tensors behave as on a GPU: .numpy() copies, from_numpy
-is refused. One kernel, add for dummy/f32, counts its calls in CALLS.
+is refused, and device-to-device copies (Tensor.copy_) run the backend's cast
+kernel. Kernels: add for dummy/f32 (contiguous: dispatch hands it copies) and
+cast for every float dtype (writes strided outputs itself); CALLS records calls.
 Device type "dummyabsent" is registered unavailable, like CUDA on a machine
 without a GPU."""
 
@@ -46,6 +48,27 @@ def add(a, b, out):
     out.copy_(a.numpy().astype(np.float32) + b.numpy().astype(np.float32))
 
 
+def _write(t, values):
+    """Write host values into tensor t on the dummy device, strided views included
+    (read-modify-write of the byte span the view covers, as a device kernel would)."""
+    if t.numel == 0:
+        return
+    isz = t.dtype.itemsize
+    lo = sum(s * (n - 1) for s, n in zip(t.strides, t.shape) if s < 0)
+    hi = sum(s * (n - 1) for s, n in zip(t.strides, t.shape) if s > 0)
+    span = np.empty(hi - lo + 1, t.dtype.np)
+    t.buffer.allocator.copy_out(t.buffer, (t.offset + lo) * isz, span.view(np.uint8))
+    view = np.lib.stride_tricks.as_strided(span[-lo:], t.shape, tuple(s * isz for s in t.strides))
+    view[...] = np.asarray(values).astype(t.dtype.np)
+    t.buffer.allocator.copy_in(t.buffer, (t.offset + lo) * isz, span.view(np.uint8))
+
+
+def cast(x, out):
+    """out = x converted to out's dtype (round to nearest even, like NumPy / ml_dtypes)."""
+    CALLS.append(("cast", x.shape, str(x.device)))
+    _write(out, x.numpy())
+
+
 @hookimpl
 def register_devices(register):
     """Register the dummy device types."""
@@ -56,5 +79,7 @@ def register_devices(register):
 
 @hookimpl
 def register_kernels(register):
-    """Register add for dummy/f32 (contiguous: dispatch hands it contiguous copies)."""
+    """Register add for dummy/f32 (contiguous: dispatch hands it contiguous copies) and cast."""
     register("add", "dummy", "f32", add, contiguous=True)
+    for dt in ("f32", "f16", "bf16"):
+        register("cast", "dummy", dt, cast)

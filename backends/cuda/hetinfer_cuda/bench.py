@@ -1,0 +1,291 @@
+"""`python tools/bench.py --device cuda`: the CUDA decode/prefill benchmark.
+
+Random weights with real model shapes (made on the device by a hash fill kernel, so
+nothing the size of the weights ever exists on the host), f16, batch 1: a 32-token
+prompt then 256 new tokens through hetinfer's Generator (CUDA graphs unless --eager).
+One JSON line per case:
+
+  decode_tok_s          Generator.stats (the first decode step runs eagerly and the
+                        second is captured into a graph: both are inside this figure)
+  decode_tok_s_steady   the same run, from the 4th new token on (graph replays only)
+  weight_bytes, roofline_pct = decode_tok_s_steady x weight_bytes / read bandwidth
+  prefill_ms            one forward over a 512-token prompt (median of 3, synchronised)
+  peak_bytes            the allocator's peak during the case, against weights + KV cache
+
+The read bandwidth is measured in the same run (a 2 GiB read-only reduction kernel;
+also a device-to-device copy, counting bytes read plus written). With --anchor PATH the
+PyTorch anchor (../shared/bench/torch_anchor.py) runs afterwards in its own process on
+the same shapes, and a line per model gives the ratios ours / anchor.
+
+    python tools/bench.py --device cuda [--models a,b] [--prompt 32] [--new 256]
+                          [--prefill 512] [--eager] [--anchor .carry/torch_anchor.py]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+# dim, ffn, layers, heads, kv_heads, vocab, qkv_bias, tied_embeddings, rope_theta
+# (as torch_anchor.py SHAPES)
+SHAPES = {
+    "smollm2-135m":   (576, 1536, 30, 9, 3, 49152, False, True, 100000.0),
+    "qwen2.5-0.5b":   (896, 4864, 24, 14, 2, 151936, True, True, 1000000.0),
+    "tinyllama-1.1b": (2048, 5632, 22, 32, 4, 32000, False, False, 10000.0),
+    "llama3.2-1b":    (2048, 8192, 16, 32, 8, 128256, False, True, 500000.0),
+    "llama2-7b":      (4096, 11008, 32, 32, 32, 32000, False, False, 10000.0),
+}
+DEFAULT_MODELS = "smollm2-135m,qwen2.5-0.5b,tinyllama-1.1b,llama3.2-1b,llama2-7b"
+
+
+class _NoTokenizer:
+    eos_ids: list = []
+    bos_id = None
+
+
+def shape_config(name: str, max_position: int = 4096):
+    from hetinfer.config import ModelConfig
+    dim, ffn, layers, heads, kv, vocab, bias, tied, theta = SHAPES[name]
+    return ModelConfig(architecture="Qwen2ForCausalLM" if bias else "LlamaForCausalLM",
+                       vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, head_dim=dim // heads,
+                       rope_theta=theta, max_position_embeddings=max_position, tie_word_embeddings=tied,
+                       attention_bias=bias, rms_norm_eps=1e-5)
+
+
+def random_model(config, dtype="f16", device="cuda", max_context: int = 1024, seed: int = 0):
+    """A Llama/Qwen2 model of config's shapes with hashed uniform weights made on the device:
+    linear weights in +-sqrt(3/K) (unit variance through each product), embeddings in
+    +-1, norm weights 1."""
+    import hetinfer as hi
+    from hetinfer_models.llama import Layer, LlamaForCausalLM, Qwen2ForCausalLM
+    from .kernels import fill_uniform
+    c = config
+    seeds = iter(range(seed * 100003, seed * 100003 + 100000))
+
+    def rnd(shape, a):
+        t = hi.empty(shape, dtype, device)
+        fill_uniform(t, -a, a, next(seeds))
+        return t
+
+    def ones(n):
+        t = hi.empty((n,), dtype, device)
+        fill_uniform(t, 1.0, 1.0, 0)
+        return t
+
+    D, F, Dh = c.hidden_size, c.intermediate_size, c.head_dim
+    nq, nkv = c.num_attention_heads * Dh, c.num_key_value_heads * Dh
+    lin = lambda n, k: rnd((n, k), (3.0 / k) ** 0.5)   # noqa: E731
+    layers = []
+    for _ in range(c.num_hidden_layers):
+        layers.append(Layer(attn_norm=ones(D), wqkv=lin(nq + 2 * nkv, D),
+                            bqkv=rnd((nq + 2 * nkv,), 0.1) if c.attention_bias else None,
+                            wo=lin(D, nq), mlp_norm=ones(D), w_gate_up=lin(2 * F, D), w_down=lin(D, F),
+                            qkv_rows=(nq, nkv, nkv), f=F))
+    embed = rnd((c.vocab_size, D), 1.0)
+    lm_head = embed if c.tie_word_embeddings else lin(c.vocab_size, D)
+    cls = Qwen2ForCausalLM if c.attention_bias else LlamaForCausalLM
+    return cls(c, layers, embed, ones(D), lm_head, device, dtype, max_context)
+
+
+# ---------------------------------------------------------------- timing helpers
+class _Events:
+    def __init__(self, dev):
+        from . import driver as D
+        self.D, self.dev = D, dev
+        drv = D._drv()
+        self.a = D.check(drv.cuEventCreate(0), "cuEventCreate")
+        self.b = D.check(drv.cuEventCreate(0), "cuEventCreate")
+
+    def start(self):
+        self.D.check(self.D._drv().cuEventRecord(self.a, self.dev.stream), "cuEventRecord")
+
+    def stop_ms(self) -> float:
+        drv = self.D._drv()
+        self.D.check(drv.cuEventRecord(self.b, self.dev.stream), "cuEventRecord")
+        self.D.check(drv.cuEventSynchronize(self.b), "cuEventSynchronize")
+        return float(self.D.check(drv.cuEventElapsedTime(self.a, self.b), "cuEventElapsedTime"))
+
+
+def bandwidth(device="cuda") -> dict:
+    """Read bandwidth (a read-only reduction over 2 GiB, 16-byte loads) and device copy
+    bandwidth (1 GiB -> 1 GiB, bytes read + written), medians of 10 in GB/s."""
+    import hetinfer as hi
+    from . import driver as D
+    from .kernels import _dev, _grid_1d, _launch, _p, fill_uniform
+    from .driver import Arg
+    buf = hi.empty((1 << 30,), "f16", device)               # 2 GiB
+    fill_uniform(buf, -1.0, 1.0, 7)
+    sink = hi.empty((1,), "i32", device)
+    dev = _dev(buf)
+    ev = _Events(dev)
+    n16 = buf.nbytes // 16
+
+    def read():
+        _launch(dev, "f32", "read_sum", (dev.sm_count * 8,), (512,),
+                [Arg.ptr(_p(buf)), Arg.i64(n16), Arg.ptr(_p(sink))])
+    times = []
+    for i in range(13):
+        ev.start()
+        read()
+        ms = ev.stop_ms()
+        if i >= 3:
+            times.append(ms)
+    read_gbs = buf.nbytes / (np.median(times) / 1e3) / 1e9
+    half = buf.nbytes // 2
+    drv = D._drv()
+    ctimes = []
+    for i in range(13):
+        ev.start()
+        D.check(drv.cuMemcpyDtoDAsync(_p(buf) + half, _p(buf), half, dev.stream), "cuMemcpyDtoDAsync")
+        ms = ev.stop_ms()
+        if i >= 3:
+            ctimes.append(ms)
+    copy_gbs = 2 * half / (np.median(ctimes) / 1e3) / 1e9
+    del buf, sink
+    return {"case": "bandwidth", "read_GB_s": round(read_gbs, 1), "copy_rw_GB_s": round(copy_gbs, 1),
+            "read_bytes": 1 << 31, "device": dev.name}
+
+
+def _free_all(device="cuda"):
+    from hetinfer.device import get_allocator
+    gc.collect()
+    alloc = get_allocator(device)
+    alloc.synchronize()
+    alloc.empty_cache()
+    alloc.reset_peak()
+    return alloc
+
+
+def bench_case(name: str, args, read_gbs: float, device="cuda") -> dict:
+    import hetinfer as hi
+    from hetinfer.engine import Generator
+    alloc = _free_all(device)
+    before = alloc.stats()["allocated"]
+    max_ctx = max(args.prompt + args.new + 8, args.prefill + 8)
+    cfg = shape_config(name, max_position=max(4096, max_ctx))
+    t0 = time.perf_counter()
+    model = random_model(cfg, args.dtype, device, max_context=max_ctx)
+    alloc.synchronize()
+    build_s = time.perf_counter() - t0
+    gen = Generator(model, _NoTokenizer(), max_ctx, graphs=not args.eager)
+    rng = np.random.default_rng(0)
+    ids = [int(i) for i in rng.integers(0, cfg.vocab_size, args.prompt)]
+    list(gen.generate(ids[:8], max_new_tokens=8, stop_ids=[]))                 # warm-up
+    runs = []
+    for _ in range(args.repeat):
+        stamps = []
+        for _tok in gen.generate(ids, max_new_tokens=args.new + 1, stop_ids=[]):
+            stamps.append(time.perf_counter())
+        st = gen.stats
+        steady = (len(stamps) - 4) / (stamps[-1] - stamps[3]) if len(stamps) > 8 else 0.0
+        runs.append((st.decode_tok_s, steady, st.prefill_s))
+    decode = float(np.median([r[0] for r in runs]))
+    steady = float(np.median([r[1] for r in runs]))
+    # prefill of a longer prompt: one forward, synchronised
+    p_ids = hi.tensor(rng.integers(0, cfg.vocab_size, args.prefill).astype(np.int32), "i32", device)
+    p_pos = hi.tensor(np.arange(args.prefill, dtype=np.int32), "i32", device)
+    pt = []
+    for _ in range(4):
+        alloc.synchronize()
+        t = time.perf_counter()
+        model.forward(p_ids, p_pos, gen.cache)
+        alloc.synchronize()
+        pt.append(time.perf_counter() - t)
+    prefill_ms = float(np.median(pt[1:])) * 1e3
+    st = alloc.stats()
+    wb, kvb = model.weight_bytes, gen.cache.nbytes
+    peak = st["peak"] - before
+    res = {"case": name, "engine": "hetinfer-cuda" + ("-eager" if args.eager else "-graphs"),
+           "dtype": args.dtype, "prompt": args.prompt, "new": args.new,
+           "decode_tok_s": round(decode, 1), "decode_tok_s_steady": round(steady, 1),
+           "weight_bytes": wb, "roofline_pct": round(100 * steady * wb / (read_gbs * 1e9), 1),
+           "roofline_pct_generator": round(100 * decode * wb / (read_gbs * 1e9), 1),
+           "us_per_token": round(1e6 / steady, 1) if steady else None,
+           "prefill_ms": round(prefill_ms, 2), "prefill_tokens": args.prefill,
+           "peak_bytes": peak, "kv_cache_bytes": kvb,
+           "peak_over_weights_kv_MiB": round((peak - wb - kvb) / 2**20, 1), "build_s": round(build_s, 2)}
+    del gen, model, p_ids, p_pos
+    _free_all(device)
+    return res
+
+
+def run_anchor(path: str, models: list[str], prompt: int, new: int, timeout: int) -> list[dict]:
+    cmd = [sys.executable, path, "--models", ",".join(models), "--prompt", str(prompt), "--new", str(new)]
+    got = []
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        t_end = time.time() + timeout
+        for line in proc.stdout:
+            line = line.strip()
+            if line.startswith("{"):
+                print(json.dumps({"anchor": json.loads(line)}), flush=True)
+                got.append(json.loads(line))
+            if time.time() > t_end:
+                proc.kill()
+                print(json.dumps({"anchor_error": f"timed out after {timeout} s"}), flush=True)
+                break
+        proc.wait(timeout=30)
+        if proc.returncode not in (0, None, -9):
+            err = proc.stderr.read()[-1500:]
+            print(json.dumps({"anchor_error": f"exit {proc.returncode}", "stderr": err}), flush=True)
+    except Exception as e:      # noqa: BLE001 - report and go on
+        print(json.dumps({"anchor_error": repr(e)[:300]}), flush=True)
+    return got
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="f16")
+    p.add_argument("--models", default=DEFAULT_MODELS)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--anchor", default=None, help="path of torch_anchor.py, run after our cases")
+    p.add_argument("--anchor-timeout", type=int, default=420)
+    # options of the CPU bench that may be passed through
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompt-len", type=int, default=None)
+    args = p.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bw = bandwidth(args.device)
+    print(json.dumps(bw), flush=True)
+    _free_all(args.device)
+    ours = {}
+    for name in models:
+        try:
+            r = bench_case(name, args, bw["read_GB_s"], args.device)
+        except Exception as e:      # noqa: BLE001 - report and go on with the next case
+            r = {"case": name, "error": f"{type(e).__name__}: {e}"[:500]}
+            _free_all(args.device)
+        ours[name] = r
+        print(json.dumps(r), flush=True)
+    if args.anchor:
+        _free_all(args.device)
+        anchor = {a["model"]: a for a in run_anchor(args.anchor, models, args.prompt, args.new,
+                                                    args.anchor_timeout) if "decode_tok_s" in a}
+        for name in models:
+            o, a = ours.get(name, {}), anchor.get(name)
+            if not a or "decode_tok_s" not in o:
+                continue
+            print(json.dumps({"case": "ratio", "model": name,
+                              "decode_ours_over_anchor": round(o["decode_tok_s"] / a["decode_tok_s"], 2),
+                              "decode_steady_ours_over_anchor": round(o["decode_tok_s_steady"] / a["decode_tok_s"], 2),
+                              "prefill_ms_ours": o["prefill_ms"],
+                              "prefill_ms_anchor_prompt32": a["prefill_ms"],
+                              "ours_tok_s": o["decode_tok_s"], "anchor_tok_s": a["decode_tok_s"],
+                              "roofline_pct": o["roofline_pct"]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
