@@ -132,3 +132,24 @@ def test_terminal_chat_remembers_the_first_turn():
         c.expect(pexpect.EOF)
     finally:
         c.close(force=True)
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_session():
+    pexpect = pytest.importorskip("pexpect")
+    smollm2_path()
+    c = pexpect.spawn(sys.executable, ["-m", "hetinfer", "chat", "--temperature", "0", "-n", "400"],
+                      encoding="utf-8", timeout=240)
+    try:
+        c.expect("> ")
+        c.sendline("Write a long story about a dragon who learns to bake bread.")
+        c.expect(r"\w+\s+\w+\s+\w+")            # the answer has started streaming
+        c.sendintr()
+        c.expect(r"\[stopped\]")
+        c.expect("> ")                          # the session goes on
+        c.sendline("What is the capital of France?")
+        c.expect("> ")
+        assert "paris" in c.before.lower()
+        c.sendline("/exit")
+        c.expect(pexpect.EOF)
+    finally:
+        c.close(force=True)

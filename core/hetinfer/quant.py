@@ -136,22 +136,20 @@ def quantized_names(ckpt) -> frozenset:
 
 def native_int8(ckpt):
     """(group, scale dtype) when every quantizable tensor of ckpt is already stored as int8
-    groups of one size (GGUF all-Q8_0, llama2.c version 2), else None."""
-    groups, sdts = set(), set()
+    groups of one size (GGUF all-Q8_0: 32, f16; llama2.c version 2: its group, f32), else None.
+    Decided from the stored types, without reading the tensors."""
+    kinds = set()
     for name in ckpt.names():
         if not is_quantizable(name):
             continue
-        try:
-            q, s = ckpt.raw(name)
-        except LoadError:
+        st = str(ckpt.stored_dtype(name))
+        if st == "Q8_0":
+            kinds.add((32, np.dtype(np.float16)))
+        elif st.startswith("Q8(group ") and st.endswith(")") and st[9:-1].isdigit():
+            kinds.add((int(st[9:-1]), np.dtype(np.float32)))
+        else:
             return None
-        if s.ndim != 2 or q.shape[1] % s.shape[1]:
-            return None
-        groups.add(q.shape[1] // s.shape[1])
-        sdts.add(np.dtype(s.dtype))
-    if len(groups) != 1:
-        return None
-    return groups.pop(), (sdts.pop() if len(sdts) == 1 else np.dtype(np.float32))
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _source_int8(ckpt, name, group, sdt):

@@ -3,7 +3,8 @@
 Decode (M <= SMALL_M rows of x) runs a small C kernel: each weight row is read once as int8,
 widened to float in registers (AVX2 when the compiler targets it, plain C otherwise), multiplied
 by x with f32 accumulation per group, scaled once per group; rows are split over cores with
-OpenMP. Prefill (more rows) dequantizes tiles of weight rows into one reused f32 buffer (C,
+OpenMP when a product is large (>= 4 M multiply-adds; smaller ones run on one core, which
+measured faster than two on a 2-core machine). Prefill (more rows) dequantizes tiles of weight rows into one reused f32 buffer (C,
 parallel) and multiplies them with BLAS. Never a float copy of a whole weight, let alone the model.
 
 The C source below is compiled at first use with the system C compiler (``$CC`` or ``cc``,
@@ -38,6 +39,8 @@ C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#define PAR_MIN ((int64_t)1 << 22)
+
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -109,65 +112,15 @@ static float dot_row(const float *x, const int8_t *w, int64_t K, int64_t G, cons
     return tot;
 }
 
-#ifdef __AVX2__
-static inline __m256 cvt8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-static inline float hsum(__m256 v) {
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_shuffle_ps(r, r, 0x55));
-    return _mm_cvtss_f32(r);
-}
-
-/* two weight rows against one x: x loaded once, eight independent FMA chains (G % 32 == 0) */
-static void dot_2rows(const float *x, const int8_t *w0, const int8_t *w1, int64_t K, int64_t G,
-                      const void *sc, int kind, int64_t s0, int64_t s1, float *r0, float *r1) {
-    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
-    for (int64_t g = 0; g < K / G; g++) {
-        const int8_t *p0 = w0 + g * G, *p1 = w1 + g * G;
-        const float *xp = x + g * G;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
-        for (int64_t j = 0; j < G; j += 32) {
-            __m256 x0 = _mm256_loadu_ps(xp + j), x1 = _mm256_loadu_ps(xp + j + 8);
-            __m256 x2 = _mm256_loadu_ps(xp + j + 16), x3 = _mm256_loadu_ps(xp + j + 24);
-            a0 = _mm256_fmadd_ps(cvt8(p0 + j), x0, a0);
-            b0 = _mm256_fmadd_ps(cvt8(p1 + j), x0, b0);
-            a1 = _mm256_fmadd_ps(cvt8(p0 + j + 8), x1, a1);
-            b1 = _mm256_fmadd_ps(cvt8(p1 + j + 8), x1, b1);
-            a2 = _mm256_fmadd_ps(cvt8(p0 + j + 16), x2, a2);
-            b2 = _mm256_fmadd_ps(cvt8(p1 + j + 16), x2, b2);
-            a3 = _mm256_fmadd_ps(cvt8(p0 + j + 24), x3, a3);
-            b3 = _mm256_fmadd_ps(cvt8(p1 + j + 24), x3, b3);
-        }
-        __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-        __m256 b = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
-        t0 = _mm256_fmadd_ps(a, _mm256_set1_ps(scale_at(sc, kind, s0 + g)), t0);
-        t1 = _mm256_fmadd_ps(b, _mm256_set1_ps(scale_at(sc, kind, s1 + g)), t1);
-    }
-    *r0 = hsum(t0);
-    *r1 = hsum(t1);
-}
-#endif
-
 /* out (M, N) = x (M, K) @ (q (N, K) * scales (N, K/G))^T; all contiguous, out f32 */
 void hi_i8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t N,
                 const void *sc, int kind, int64_t G, float *out) {
-    int64_t ng = K / G, pairs = 0;
-#ifdef __AVX2__
-    if (G % 32 == 0) {
-        pairs = N / 2;
-        #pragma omp parallel for schedule(dynamic, 16) if (N * K >= 65536)
-        for (int64_t p = 0; p < pairs; p++)
-            for (int64_t m = 0; m < M; m++)
-                dot_2rows(x + m * K, w + 2 * p * K, w + (2 * p + 1) * K, K, G, sc, kind, 2 * p * ng,
-                          (2 * p + 1) * ng, out + m * N + 2 * p, out + m * N + 2 * p + 1);
-    }
-#endif
-    #pragma omp parallel for schedule(dynamic, 32) if ((N - 2 * pairs) * K >= 65536)
-    for (int64_t n = 2 * pairs; n < N; n++)
+    int64_t ng = K / G;
+    /* threads only for products large enough to amortise waking them: a SmolLM2-size product
+       (<= 2 M weights, ~0.1 ms on one core) ran slower on two cores than on one, as the OpenMP
+       worker's wake-up and the BLAS threads of the other ops compete for the cores */
+    #pragma omp parallel for schedule(dynamic, 32) if (M * N * K >= PAR_MIN)
+    for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
             out[m * N + n] = dot_row(x + m * K, w + n * K, K, G, sc, kind, n * ng);
 }

@@ -199,6 +199,10 @@ def bench_case(name: str, args, read_gbs: float, device="cuda") -> dict:
         alloc.synchronize()
         pt.append(time.perf_counter() - t)
     prefill_ms = float(np.median(pt[1:])) * 1e3
+    try:
+        bd = decode_breakdown(model, gen.cache, args.prompt + args.new // 2, device)
+    except Exception as e:      # noqa: BLE001 - the breakdown is a diagnostic
+        bd = {"error": f"{type(e).__name__}: {e}"[:300]}
     st = alloc.stats()
     wb, kvb = model.weight_bytes, gen.cache.nbytes
     peak = st["peak"] - before
@@ -210,10 +214,76 @@ def bench_case(name: str, args, read_gbs: float, device="cuda") -> dict:
            "us_per_token": round(1e6 / steady, 1) if steady else None,
            "prefill_ms": round(prefill_ms, 2), "prefill_tokens": args.prefill,
            "peak_bytes": peak, "kv_cache_bytes": kvb,
-           "peak_over_weights_kv_MiB": round((peak - wb - kvb) / 2**20, 1), "build_s": round(build_s, 2)}
+           "peak_over_weights_kv_MiB": round((peak - wb - kvb) / 2**20, 1), "build_s": round(build_s, 2),
+           "step_gpu_us": bd.get("step_gpu_us"),
+           "host_us_per_token": round(1e6 / steady - bd["step_gpu_us"], 1) if steady and "step_gpu_us" in bd else None}
+    print(json.dumps({"case": "breakdown", "model": name, **bd}), flush=True)
     del gen, model, p_ids, p_pos
     _free_all(device)
     return res
+
+
+def _graph_us(alloc, ev, fn, reps: int = 20, iters: int = 10) -> float:
+    """GPU microseconds per call of fn: reps calls captured in one graph, replayed iters times."""
+    replay = alloc.capture(lambda: [fn() for _ in range(reps)])
+    replay()
+    ev.start()
+    for _ in range(iters):
+        replay()
+    return ev.stop_ms() * 1e3 / (iters * reps)
+
+
+def decode_breakdown(model, cache, position: int, device="cuda") -> dict:
+    """GPU time of the decode step (one captured forward + argmax, replayed) and of each
+    op of it with the model's shapes (layer 0; each op captured 20 times in a graph), so
+    the sum over ops x layers shows where a token's time goes."""
+    import hetinfer as hi
+    from hetinfer import ops
+    from hetinfer.device import get_allocator
+    from .kernels import _dev
+    alloc = get_allocator(device)
+    c = model.config
+    ids = hi.tensor(np.array([5], np.int32), "i32", device)
+    pos = hi.tensor(np.array([position], np.int32), "i32", device)
+    tok = hi.empty((1,), "i32", device)
+    logits = model.forward(ids, pos, cache)          # eager once: workspace, kernels loaded
+    ops.argmax(logits, out=tok)
+    ev = _Events(_dev(logits))
+    step_us = _graph_us(alloc, ev, lambda: ops.argmax(model.forward(ids, pos, cache), out=tok), reps=5, iters=20)
+    ws = model._workspace(1)
+    x, h, L = ws["x"], ws["h"], model.layers[0]
+    kc, vc = cache.k[0], cache.v[0]
+    per_layer = {
+        "rms_norm": lambda: ops.rms_norm(x, L.attn_norm, c.rms_norm_eps, out=h),
+        "matmul_qkv": lambda: ops.matmul(h, L.wqkv, L.bqkv, None, out=ws["qkv"]),
+        "rope_q": lambda: ops.rope(ws["q"], pos, model.cos, model.sin, c.rope_style, out=ws["q"]),
+        "rope_k": lambda: ops.rope(ws["k"], pos, model.cos, model.sin, c.rope_style, out=ws["k"]),
+        "kv_cache_write": lambda: ops.kv_cache_write(ws["k"], ws["v"], kc, vc, pos),
+        "attention": lambda: ops.attention(ws["q"], kc, vc, pos, out=ws["attn"]),
+        "matmul_o": lambda: ops.matmul(ws["attn_flat"], L.wo, out=ws["proj"]),
+        "add": lambda: ops.add(x, ws["proj"], out=x),
+        "rms_norm_2": lambda: ops.rms_norm(x, L.mlp_norm, c.rms_norm_eps, out=h),
+        "matmul_gate_up": lambda: ops.matmul(h, L.w_gate_up, out=ws["gate_up_flat"]),
+        "swiglu": lambda: ops.swiglu(ws["gate"], ws["up"], out=ws["act"]),
+        "matmul_down": lambda: ops.matmul(ws["act"], L.w_down, out=ws["proj"]),
+        "add_2": lambda: ops.add(x, ws["proj"], out=x),
+    }
+    head = {
+        "embedding": lambda: ops.embedding(ids, model.embed, out=x),
+        "rms_norm_final": lambda: ops.rms_norm(ws["x_last"], model.norm, c.rms_norm_eps, out=ws["last"]),
+        "matmul_lm_head": lambda: ops.matmul(ws["last"], model.lm_head, out=ws["logits"]),
+        "argmax": lambda: ops.argmax(ws["logits"], out=tok),
+    }
+    us = {k: round(_graph_us(alloc, ev, f), 2) for k, f in per_layer.items()}
+    us_head = {k: round(_graph_us(alloc, ev, f), 2) for k, f in head.items()}
+    total = sum(us.values()) * c.num_hidden_layers + sum(us_head.values())
+    wbytes = {"matmul_qkv": L.wqkv.nbytes, "matmul_o": L.wo.nbytes, "matmul_gate_up": L.w_gate_up.nbytes,
+              "matmul_down": L.w_down.nbytes}
+    gbs = {k: round(b / (us[k] * 1e-6) / 1e9) for k, b in wbytes.items()}
+    gbs["matmul_lm_head"] = round(model.lm_head.nbytes / (us_head["matmul_lm_head"] * 1e-6) / 1e9)
+    return {"step_gpu_us": round(step_us, 1), "ops_sum_us": round(total, 1),
+            "kernels_per_step": 13 * c.num_hidden_layers + 4, "per_layer_us": us, "head_us": us_head,
+            "matmul_GB_s": gbs, "position": position}
 
 
 def run_anchor(path: str, models: list[str], prompt: int, new: int, timeout: int) -> list[dict]:

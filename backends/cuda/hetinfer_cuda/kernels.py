@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 from hetinfer import dtypes as DT
 from hetinfer.errors import ShapeError
@@ -28,6 +29,7 @@ GEMV_MAX_M = 8          # rows of x up to which matmul uses the GEMV kernel
 ATT_MAXD = 256          # head dim limit of the attention kernel
 _GEMV_WARPS = 4
 _ATT_THREADS = 256
+_SPLIT_ATT = os.environ.get("HETINFER_CUDA_SPLIT_ATTENTION", "0") == "1"   # opt-in: slower yet (see BENCHMARKS.md)
 
 
 # ---------------------------------------------------------------- helpers
@@ -269,6 +271,18 @@ def attention(q, k_cache, v_cache, positions, scale, out):
     if Dh > ATT_MAXD:
         raise ShapeError(f"attention on cuda: head dim {Dh} > {ATT_MAXD} is not supported yet")
     o = _target(out, key)
+    if ntok == 1 and _SPLIT_ATT and Hkv <= 1024:
+        # decode: split along the sequence, one block per (kv head, split), merged by the last
+        nsplit = max(1, min(ATT_SPLIT_MAX, -(-2 * dev.sm_count // Hkv), S))
+        if Hq * nsplit * (Dh + 2) <= ATT_PART_FLOATS:
+            _, _, _, att_count, att_part = _get_scratch(q)
+            _launch(dev, key, "attention_decode_split", (Hkv, nsplit), (128,),
+                    [Arg.ptr(_p(q)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)), Arg.ptr(_p(positions)),
+                     Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(o)),
+                     Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(S), Arg.f32(scale),
+                     Arg.i32(nsplit), Arg.ptr(att_part), Arg.ptr(att_count)])
+            _finish(o, out)
+            return
     _launch(dev, key, "attention", (Hq, ntok), (_ATT_THREADS,),
             [Arg.ptr(_p(q)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)), Arg.ptr(_p(positions)),
              Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(o)),
@@ -289,11 +303,42 @@ def kv_cache_write(k, v, k_cache, v_cache, positions):
              Arg.i32(ntok), Arg.i32(rowlen), Arg.i32(S)])
 
 
+# ---------------------------------------------------------------- scratch
+# One zeroed device buffer per GPU for the split kernels (argmax over long rows, split
+# decode attention): partial results and self-resetting counters. Made on first use,
+# which is an eager step (a captured step allocates nothing); counted in the stats.
+SPLIT_ROWS = 64                      # argmax_split: rows per call at most
+ATT_SPLIT_MAX = 64                   # decode attention: splits along the sequence at most
+ATT_PART_FLOATS = 128 * ATT_SPLIT_MAX * (ATT_MAXD + 2)
+_scratch: dict[int, tuple] = {}
+
+
+def _get_scratch(t: Tensor):
+    sc = _scratch.get(t.device.index)
+    if sc is None:
+        nbytes = SPLIT_ROWS * 8 + SPLIT_ROWS * 4 + 1024 * 4 + ATT_PART_FLOATS * 4
+        buf = t.buffer.allocator.alloc(nbytes)
+        dev = _dev(t)
+        D.check(D._drv().cuMemsetD8Async(int(buf.handle), 0, nbytes, dev.stream), "cuMemsetD8Async")
+        base = int(buf.handle)
+        best, count = base, base + SPLIT_ROWS * 8
+        att_count = count + SPLIT_ROWS * 4
+        att_part = att_count + 1024 * 4
+        sc = _scratch[t.device.index] = (buf, best, count, att_count, att_part)
+    return sc
+
+
 def argmax(x, out):
     key = x.dtype.name
     dev = _dev(x)
     N = x.shape[-1]
     rows = x.numel // N if N else 0
+    if 0 < rows <= SPLIT_ROWS and N >= 8192:
+        _, best, count, _, _ = _get_scratch(x)
+        nb = min((N + 2047) // 2048, 2 * dev.sm_count)
+        _launch(dev, key, "argmax_split", (nb, rows), (256,),
+                [Arg.ptr(_p(x)), Arg.ptr(_p(out)), Arg.i32(N), Arg.ptr(best), Arg.ptr(count)])
+        return
     _launch(dev, key, "argmax", (rows,), (_row_threads(N, 512),),
             [Arg.ptr(_p(x)), Arg.ptr(_p(out)), Arg.i32(N)])
 

@@ -47,7 +47,8 @@ shim() {  # dist name, import dir, entry-point lines: an importlib.metadata dist
 }
 for spec in "hetinfer|.|core|[pytest11]|hetinfer = hetinfer.testing.plugin" \
             "hetinfer-cpu|backends/cpu|backends/cpu|[hetinfer]|cpu = hetinfer_cpu" \
-            "hetinfer-cuda|backends/cuda|backends/cuda|[hetinfer]|cuda = hetinfer_cuda"; do
+            "hetinfer-cuda|backends/cuda|backends/cuda|[hetinfer]|cuda = hetinfer_cuda" \
+            "hetinfer-models|models|models|[hetinfer]|models = hetinfer_models"; do
   IFS='|' read -r name path dir sect ep <<< "$spec"
   if $PY -m pip install -q --no-deps --no-build-isolation -e "$path" > "$OUT/pip-$name.log" 2>&1; then
     echo "install: $name editable ok"
@@ -118,11 +119,11 @@ if has generate && [ -f "$GGUF" ]; then
   for dt in f16 bf16 f32; do
     echo "--- generate --dtype $dt ---"
     timeout -s ABRT 120 $PY -m hetinfer generate --device cuda --dtype $dt --model "$GGUF" -n 64 \
-      "Once upon a time" 2>&1 | grep -v "loading" | tail -6 | tee -a "$OUT/generate.log"
+      "Once upon a time" 2>&1 | tr '\r' '\n' | grep -vE "loading|checking|^\s*$" | tail -4 | tee -a "$OUT/generate.log"
   done
   echo "--- generate --eager f16 ---"
   timeout -s ABRT 120 $PY -m hetinfer generate --device cuda --dtype f16 --eager --model "$GGUF" -n 64 \
-    "Once upon a time" 2>&1 | tail -2 | tee -a "$OUT/generate.log"
+    "Once upon a time" 2>&1 | tr '\r' '\n' | grep -vE "loading|checking|^\s*$" | tail -3 | tee -a "$OUT/generate.log"
 fi
 if has bench; then
   A=""; [ -f .carry/torch_anchor.py ] && A="--anchor .carry/torch_anchor.py"

@@ -687,3 +687,135 @@ extern "C" __global__ void read_sum(const uint4* __restrict__ p, long long n, un
     acc = __reduce_add_sync(0xffffffffu, acc);
     if ((threadIdx.x & 31) == 0 && acc == 0x12345678u) atomicAdd(out, 1u);
 }
+
+// ---------------------------------------------------------------- argmax_split
+// argmax for long rows (vocabularies): grid (blocks per row, rows). Each block reduces
+// its share to one 64-bit key (order-preserving value bits << 32 | ~index: the larger
+// value wins, then the smaller index; NaN counts as the largest, as numpy), atomicMax
+// into best[row]; the last block of the row (counter) writes the index and resets
+// best[row] and count[row] to 0 for the next call (scratch zeroed once at allocation).
+__device__ __forceinline__ u64 argmax_key(float v, int i) {
+    const u32 k = (v != v) ? 0xffffffffu : order_key(v);
+    return ((u64)k << 32) | (u64)(0xffffffffu - (u32)i);
+}
+__device__ __forceinline__ u64 umax64(u64 a, u64 b) { return a > b ? a : b; }
+
+extern "C" __global__ void argmax_split(const T* __restrict__ x, int* __restrict__ out, int N,
+                                        u64* best, u32* count) {
+    const int row = blockIdx.y, nb = gridDim.x;
+    const T* xr = x + (size_t)row * N;
+    u64 k = 0;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < N; i += nb * blockDim.x)
+        k = umax64(k, argmax_key(to_f32(xr[i]), i));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) k = umax64(k, __shfl_xor_sync(0xffffffffu, k, o));
+    __shared__ u64 sk[32];
+    __shared__ bool last;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) sk[w] = k;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int i = 1; i < nw; ++i) k = umax64(k, sk[i]);
+        atomicMax(&best[row], k);
+        __threadfence();
+        last = atomicAdd(&count[row], 1u) == (u32)(nb - 1);
+        if (last) {
+            __threadfence();
+            const u64 b = atomicExch(&best[row], 0ull);
+            count[row] = 0;
+            out[row] = (int)(0xffffffffu - (u32)(b & 0xffffffffull));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- attention_decode_split
+// Decode attention (one query token), split along the sequence (flash-decoding) and
+// grouped by kv head: grid (Hkv, nsplit), 4 warps. Block (h, s) reads its slice of
+// keys/values of kv head h (rows s*C .. s*C+C-1 of 0..L-1, C = ceil(L / nsplit), L from
+// the position on the device) for all G = Hq/Hkv query heads of the group (a warp per
+// query head, online softmax), writes partial (max, sum, acc[D]) in f32 to part; the
+// last block of kv head h (counter, reset after) merges the nsplit partials.
+#define ADS_WARPS 4
+extern "C" __global__ void __launch_bounds__(ADS_WARPS * 32)
+attention_decode_split(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+                       const void* __restrict__ pos, int pos64, T* __restrict__ out,
+                       int Hq, int Hkv, int D, int S, float scale, int nsplit,
+                       float* part, u32* count) {
+    const int h = blockIdx.x, s = blockIdx.y;
+    const int G = Hq / Hkv;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const i64 p = load_index(pos, pos64, 0);
+    const int L = p < 0 ? 0 : (int)(p >= S ? S : p + 1);
+    const int C = (L + nsplit - 1) / nsplit;
+    const int j0 = min(L, s * C), j1 = min(L, j0 + C);
+    const size_t kstride = (size_t)Hkv * D;
+    const int PD = D + 2;
+    for (int g = w; g < G; g += ADS_WARPS) {
+        const int hq = h * G + g;
+        float qr[ATT_MAXD / 32], acc[ATT_MAXD / 32];
+        const T* qp = q + (size_t)hq * D;
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD / 32; ++i) {
+            const int d = lane + 32 * i;
+            qr[i] = d < D ? to_f32(qp[d]) * scale : 0.f;
+            acc[i] = 0.f;
+        }
+        float m = -HI_INF, l = 0.f;
+        for (int j = j0; j < j1; ++j) {
+            const T* kp = kc + (size_t)j * kstride + (size_t)h * D;
+            const T* vp = vc + (size_t)j * kstride + (size_t)h * D;
+            float sc = 0.f;
+#pragma unroll
+            for (int i = 0; i < ATT_MAXD / 32; ++i) {
+                const int d = lane + 32 * i;
+                if (d < D) sc += qr[i] * to_f32(kp[d]);
+            }
+            sc = warp_sum(sc);
+            const float mn = fmaxf(m, sc);
+            const float corr = expf(m - mn);
+            const float e = expf(sc - mn);
+            l = l * corr + e;
+#pragma unroll
+            for (int i = 0; i < ATT_MAXD / 32; ++i) {
+                const int d = lane + 32 * i;
+                if (d < D) acc[i] = acc[i] * corr + e * to_f32(vp[d]);
+            }
+            m = mn;
+        }
+        float* pp = part + ((size_t)hq * nsplit + s) * PD;
+        if (lane == 0) { pp[0] = m; pp[1] = l; }
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD / 32; ++i) {
+            const int d = lane + 32 * i;
+            if (d < D) pp[2 + d] = acc[i];
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ bool last;
+    if (threadIdx.x == 0) last = atomicAdd(&count[h], 1u) == (u32)(nsplit - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int g = 0; g < G; ++g) {
+        const int hq = h * G + g;
+        const float* base = part + (size_t)hq * nsplit * PD;
+        float M = -HI_INF;
+        for (int sp = 0; sp < nsplit; ++sp) M = fmaxf(M, __ldcg(base + (size_t)sp * PD));
+        float Ls = 0.f;
+        for (int sp = 0; sp < nsplit; ++sp) {
+            const float mm = __ldcg(base + (size_t)sp * PD);
+            if (mm != -HI_INF) Ls += __ldcg(base + (size_t)sp * PD + 1) * expf(mm - M);
+        }
+        const float inv = L > 0 ? 1.f / Ls : HI_NAN;
+        for (int d = threadIdx.x; d < D; d += blockDim.x) {
+            float o = 0.f;
+            for (int sp = 0; sp < nsplit; ++sp) {
+                const float mm = __ldcg(base + (size_t)sp * PD);
+                if (mm != -HI_INF) o += __ldcg(base + (size_t)sp * PD + 2 + d) * expf(mm - M);
+            }
+            out[(size_t)hq * D + d] = from_f32<T>(o * inv);
+        }
+    }
+    if (threadIdx.x == 0) count[h] = 0;
+}
