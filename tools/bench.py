@@ -129,9 +129,6 @@ def main():
     if args.case:
         print(json.dumps(CASES[args.case](args)))
         return
-    if args.device != "cpu":
-        from hetinfer_cuda.bench import main as cuda_main   # the CUDA suite and the torch anchor
-        return cuda_main(sys.argv[1:])
     results = {}
     runs = [("bandwidth", []), ("hetinfer", [])] + ([("hetinfer_int8", [])] if args.quantize else [])
     # HF at 1 thread and at every core: the comparison is against its better figure of each
