@@ -214,8 +214,9 @@ class LlamaForCausalLM:
     def weight_bytes(self) -> int:
         ts = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for l in self.layers:
-            ts += [l.attn_norm, l.wqkv, l.wo, l.mlp_norm, l.w_gate_up, l.w_down] + ([l.bqkv] if l.bqkv else [])
-        return sum(t.nbytes for t in ts)
+            ts += [l.attn_norm, l.wqkv, l.bqkv, l.wo, l.mlp_norm, l.w_gate_up, l.w_down,
+                   l.wqkv_scales, l.wo_scales, l.w_gate_up_scales, l.w_down_scales]
+        return sum(t.nbytes for t in ts if t is not None)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
