@@ -150,6 +150,8 @@ class LlamaForCausalLM:
             ws["q"] = qkv[:, :nq].view(t, c.num_attention_heads, c.head_dim)          # (T, Hq, Dh)
             ws["k"] = qkv[:, nq:nq + nkv].view(t, c.num_key_value_heads, c.head_dim)  # (T, Hkv, Dh)
             ws["v"] = qkv[:, nq + nkv:].view(t, c.num_key_value_heads, c.head_dim)
+            # q and k heads side by side: one rope call rotates both
+            ws["qk"] = qkv[:, :nq + nkv].view(t, c.num_attention_heads + c.num_key_value_heads, c.head_dim)
             ws["attn_flat"] = ws["attn"].view(t, nq)                                  # (T, Hq Dh)
             ws["gate_up_flat"] = ws["gate_up"].view(t, 2 * f)                         # (T, 2F)
             ws["gate"], ws["up"] = ws["gate_up"][:, 0], ws["gate_up"][:, 1]           # (T, F) each
@@ -185,8 +187,11 @@ class LlamaForCausalLM:
                 for w, b, sc, o in zip(layer.split(layer.wqkv, rows), layer.split(layer.bqkv, rows),
                                        layer.split(layer.wqkv_scales, rows), (q, k, v)):
                     ops.matmul(h, w, b, sc, out=o.view(t, -1))                # (T, H Dh)
-            ops.rope(q, positions, self.cos, self.sin, c.rope_style, out=q)
-            ops.rope(k, positions, self.cos, self.sin, c.rope_style, out=k)
+            if t == 1:
+                ops.rope(ws["qk"], positions, self.cos, self.sin, c.rope_style, out=ws["qk"])
+            else:
+                ops.rope(q, positions, self.cos, self.sin, c.rope_style, out=q)
+                ops.rope(k, positions, self.cos, self.sin, c.rope_style, out=k)
             ops.kv_cache_write(k, v, cache.k[i], cache.v[i], positions)
             ops.attention(q, cache.k[i], cache.v[i], positions, out=ws["attn"])  # (T, Hq, Dh)
             ops.matmul(ws["attn_flat"], layer.wo, scales=layer.wo_scales, out=ws["proj"])

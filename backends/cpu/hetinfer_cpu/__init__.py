@@ -13,18 +13,19 @@ _threads_set = False
 
 
 def _limit_blas_threads() -> None:
-    """BLAS threads for the CPU kernels: HETINFER_CPU_THREADS, default 1.
-
-    Batch-1 decode is a chain of matrix-vector products bound by memory bandwidth,
-    where BLAS threading only adds synchronisation; on our 2-vCPU machines OpenBLAS
-    with 2 threads ran a 3072x576 product 47x slower than with one (and torch's
-    GEMM 2.2x slower). Set HETINFER_CPU_THREADS=N on machines where more pays."""
+    """HETINFER_CPU_THREADS=N caps the BLAS threads of the CPU kernels (default: BLAS's
+    own, all cores). On an idle 2-vCPU machine two threads ran SmolLM2's prefill 1.6x
+    and decode 1.3x faster than one; on one whose cores other processes were using,
+    OpenBLAS's two threads ran a 3072x576 matrix-vector product 47x slower than one
+    thread: there, HETINFER_CPU_THREADS=1."""
     global _threads_set
     if _threads_set:
         return
     _threads_set = True
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(limits=int(os.environ.get("HETINFER_CPU_THREADS", "1")), user_api="blas")
+    n = os.environ.get("HETINFER_CPU_THREADS")
+    if n:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=int(n), user_api="blas")
 
 
 @hookimpl
