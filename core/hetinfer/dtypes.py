@@ -10,7 +10,7 @@ import numpy as np
 from .errors import DTypeError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)      # the six DTypes are singletons: identity is equality
 class DType:
     name: str          # short name used in kernel keys: "f32", "bf16", "i8" ...
     np: np.dtype       # numpy dtype of one element (bf16 through ml_dtypes)

@@ -78,7 +78,8 @@ def lookup(op: str, device_type: str, dtype) -> KernelEntry:
     """The winning kernel for a key, or KernelNotFoundError saying what exists instead.
     Called on every op: a hit costs two dict lookups and a generation check."""
     global _winners_gen
-    plugins.load_plugins()
+    if not plugins._loaded:
+        plugins.load_plugins()
     gen = (plugins._PluginManager.generation, _user_gen)
     if gen != _winners_gen:
         _winners.clear()

@@ -48,14 +48,16 @@ def _t(op, name, t, dtypes=None, ndim=None) -> Tensor:
 def _same_device(op, **tensors):
     first = None
     for name, t in tensors.items():
-        if t is not None:
-            if not isinstance(t, Tensor):
-                raise DTypeError(f"{op}: {name} must be a hetinfer Tensor, got {type(t).__name__}")
-            if first is None:
-                first = t.device
-            elif t.device != first:
-                where = ", ".join(f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
-                raise DeviceError(f"{op}: all tensors must be on one device; got {where}")
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise DTypeError(f"{op}: {name} must be a hetinfer Tensor, got {type(t).__name__}")
+        d = t.device
+        if first is None:
+            first = d
+        elif d is not first and d != first:      # tensors of one allocator share one Device
+            where = ", ".join(f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
+            raise DeviceError(f"{op}: all tensors must be on one device; got {where}")
 
 
 def _shape(op, name, t, expected):
