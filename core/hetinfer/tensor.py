@@ -71,6 +71,8 @@ class Tensor:
         fake = np.lib.stride_tricks.as_strided(np.empty(1, np.uint8), self.shape, self.strides)
         try:
             view = fn(fake)
+        except ShapeError:
+            raise
         except (ValueError, np.exceptions.AxisError) as e:
             raise ShapeError(f"bad axes for a tensor of shape {self.shape}: {e}") from None
         base = view if isinstance(view, np.ndarray) else None
@@ -114,14 +116,12 @@ class Tensor:
             return Tensor(self.buffer, shape, self.dtype, None, self.offset)
 
         def reshape_no_copy(a):
-            v = a.view()
-            try:
-                v.shape = tuple(shape)     # numpy refuses (rather than copies) when strides can't express it
-            except AttributeError:
+            try:                           # copy=False: numpy refuses rather than copies
+                return np.reshape(a, tuple(shape), copy=False)
+            except ValueError:
                 raise ShapeError(f"view: tensor of shape {self.shape} with strides {self.strides} "
                                  f"cannot be viewed as {tuple(shape)} without a copy; "
                                  "call .contiguous() first") from None
-            return v
         return self._restride(reshape_no_copy)
 
     reshape = view
