@@ -44,20 +44,8 @@ class LLM:
 
     def _run(self, ids: list[int], params: SamplingParams, out: CompletionOutput) -> Iterator[str]:
         stream = TextStream(self.tokenizer, params.stop)
-        eos = set() if params.ignore_eos else set(self.tokenizer.eos_ids)
-        for t in self.generator.generate(ids, params):
-            out.token_ids.append(t)
-            if t in eos or t in params.stop_token_ids:
-                break
-            piece = stream.push(t)
-            if piece:
-                yield piece
-            if stream.stopped:
-                break
-        tail = stream.flush()
-        if tail:
-            yield tail
-        out.text = stream.text
+        yield from stream.follow(self.generator.generate(ids, params), params.stop_ids(self.tokenizer.eos_ids))
+        out.token_ids, out.text = stream.tokens, stream.text
         st = self.generator.stats
         out.finish_reason = "stop" if stream.stopped else st.finish_reason
         out.stats = st

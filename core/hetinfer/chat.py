@@ -57,22 +57,11 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         ids = self._prompt_ids()
         tok = self.gen.tokenizer
-        stream = TextStream(tok, self.params.stop)
-        stops = set(self.params.stop_token_ids) | set(tok.eos_ids)
         reply = []
         try:
-            for t in self.gen.generate(ids, self.params, reuse_prefix=True):
-                if t in stops:
-                    break
-                piece = stream.push(t)
-                if piece:
-                    reply.append(piece)
-                    yield piece
-                if stream.stopped:
-                    break
-            tail = stream.flush()
-            if tail:
-                reply.append(tail)
-                yield tail
+            tokens = self.gen.generate(ids, self.params, reuse_prefix=True)
+            for piece in TextStream(tok, self.params.stop).follow(tokens, self.params.stop_ids(tok.eos_ids)):
+                reply.append(piece)
+                yield piece
         finally:
             self.messages.append({"role": "assistant", "content": "".join(reply).strip()})

@@ -125,17 +125,12 @@ def cmd_generate(args) -> int:
     out = sys.stdout
     out.write(shown)
     out.flush()
-    stream = TextStream(tok, params.stop)
-    stops = set(params.stop_token_ids) | set(tok.eos_ids)
     with _profile(args, model.device) as prof:
-        for t in gen.generate(ids, params):
-            if t in stops:
-                break
-            out.write(stream.push(t))
+        stream = TextStream(tok, params.stop)
+        for piece in stream.follow(gen.generate(ids, params), params.stop_ids(tok.eos_ids)):
+            out.write(piece)
             out.flush()
-            if stream.stopped:
-                break
-    out.write(stream.flush() + "\n")
+    out.write("\n")
     _print_stats(gen.stats)
     if prof is not None:
         print(prof.table(), file=sys.stderr)

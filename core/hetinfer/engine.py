@@ -157,7 +157,7 @@ class Generator:
         if stop_ids is not None:
             stop = set(stop_ids)
         else:
-            stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.eos_ids))
+            stop = params.stop_ids(self.tokenizer.eos_ids)
         start = 0
         if reuse_prefix:
             while start < min(len(self.cached), n - 1) and self.cached[start] == prompt_ids[start]:

@@ -51,7 +51,6 @@ def _entries() -> list[KernelEntry]:
 def _table() -> dict[tuple, list[KernelEntry]]:
     """key -> entries sorted by priority, highest first (cached)."""
     global _table_cache
-    gen = (plugins._PluginManager.generation, _user_gen)
     entries = _entries()   # may bump the generation by loading plugins
     gen = (plugins._PluginManager.generation, _user_gen)
     if _table_cache is not None and _table_cache[0] == gen:

@@ -56,6 +56,10 @@ class SamplingParams:
         if any(not s for s in self.stop):
             bad("stop strings must not be empty")
 
+    def stop_ids(self, eos_ids) -> set[int]:
+        """Token ids that end generation: stop_token_ids, and EOS unless ignore_eos."""
+        return set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_ids))
+
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0

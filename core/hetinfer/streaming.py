@@ -3,6 +3,8 @@ could be the start of a stop string is held back until it is known not to be."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 
 class TextStream:
     def __init__(self, tokenizer, stop: list[str] | None = None):
@@ -11,7 +13,24 @@ class TextStream:
         self.stop = list(stop or [])
         self.pending = ""      # decoded, not yet emitted
         self.text = ""         # everything emitted
-        self.stopped = False
+        self.tokens: list[int] = []   # every token followed, stop token included
+        self.stopped = False   # ended by a stop string
+
+    def follow(self, tokens, stop_ids=()) -> Iterator[str]:
+        """Yield the text of a token stream as it becomes safe to show, until a token of
+        stop_ids (not shown) or a stop string; what was held back comes last."""
+        for t in tokens:
+            self.tokens.append(t)
+            if t in stop_ids:
+                break
+            piece = self.push(t)
+            if piece:
+                yield piece
+            if self.stopped:
+                break
+        tail = self.flush()
+        if tail:
+            yield tail
 
     def push(self, token: int) -> str:
         """Feed one token; return the text that is now safe to show."""
