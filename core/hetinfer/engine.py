@@ -105,6 +105,9 @@ class Generator:
         self.cache = KVCache.for_model(model, max_context)
         self._ids1 = empty((1,), i32, model.device)      # decode inputs, reused every step
         self._pos1 = empty((1,), i32, model.device)
+        # samplers by shape (Sampler.shape_key), kept with their captured decode graphs so a
+        # later generate() with the same kind of sampling replays at once
+        self._samplers: dict[tuple, Sampler] = {}
         self.cached: list[int] = []
         self.stats = Stats()
 
@@ -127,6 +130,18 @@ class Generator:
                 return body()
             replay = sampler._replay = self._capture(body)
         replay()
+
+    def _sampler(self, params: SamplingParams) -> Sampler:
+        key = Sampler.shape_key(params)
+        sampler = self._samplers.pop(key, None)
+        if sampler is None:
+            sampler = Sampler(params, self.model.config.vocab_size, self.model.device)
+            if len(self._samplers) >= 4:                     # keep the most recent few
+                self._samplers.pop(next(iter(self._samplers)))
+        else:
+            sampler.reset(params)
+        self._samplers[key] = sampler                        # most recent last
+        return sampler
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not prompt:
@@ -169,7 +184,7 @@ class Generator:
             st.finish_reason = "length"
             return
         dev = self.model.device
-        sampler = Sampler(params, self.model.config.vocab_size, dev)
+        sampler = self._sampler(params)
         sampler.start(prompt_ids)
         t0 = time.perf_counter()
         ids = tensor(np.asarray(new, np.int32), i32, dev)

@@ -80,6 +80,25 @@ class Sampler:
             self._counts_host = np.zeros(vocab_size, np.int32)
             self._penalized = None
 
+    @staticmethod
+    def shape_key(params: SamplingParams) -> tuple:
+        """What a captured step bakes in (kernel arguments): samplers with equal keys can
+        share one captured graph; the seed and the limits are not part of it."""
+        p = params
+        return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                p.frequency_penalty)
+
+    def reset(self, params: SamplingParams) -> None:
+        """Reuse this sampler (and its buffers, so a graph captured over them) for params of
+        the same shape_key: fresh random stream, penalty counts cleared."""
+        assert self.shape_key(params) == self.shape_key(self.p), "reset needs the same sampling shape"
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+        if self._counts_host is not None:
+            self._counts_host[:] = 0
+            self.counts.fill_(0)
+            self.seen.fill_(0)
+
     def start(self, prompt_ids: list[int]) -> None:
         """Mark the prompt's tokens as seen (for the repetition penalty)."""
         if self._counts_host is not None and prompt_ids:

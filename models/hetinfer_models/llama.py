@@ -33,10 +33,9 @@ class Layer:
     wo_scales: hi.Tensor | None = None          # (D, Hq * Dh // G)
     w_gate_up_scales: hi.Tensor | None = None   # (2 F, D // G)
     w_down_scales: hi.Tensor | None = None      # (D, F // G)
-    # row counts of the fused weights, for prefill, which multiplies by row-slices so
-    # that q, k, v (and gate, up) come out as separate contiguous tensors
+    # row counts of the fused qkv weight, for prefill, which multiplies by row-slices so
+    # that q, k, v come out as separate contiguous tensors
     qkv_rows: tuple = ()     # (Hq Dh, Hkv Dh, Hkv Dh)
-    f: int = 0               # intermediate size
 
     @staticmethod
     def split(w, rows):
@@ -122,7 +121,6 @@ class LlamaForCausalLM:
                 wqkv_scales=sqkv, wo_scales=so, w_gate_up_scales=sgu, w_down_scales=sd,
                 qkv_rows=(cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
                           cfg.num_key_value_heads * cfg.head_dim),
-                f=cfg.intermediate_size,
             ))
         embed = put(need("model.embed_tokens.weight"))
         lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in host else put(need("lm_head.weight"))
@@ -135,85 +133,72 @@ class LlamaForCausalLM:
             c, dt, dev = self.config, self.dtype, self.device
             nq, nkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
             ws = {
-                "x": hi.empty((t, c.hidden_size), dt, dev),                  # residual stream (T, D)
-                "h": hi.empty((t, c.hidden_size), dt, dev),                  # normed (T, D)
-                "qkv": hi.empty((t, nq + 2 * nkv), dt, dev),                 # (T, (Hq + 2 Hkv) Dh)
+                # the residual stream is f32 whatever the run dtype: bf16 sums of 20-30 layer
+                # outputs lose the top-1 token a few percent of the time
+                "x": hi.empty((t, c.hidden_size), hi.f32, dev),                # (T, D) f32
                 "attn": hi.empty((t, c.num_attention_heads, c.head_dim), dt, dev),  # (T, Hq, Dh)
-                "proj": hi.empty((t, c.hidden_size), dt, dev),               # (T, D)
-                "gate_up": hi.empty((t, 2, c.intermediate_size), dt, dev),   # (T, 2, F)
-                "act": hi.empty((t, c.intermediate_size), dt, dev),          # (T, F)
-                "last": hi.empty((1, c.hidden_size), dt, dev),
-                "logits": hi.empty((1, c.vocab_size), dt, dev),              # (1, V)
+                "act": hi.empty((t, c.intermediate_size), dt, dev),         # (T, F) silu(gate) * up
+                # logits in f32 whatever the run dtype: bf16 logits (8-bit mantissa) flip near-ties
+                "logits": hi.empty((1, c.vocab_size), hi.f32, dev),          # (1, V)
             }
-            # views made once per workspace (making a view costs tens of microseconds)
-            qkv, f = ws["qkv"], c.intermediate_size
-            ws["q"] = qkv[:, :nq].view(t, c.num_attention_heads, c.head_dim)          # (T, Hq, Dh)
-            ws["k"] = qkv[:, nq:nq + nkv].view(t, c.num_key_value_heads, c.head_dim)  # (T, Hkv, Dh)
-            ws["v"] = qkv[:, nq + nkv:].view(t, c.num_key_value_heads, c.head_dim)
-            # q and k heads side by side: one rope call rotates both
-            ws["qk"] = qkv[:, :nq + nkv].view(t, c.num_attention_heads + c.num_key_value_heads, c.head_dim)
-            ws["attn_flat"] = ws["attn"].view(t, nq)                                  # (T, Hq Dh)
-            ws["gate_up_flat"] = ws["gate_up"].view(t, 2 * f)                         # (T, 2F)
-            ws["gate"], ws["up"] = ws["gate_up"][:, 0], ws["gate_up"][:, 1]           # (T, F) each
-            ws["x_last"] = ws["x"][t - 1:t]                                            # (1, D)
+            ws["attn_flat"] = ws["attn"].view(t, nq)                         # (T, Hq Dh)
+            ws["x_last"] = ws["x"][t - 1:t]                                   # (1, D)
             if t == 1:          # prefill workspaces are dropped after use; decode's is kept
+                qkv = ws["qkv"] = hi.empty((1, nq + 2 * nkv), dt, dev)       # (1, (Hq + 2 Hkv) Dh)
+                # views made once (making a view costs tens of microseconds)
+                ws["q"] = qkv[:, :nq].view(1, c.num_attention_heads, c.head_dim)          # (1, Hq, Dh)
+                ws["k"] = qkv[:, nq:nq + nkv].view(1, c.num_key_value_heads, c.head_dim)  # (1, Hkv, Dh)
+                ws["v"] = qkv[:, nq + nkv:].view(1, c.num_key_value_heads, c.head_dim)
+                # q and k heads side by side: one rope call rotates both
+                ws["qk"] = qkv[:, :nq + nkv].view(1, c.num_attention_heads + c.num_key_value_heads,
+                                                  c.head_dim)
                 self._ws[t] = ws
         return ws
 
     def forward(self, ids: hi.Tensor, positions: hi.Tensor, cache, all_logits: bool = False) -> hi.Tensor:
         """ids, positions: (T,) i32 on the model's device. Writes K/V at positions into
-        cache. Returns logits (1, V) of the last token, or (T, V) with all_logits."""
+        cache. Returns logits (1, V) of the last token, or (T, V) with all_logits.
+
+        Per layer: four products, each carrying its neighbours: rms_norm into the qkv and
+        gate/up products (prologue), swiglu into the gate/up product (epilogue), the
+        residual add into the o and down products (epilogue, in place on the f32 stream x)."""
         c = self.config
         t = ids.shape[0]
         ws = self._workspace(t)
-        x, h = ws["x"], ws["h"]
+        x, eps = ws["x"], c.rms_norm_eps
         profiler.set_layer("embed")
-        ops.embedding(ids, self.embed, out=x)                                  # (T, D)
+        ops.embedding(ids, self.embed, out=x)                                  # (T, D) f32
         if t == 1:
             q, k, v = ws["q"], ws["k"], ws["v"]          # views of the fused qkv output
         else:                                            # prefill: separate contiguous outputs
             q = hi.empty((t, c.num_attention_heads, c.head_dim), self.dtype, self.device)
             k = hi.empty((t, c.num_key_value_heads, c.head_dim), self.dtype, self.device)
             v = hi.empty((t, c.num_key_value_heads, c.head_dim), self.dtype, self.device)
-            gate = hi.empty((t, c.intermediate_size), self.dtype, self.device)
-            up = hi.empty((t, c.intermediate_size), self.dtype, self.device)
         for i, layer in enumerate(self.layers):
             profiler.set_layer(f"layer {i}")
-            ops.rms_norm(x, layer.attn_norm, c.rms_norm_eps, out=h)
             if t == 1:
-                ops.matmul(h, layer.wqkv, layer.bqkv, layer.wqkv_scales, out=ws["qkv"])  # (1, (Hq+2Hkv) Dh)
+                ops.matmul(x, layer.wqkv, layer.bqkv, layer.wqkv_scales, norm_weight=layer.attn_norm,
+                           eps=eps, out=ws["qkv"])                            # (1, (Hq+2Hkv) Dh)
+                ops.rope(ws["qk"], positions, self.cos, self.sin, c.rope_style, out=ws["qk"])
             else:
                 rows = layer.qkv_rows
                 for w, b, sc, o in zip(layer.split(layer.wqkv, rows), layer.split(layer.bqkv, rows),
                                        layer.split(layer.wqkv_scales, rows), (q, k, v)):
-                    ops.matmul(h, w, b, sc, out=o.view(t, -1))                # (T, H Dh)
-            if t == 1:
-                ops.rope(ws["qk"], positions, self.cos, self.sin, c.rope_style, out=ws["qk"])
-            else:
+                    ops.matmul(x, w, b, sc, norm_weight=layer.attn_norm, eps=eps, out=o.view(t, -1))
                 ops.rope(q, positions, self.cos, self.sin, c.rope_style, out=q)
                 ops.rope(k, positions, self.cos, self.sin, c.rope_style, out=k)
             ops.kv_cache_write(k, v, cache.k[i], cache.v[i], positions)
             ops.attention(q, cache.k[i], cache.v[i], positions, out=ws["attn"])  # (T, Hq, Dh)
-            ops.matmul(ws["attn_flat"], layer.wo, scales=layer.wo_scales, out=ws["proj"])
-            ops.add(x, ws["proj"], out=x)
-            ops.rms_norm(x, layer.mlp_norm, c.rms_norm_eps, out=h)
-            if t == 1:
-                ops.matmul(h, layer.w_gate_up, scales=layer.w_gate_up_scales, out=ws["gate_up_flat"])  # (1, 2F)
-                ops.swiglu(ws["gate"], ws["up"], out=ws["act"])               # (1, F)
-            else:
-                ff = (layer.f, layer.f)
-                for w, sc, o in zip(layer.split(layer.w_gate_up, ff), layer.split(layer.w_gate_up_scales, ff),
-                                    (gate, up)):
-                    ops.matmul(h, w, scales=sc, out=o)                        # (T, F)
-                ops.swiglu(gate, up, out=ws["act"])
-            ops.matmul(ws["act"], layer.w_down, scales=layer.w_down_scales, out=ws["proj"])
-            ops.add(x, ws["proj"], out=x)
+            ops.matmul(ws["attn_flat"], layer.wo, scales=layer.wo_scales, residual=x, out=x)
+            ops.matmul(x, layer.w_gate_up, scales=layer.w_gate_up_scales, norm_weight=layer.mlp_norm,
+                       eps=eps, act="swiglu", out=ws["act"])                  # (T, F)
+            ops.matmul(ws["act"], layer.w_down, scales=layer.w_down_scales, residual=x, out=x)
         profiler.set_layer("head")
         if all_logits:
-            hn = ops.rms_norm(x, self.norm, c.rms_norm_eps)
-            return ops.matmul(hn, self.lm_head)                                # (T, V)
-        ops.rms_norm(ws["x_last"], self.norm, c.rms_norm_eps, out=ws["last"])
-        return ops.matmul(ws["last"], self.lm_head, out=ws["logits"])         # (1, V)
+            return ops.matmul(x, self.lm_head, norm_weight=self.norm, eps=eps,
+                              out=hi.empty((t, c.vocab_size), hi.f32, self.device))   # (T, V) f32
+        return ops.matmul(ws["x_last"], self.lm_head, norm_weight=self.norm, eps=eps,
+                          out=ws["logits"])                                   # (1, V)
 
     @property
     def weight_bytes(self) -> int:

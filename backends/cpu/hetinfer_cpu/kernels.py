@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hetinfer.tensor import from_numpy
+
 from . import int8 as _int8
 
 F32 = np.dtype(np.float32)
@@ -66,6 +68,31 @@ def matmul(x, weight, bias, scales, out):
         o2 += _f32(bias.numpy())
     if not direct:
         _store(o, o2.reshape(o.shape))
+
+
+def fused(plain):
+    """A matmul kernel with matmul's rms_norm prologue and its swiglu / residual epilogue
+    around a plain product kernel(x, weight, bias, scales, out), in f32."""
+    def kernel(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, residual=None):
+        if norm_weight is not None:
+            a = _f32(x.numpy())
+            inv = 1.0 / np.sqrt(np.einsum("...d,...d->...", a, a) / a.shape[-1] + eps)
+            x = from_numpy(np.ascontiguousarray(a * inv[..., None] * _f32(norm_weight.numpy()), F32), x.device)
+        if act is None and residual is None:
+            return plain(x, weight, bias, scales, out)
+        y = from_numpy(np.empty(x.shape[:-1] + (weight.shape[0],), F32), out.device)
+        plain(x, weight, bias, scales, y)
+        r = y.numpy()
+        if act == "swiglu":                                              # [gate | up] -> (..., N/2)
+            n = r.shape[-1] // 2
+            g = r[..., :n]
+            r = g / (1.0 + np.exp(-g)) * r[..., n:]
+        if residual is not None:
+            r = r + _f32(residual.numpy())                               # residual may be out
+        _store(out.numpy(), r)
+    kernel.__name__ = kernel.__qualname__ = f"fused_{plain.__name__}"
+    kernel.__module__ = plain.__module__
+    return kernel
 
 
 def rope(x, positions, cos, sin, style, out):
@@ -180,8 +207,8 @@ def sample(logits, uniform, temperature, top_k, top_p, min_p, out):
 KERNELS = [
     ("embedding", FLOATS, embedding),
     ("rms_norm", FLOATS, rms_norm),
-    ("matmul", FLOATS, matmul),
-    ("matmul", ("i8",), _int8.matmul),   # C GEMV / dequantized tiles + BLAS (int8.py)
+    ("matmul", FLOATS, fused(matmul)),
+    ("matmul", ("i8",), fused(_int8.matmul)),   # C GEMV / dequantized tiles + BLAS (int8.py)
     ("rope", FLOATS, rope),
     ("add", FLOATS, add),
     ("swiglu", FLOATS, swiglu),

@@ -85,5 +85,5 @@ def register_kernels(register):
         return
     from .kernels import FLOATS, KERNELS
     for op, fn in KERNELS:
-        for dt in FLOATS:
+        for dt in FLOATS + (("i8",) if op == "matmul" else ()):
             register(op, "cuda", dt, fn)   # strided views handled on the device

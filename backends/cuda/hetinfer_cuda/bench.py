@@ -59,11 +59,14 @@ def shape_config(name: str, max_position: int = 4096):
                        attention_bias=bias, rms_norm_eps=1e-5)
 
 
-def random_model(config, dtype="f16", device="cuda", max_context: int = 1024, seed: int = 0):
+def random_model(config, dtype="f16", device="cuda", max_context: int = 1024, seed: int = 0,
+                 quantize: str | None = None):
     """A Llama/Qwen2 model of config's shapes with hashed uniform weights made on the device:
     linear weights in +-sqrt(3/K) (unit variance through each product), embeddings in
-    +-1, norm weights 1."""
+    +-1, norm weights 1. quantize="int8": the linear weights are int8 (hashed bytes) with
+    f16 scales per group of 64 (embeddings and output head stay in dtype, as hetinfer.quant)."""
     import hetinfer as hi
+    from hetinfer.tensor import Tensor
     from hetinfer_models.llama import Layer, LlamaForCausalLM, Qwen2ForCausalLM
     from .kernels import fill_uniform
     c = config
@@ -82,12 +85,29 @@ def random_model(config, dtype="f16", device="cuda", max_context: int = 1024, se
     D, F, Dh = c.hidden_size, c.intermediate_size, c.head_dim
     nq, nkv = c.num_attention_heads * Dh, c.num_key_value_heads * Dh
     lin = lambda n, k: rnd((n, k), (3.0 / k) ** 0.5)   # noqa: E731
+
+    def lin8(n, k, group=64):
+        """(int8 weight, f16 scales): random bytes (an f16 hash fill seen as int8) and scales
+        that keep each product near unit variance."""
+        q = hi.empty((n, k), "i8", device)
+        fill_uniform(Tensor(q.buffer, (n * k // 2,), hi.f16), -1.0, 1.0, next(seeds))
+        sc = hi.empty((n, k // group), "f16", device)
+        fill_uniform(sc, 0.5 * (3.0 / k) ** 0.5 / 64, (3.0 / k) ** 0.5 / 64, next(seeds))
+        return q, sc
+
     layers = []
     for _ in range(c.num_hidden_layers):
-        layers.append(Layer(attn_norm=ones(D), wqkv=lin(nq + 2 * nkv, D),
+        if quantize == "int8":
+            (wqkv, sqkv), (wo, so), (wgu, sgu), (wd, sd) = (lin8(nq + 2 * nkv, D), lin8(D, nq),
+                                                           lin8(2 * F, D), lin8(D, F))
+        else:
+            wqkv, wo, wgu, wd = lin(nq + 2 * nkv, D), lin(D, nq), lin(2 * F, D), lin(D, F)
+            sqkv = so = sgu = sd = None
+        layers.append(Layer(attn_norm=ones(D), wqkv=wqkv,
                             bqkv=rnd((nq + 2 * nkv,), 0.1) if c.attention_bias else None,
-                            wo=lin(D, nq), mlp_norm=ones(D), w_gate_up=lin(2 * F, D), w_down=lin(D, F),
-                            qkv_rows=(nq, nkv, nkv), f=F))
+                            wo=wo, mlp_norm=ones(D), w_gate_up=wgu, w_down=wd,
+                            wqkv_scales=sqkv, wo_scales=so, w_gate_up_scales=sgu, w_down_scales=sd,
+                            qkv_rows=(nq, nkv, nkv)))
     embed = rnd((c.vocab_size, D), 1.0)
     lm_head = embed if c.tie_word_embeddings else lin(c.vocab_size, D)
     cls = Qwen2ForCausalLM if c.attention_bias else LlamaForCausalLM
@@ -171,7 +191,7 @@ def bench_case(name: str, args, read_gbs: float, device="cuda") -> dict:
     max_ctx = max(args.prompt + args.new + 8, args.prefill + 8)
     cfg = shape_config(name, max_position=max(4096, max_ctx))
     t0 = time.perf_counter()
-    model = random_model(cfg, args.dtype, device, max_context=max_ctx)
+    model = random_model(cfg, args.dtype, device, max_context=max_ctx, quantize=args.quantize)
     alloc.synchronize()
     build_s = time.perf_counter() - t0
     gen = Generator(model, _NoTokenizer(), max_ctx, graphs=not args.eager)
@@ -207,7 +227,7 @@ def bench_case(name: str, args, read_gbs: float, device="cuda") -> dict:
     wb, kvb = model.weight_bytes, gen.cache.nbytes
     peak = st["peak"] - before
     res = {"case": name, "engine": "hetinfer-cuda" + ("-eager" if args.eager else "-graphs"),
-           "dtype": args.dtype, "prompt": args.prompt, "new": args.new,
+           "dtype": args.dtype + ("+int8" if args.quantize else ""), "prompt": args.prompt, "new": args.new,
            "decode_tok_s": round(decode, 1), "decode_tok_s_steady": round(steady, 1),
            "weight_bytes": wb, "roofline_pct": round(100 * steady * wb / (read_gbs * 1e9), 1),
            "roofline_pct_generator": round(100 * decode * wb / (read_gbs * 1e9), 1),
@@ -251,38 +271,39 @@ def decode_breakdown(model, cache, position: int, device="cuda") -> dict:
     ev = _Events(_dev(logits))
     step_us = _graph_us(alloc, ev, lambda: ops.argmax(model.forward(ids, pos, cache), out=tok), reps=5, iters=20)
     ws = model._workspace(1)
-    x, h, L = ws["x"], ws["h"], model.layers[0]
+    x, L, eps = ws["x"], model.layers[0], c.rms_norm_eps
     kc, vc = cache.k[0], cache.v[0]
-    per_layer = {
-        "rms_norm": lambda: ops.rms_norm(x, L.attn_norm, c.rms_norm_eps, out=h),
-        "matmul_qkv": lambda: ops.matmul(h, L.wqkv, L.bqkv, None, out=ws["qkv"]),
-        "rope_q": lambda: ops.rope(ws["q"], pos, model.cos, model.sin, c.rope_style, out=ws["q"]),
-        "rope_k": lambda: ops.rope(ws["k"], pos, model.cos, model.sin, c.rope_style, out=ws["k"]),
+    per_layer = {      # the layer as LlamaForCausalLM.forward runs it (T = 1)
+        "matmul_qkv+norm": lambda: ops.matmul(x, L.wqkv, L.bqkv, L.wqkv_scales, norm_weight=L.attn_norm,
+                                              eps=eps, out=ws["qkv"]),
+        "rope_qk": lambda: ops.rope(ws["qk"], pos, model.cos, model.sin, c.rope_style, out=ws["qk"]),
         "kv_cache_write": lambda: ops.kv_cache_write(ws["k"], ws["v"], kc, vc, pos),
         "attention": lambda: ops.attention(ws["q"], kc, vc, pos, out=ws["attn"]),
-        "matmul_o": lambda: ops.matmul(ws["attn_flat"], L.wo, out=ws["proj"]),
-        "add": lambda: ops.add(x, ws["proj"], out=x),
-        "rms_norm_2": lambda: ops.rms_norm(x, L.mlp_norm, c.rms_norm_eps, out=h),
-        "matmul_gate_up": lambda: ops.matmul(h, L.w_gate_up, out=ws["gate_up_flat"]),
-        "swiglu": lambda: ops.swiglu(ws["gate"], ws["up"], out=ws["act"]),
-        "matmul_down": lambda: ops.matmul(ws["act"], L.w_down, out=ws["proj"]),
-        "add_2": lambda: ops.add(x, ws["proj"], out=x),
+        "matmul_o+residual": lambda: ops.matmul(ws["attn_flat"], L.wo, scales=L.wo_scales, residual=x, out=x),
+        "matmul_gate_up+norm+swiglu": lambda: ops.matmul(x, L.w_gate_up, scales=L.w_gate_up_scales,
+                                                         norm_weight=L.mlp_norm, eps=eps, act="swiglu",
+                                                         out=ws["act"]),
+        "matmul_down+residual": lambda: ops.matmul(ws["act"], L.w_down, scales=L.w_down_scales, residual=x,
+                                                   out=x),
     }
     head = {
         "embedding": lambda: ops.embedding(ids, model.embed, out=x),
-        "rms_norm_final": lambda: ops.rms_norm(ws["x_last"], model.norm, c.rms_norm_eps, out=ws["last"]),
-        "matmul_lm_head": lambda: ops.matmul(ws["last"], model.lm_head, out=ws["logits"]),
+        "matmul_lm_head+norm": lambda: ops.matmul(ws["x_last"], model.lm_head, norm_weight=model.norm, eps=eps,
+                                                  out=ws["logits"]),
         "argmax": lambda: ops.argmax(ws["logits"], out=tok),
     }
     us = {k: round(_graph_us(alloc, ev, f), 2) for k, f in per_layer.items()}
     us_head = {k: round(_graph_us(alloc, ev, f), 2) for k, f in head.items()}
     total = sum(us.values()) * c.num_hidden_layers + sum(us_head.values())
-    wbytes = {"matmul_qkv": L.wqkv.nbytes, "matmul_o": L.wo.nbytes, "matmul_gate_up": L.w_gate_up.nbytes,
-              "matmul_down": L.w_down.nbytes}
+    def nb(*ts):
+        return sum(t.nbytes for t in ts if t is not None)
+    wbytes = {"matmul_qkv+norm": nb(L.wqkv, L.wqkv_scales), "matmul_o+residual": nb(L.wo, L.wo_scales),
+              "matmul_gate_up+norm+swiglu": nb(L.w_gate_up, L.w_gate_up_scales),
+              "matmul_down+residual": nb(L.w_down, L.w_down_scales)}
     gbs = {k: round(b / (us[k] * 1e-6) / 1e9) for k, b in wbytes.items()}
-    gbs["matmul_lm_head"] = round(model.lm_head.nbytes / (us_head["matmul_lm_head"] * 1e-6) / 1e9)
+    gbs["matmul_lm_head+norm"] = round(model.lm_head.nbytes / (us_head["matmul_lm_head+norm"] * 1e-6) / 1e9)
     return {"step_gpu_us": round(step_us, 1), "ops_sum_us": round(total, 1),
-            "kernels_per_step": 13 * c.num_hidden_layers + 4, "per_layer_us": us, "head_us": us_head,
+            "kernels_per_step": len(per_layer) * c.num_hidden_layers + len(head), "per_layer_us": us, "head_us": us_head,
             "matmul_GB_s": gbs, "position": position}
 
 
@@ -320,6 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 linear weights (per-group f16 scales); the anchor stays f16")
     p.add_argument("--anchor", default=None, help="path of torch_anchor.py, run after our cases")
     p.add_argument("--anchor-timeout", type=int, default=420)
     # options of the CPU bench that may be passed through

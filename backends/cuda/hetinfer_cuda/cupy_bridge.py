@@ -85,9 +85,11 @@ def stream(idx: int, handle: int):
 _alpha_beta = np.array([1.0, 0.0], np.float32)
 
 
-def gemm(dev, dtype_name: str, x_ptr: int, w_ptr: int, out_ptr: int, M: int, N: int, K: int) -> None:
-    """out (M, N) = x (M, K) @ w (N, K)^T, all row-major of one dtype, f32 accumulation,
-    on dev's stream. Column-major view: out^T (N, M) = w (N, K) . x^T (K, M)."""
+def gemm(dev, dtype_name: str, x_ptr: int, w_ptr: int, out_ptr: int, M: int, N: int, K: int,
+         out_dtype: str | None = None) -> None:
+    """out (M, N) = x (M, K) @ w (N, K)^T, row-major, x and w of one dtype, out of that dtype
+    or out_dtype (f32), f32 accumulation, on dev's stream. Column-major view:
+    out^T (N, M) = w (N, K) . x^T (K, M)."""
     cp = _state["cupy"]
     from cupy_backends.cuda.libs import cublas
     with cp.cuda.Device(dev.index):
@@ -99,14 +101,15 @@ def gemm(dev, dtype_name: str, x_ptr: int, w_ptr: int, out_ptr: int, M: int, N: 
         a = _alpha_beta.ctypes.data
         cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K,
                       a, w_ptr, t, K, x_ptr, t, K,
-                      a + 4, out_ptr, t, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+                      a + 4, out_ptr, _CUDA_TYPE[out_dtype or dtype_name], N, CUBLAS_COMPUTE_32F,
+                      CUBLAS_GEMM_DEFAULT)
 
 
-def gemm_or_disable(dev, dtype_name, x_ptr, w_ptr, out_ptr, M, N, K) -> bool:
+def gemm_or_disable(dev, dtype_name, x_ptr, w_ptr, out_ptr, M, N, K, out_dtype=None) -> bool:
     """gemm(); if cuBLAS through CuPy fails, warn once, stop using CuPy and return False
     (the caller then runs its own kernel)."""
     try:
-        gemm(dev, dtype_name, x_ptr, w_ptr, out_ptr, M, N, K)
+        gemm(dev, dtype_name, x_ptr, w_ptr, out_ptr, M, N, K, out_dtype)
         return True
     except Exception as e:
         _state["cupy"] = None

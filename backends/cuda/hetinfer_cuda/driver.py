@@ -142,6 +142,8 @@ class CudaDevice:
         self.cc = (self.attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
                    self.attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR))
         self.sm_count = self.attribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        # shared memory a block may ask for with the opt-in attribute (227 KiB on Hopper)
+        self.smem_optin = self.attribute(attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         self.arch = f"sm_{self.cc[0]}{self.cc[1]}"
         raw = check(driver.cuDeviceGetName(256, self.cu_device), "cuDeviceGetName")
         self.name = raw.split(b"\0", 1)[0].decode(errors="replace") if isinstance(raw, bytes) else str(raw)
@@ -294,10 +296,16 @@ def ops_source() -> str:
     return _source_cache
 
 
+_kernels: dict[tuple, object] = {}   # (device, dtype, name) -> CUfunction: no source hashing per launch
+
+
 def kernel(dev: CudaDevice, dtype_name: str, fn_name: str):
     """The CUfunction fn_name of the ops module for element type dtype_name."""
-    return dev.function(ops_source(), f"hetinfer_ops_{dtype_name}", fn_name,
-                        (f"-DHI_DTYPE={_DTYPE_CODE[dtype_name]}",))
+    f = _kernels.get((dev.index, dtype_name, fn_name))
+    if f is None:
+        f = _kernels[(dev.index, dtype_name, fn_name)] = dev.function(
+            ops_source(), f"hetinfer_ops_{dtype_name}", fn_name, (f"-DHI_DTYPE={_DTYPE_CODE[dtype_name]}",))
+    return f
 
 
 # ---------------------------------------------------------------- launching
@@ -312,6 +320,21 @@ class Arg:
 _SYNC = os.environ.get("HETINFER_CUDA_SYNC", "") not in ("", "0")
 
 
+_smem_set: dict[int, int] = {}       # id(CUfunction) -> dynamic shared bytes allowed so far
+
+
+def _allow_shared(dev: CudaDevice, fn, shared: int, name: str) -> None:
+    """Above 48 KiB (static + dynamic) a kernel must opt in to its dynamic shared memory
+    (once per size); our kernels' static shared memory is under 1 KiB."""
+    if shared <= _smem_set.get(id(fn), 47 * 1024):
+        return
+    if shared > dev.smem_optin:
+        raise DeviceError(f"{name} needs {shared} bytes of shared memory; this GPU allows {dev.smem_optin}")
+    attr = _drv().CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    check(_drv().cuFuncSetAttribute(fn, attr, shared), f"cuFuncSetAttribute({name}, {shared} bytes)")
+    _smem_set[id(fn)] = shared
+
+
 def launch(dev: CudaDevice, fn, grid, block, args, shared: int = 0, name: str = "kernel") -> None:
     """Launch fn on dev's stream. args: ctypes scalars (see Arg). A grid with a zero
     dimension launches nothing. With HETINFER_CUDA_SYNC=1 every launch is synchronised
@@ -320,6 +343,8 @@ def launch(dev: CudaDevice, fn, grid, block, args, shared: int = 0, name: str = 
     block = tuple(block) + (1,) * (3 - len(block))
     if min(grid) <= 0:
         return
+    if shared > 47 * 1024:
+        _allow_shared(dev, fn, shared, name)
     holders = list(args)
     ptrs = (ctypes.c_void_p * max(1, len(holders)))(*[ctypes.addressof(a) for a in holders])
     dev.make_current()

@@ -1,9 +1,11 @@
 """Python side of the CUDA kernels: argument packing and launch configuration.
 
-Each op's kernels are compiled for the dtype of its key argument (see hetinfer.ops.OPS).
-Another float dtype in a secondary input is first cast to the key dtype on the device
-(for matmul: x is cast to the weight's dtype), and an `out` of another dtype is
-computed in the key dtype and cast; the usual all-one-dtype call allocates nothing.
+Each op's kernels are compiled for the dtype of its key argument (see hetinfer.ops.OPS;
+int8 matmul runs in its activations' dtype). f32 beside the key dtype is read and
+written in place where the model needs it (the f32 residual stream: embedding's out,
+rms_norm's x and out, matmul's x, residual and out), so decode allocates nothing.
+Another float dtype in a secondary input is first cast to the key dtype on the device,
+and an `out` of another dtype is computed in the key dtype and cast.
 Strided views are handled here, on the device: a non-contiguous argument is gathered
 into a contiguous temporary by a strided-copy kernel, and a non-contiguous output is
 scattered back the same way (registered with contiguous=False, so dispatch passes
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 
 from hetinfer import dtypes as DT
 from hetinfer.errors import ShapeError
@@ -26,10 +27,9 @@ from .driver import Arg
 
 FLOATS = ("f32", "f16", "bf16")
 GEMV_MAX_M = 8          # rows of x up to which matmul uses the GEMV kernel
-ATT_MAXD = 256          # head dim limit of the attention kernel
-_GEMV_WARPS = 4
-_ATT_THREADS = 256
-_SPLIT_ATT = os.environ.get("HETINFER_CUDA_SPLIT_ATTENTION", "0") == "1"   # opt-in: slower yet (see BENCHMARKS.md)
+ATT_MAXD = 256          # head dim limit of the attention kernels
+ADEC_SPLITS = 128       # decode attention: splits along the sequence at most
+_GEMV_WARPS = 8
 
 
 # ---------------------------------------------------------------- helpers
@@ -166,54 +166,137 @@ def _strided(fn, outputs):
 def embedding(ids, table, out):
     key = table.dtype.name
     dev = _dev(table)
-    o = _target(out, key)
+    o32 = out.dtype == DT.f32 and key != "f32"       # an f32 residual stream from T weights
+    o = out if o32 else _target(out, key)
     V, Dm = table.shape
     vec = int(Dm % _vec(table) == 0 and _aligned(table, o))
-    threads = _row_threads(Dm // _vec(table) if vec else Dm)
+    threads = _row_threads(Dm // _vec(table) if vec and not o32 else Dm)
     _launch(dev, key, "embedding", (ids.shape[0],), (threads,),
             [Arg.ptr(_p(ids)), Arg.i32(ids.dtype == DT.i64), Arg.ptr(_p(table)), Arg.ptr(_p(o)),
-             Arg.i32(V), Arg.i32(Dm), Arg.i32(vec)])
+             Arg.i32(o32), Arg.i32(V), Arg.i32(Dm), Arg.i32(vec)])
     _finish(o, out)
+
+
+def _rms_norm_into(key, x, w, o, eps):
+    """rms_norm kernel of module `key`: x and o may be f32 or key (w is key)."""
+    dev = _dev(x)
+    Dm = x.shape[-1]
+    rows = x.numel // Dm if Dm else 0
+    x32 = int(x.dtype == DT.f32 and key != "f32")
+    o32 = int(o.dtype == DT.f32 and key != "f32")
+    vec = int(not x32 and not o32 and Dm % _vec(x) == 0 and _aligned(x, w, o))
+    threads = _row_threads(Dm // _vec(x) if vec else Dm)
+    _launch(dev, key, "rms_norm", (rows,), (threads,),
+            [Arg.ptr(_p(x)), Arg.i32(x32), Arg.ptr(_p(w)), Arg.ptr(_p(o)), Arg.i32(o32),
+             Arg.i32(Dm), Arg.f32(eps), Arg.i32(vec)])
 
 
 def rms_norm(x, weight, eps, out):
     key = x.dtype.name
-    dev = _dev(x)
     w = _as(weight, key)
-    o = _target(out, key)
-    Dm = x.shape[-1]
-    rows = x.numel // Dm if Dm else 0
-    vec = int(Dm % _vec(x) == 0 and _aligned(x, w, o))
-    threads = _row_threads(Dm // _vec(x) if vec else Dm)
-    _launch(dev, key, "rms_norm", (rows,), (threads,),
-            [Arg.ptr(_p(x)), Arg.ptr(_p(w)), Arg.ptr(_p(o)), Arg.i32(Dm), Arg.f32(eps), Arg.i32(vec)])
+    o = out if out.dtype == DT.f32 else _target(out, key)
+    _rms_norm_into(key, x, w, o, eps)
     _finish(o, out)
 
 
-def matmul(x, weight, bias, scales, out):
-    key = weight.dtype.name
+# ---------------------------------------------------------------- matmul
+def _compute_dtype(x, weight, out) -> str:
+    """The element type of the module that runs a matmul: the weight's, or for int8
+    weights the activations' (the first of x, out that is not f32; else f32)."""
+    if weight.dtype != DT.i8:
+        return weight.dtype.name
+    for t in (x, out):
+        if t.dtype != DT.f32:
+            return t.dtype.name
+    return "f32"
+
+
+def _side(t, key):
+    """(tensor, is_f32) for an argument that may stay f32 beside key, else cast to key."""
+    if t is None:
+        return None, 0
+    if t.dtype == DT.f32:
+        return t, int(key != "f32")
+    return _as(t, key), 0
+
+
+def matmul(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, residual=None):
+    """out = residual + act(pro(x) @ weight^T + bias) (see hetinfer.ops.matmul). A few rows
+    of x: one fused GEMV kernel (norm on the fly, epilogue on the sums; with swiglu a warp
+    computes a gate row and its up row). More rows: norm kernel, cuBLAS (int8 weights
+    dequantized into a temporary first), epilogue kernel."""
+    key = _compute_dtype(x, weight, out)
     dev = _dev(weight)
     N, K = weight.shape
-    xk = _as(x, key)
-    b = _as(bias, key)
-    o = _target(out, key)
-    M = x.numel // K if K else (out.numel // N if N else 0)
+    No = N // 2 if act else N
+    M = out.numel // No if No else 0
     if M == 0 or N == 0:
         return
-    if M <= GEMV_MAX_M or K == 0:
-        vec = int(K % _vec(weight) == 0 and _aligned(xk, weight))
-        _launch(dev, key, "gemv", ((N + _GEMV_WARPS - 1) // _GEMV_WARPS,), (_GEMV_WARPS * 32,),
-                [Arg.ptr(_p(xk)), Arg.ptr(_p(weight)), Arg.ptr(_p(b)), Arg.i32(b is not None),
-                 Arg.ptr(_p(o)), Arg.i32(M), Arg.i32(N), Arg.i32(K), Arg.i32(vec)])
-    elif cupy_bridge.cupy() is not None and cupy_bridge.gemm_or_disable(dev, key, _p(xk), _p(weight),
-                                                                        _p(o), M, N, K):
-        if b is not None:
-            _launch(dev, key, "bias_add", (_grid_1d(dev, M * N),), (256,),
-                    [Arg.ptr(_p(o)), Arg.ptr(_p(b)), Arg.i32(M), Arg.i32(N)])
+    quant = weight.dtype == DT.i8
+    xk, x32 = _side(x, key)
+    rk, r32 = _side(residual, key)
+    if out.dtype == DT.f32 or out.dtype.name == key:
+        o, o32 = out, int(out.dtype == DT.f32 and key != "f32")
     else:
+        o, o32 = empty(out.shape, key, out.device), 0
+    b = _as(bias, key)
+    nw = _as(norm_weight, key)
+    pro = int(norm_weight is not None)
+    swi = int(act == "swiglu")
+    sc = scales
+    if quant and sc.dtype not in (DT.f16, DT.f32):
+        sc = _as(sc, "f32")
+    G = K // sc.shape[1] if quant else 0
+    if K and M <= GEMV_MAX_M:
+        m1 = "_m1" if M == 1 else ""
+        if quant:
+            fn = ("gemv_i8_s16" if sc.dtype == DT.f16 else "gemv_i8_s32") + m1
+            vec = int(K % 16 == 0 and G % 16 == 0 and _aligned(weight, xk, nw))
+        else:
+            fn = "gemv" + m1
+            vec = int(K % _vec(weight) == 0 and _aligned(weight, xk, nw))
+        if swi:
+            rpw, blocks = 2, (No + _GEMV_WARPS - 1) // _GEMV_WARPS
+        else:
+            rpw = 2 if quant or N >= 4 * dev.sm_count * _GEMV_WARPS else 1
+            blocks = (N + _GEMV_WARPS * rpw - 1) // (_GEMV_WARPS * rpw)
+        _launch(dev, key, fn, (blocks,), (_GEMV_WARPS * 32,),
+                [Arg.ptr(_p(xk)), Arg.i32(x32), Arg.ptr(_p(weight)), Arg.ptr(_p(sc)), Arg.i32(G),
+                 Arg.ptr(_p(b)), Arg.ptr(_p(nw)), Arg.f32(eps), Arg.i32(pro), Arg.i32(swi),
+                 Arg.ptr(_p(rk)), Arg.i32(r32), Arg.ptr(_p(o)), Arg.i32(o32),
+                 Arg.i32(M), Arg.i32(N), Arg.i32(K), Arg.i32(vec), Arg.i32(rpw)])
+        _finish(o, out)
+        return
+    # more rows: x through the norm into a key-typed (M, K) operand, then cuBLAS
+    a = xk
+    if pro:
+        a = empty((M, K), key, x.device)
+        _rms_norm_into(key, xk, nw, a, eps)
+    elif x32:
+        a = _as(xk, key)
+    w = weight
+    if quant:
+        w = empty((N, K), key, weight.device)
+        _launch(dev, key, "dequant_i8", (_grid_1d(dev, N * K),), (256,),
+                [Arg.ptr(_p(weight)), Arg.ptr(_p(sc)), Arg.i32(sc.dtype == DT.f32), Arg.ptr(_p(w)),
+                 Arg.i32(N), Arg.i32(K), Arg.i32(G)])
+    # cuBLAS writes out itself when nothing follows (f32 out straight from GemmEx: logits
+    # are not rounded to f16/bf16 first), else a key-typed temporary for the epilogue
+    direct = b is None and rk is None and not swi
+    y = o if direct else empty((M, N), key, out.device)
+    cublas = cupy_bridge.cupy() is not None
+    if K == 0:
+        y.fill_(0)
+    elif not (cublas and cupy_bridge.gemm_or_disable(dev, key, _p(a), _p(w), _p(y), M, N, K,
+                                                     y.dtype.name if o32 and direct else None)):
+        if direct and o32:                    # the tiled kernel writes key-typed output
+            y, direct = empty((M, N), key, out.device), False
         _launch(dev, key, "gemm_tiled", ((N + 15) // 16, (M + 15) // 16), (16, 16),
-                [Arg.ptr(_p(xk)), Arg.ptr(_p(weight)), Arg.ptr(_p(b)), Arg.i32(b is not None),
-                 Arg.ptr(_p(o)), Arg.i32(M), Arg.i32(N), Arg.i32(K)])
+                [Arg.ptr(_p(a)), Arg.ptr(_p(w)), Arg.ptr(_p(y)), Arg.i32(M), Arg.i32(N), Arg.i32(K)])
+    if not direct:
+        _launch(dev, key, "matmul_epilogue", (_grid_1d(dev, M * No),), (256,),
+                [Arg.ptr(_p(y)), Arg.ptr(_p(b)), Arg.i32(swi), Arg.ptr(_p(rk)), Arg.i32(r32), Arg.ptr(_p(o)),
+                 Arg.i32(o32), Arg.i32(M), Arg.i32(N)])
     _finish(o, out)
 
 
@@ -264,6 +347,8 @@ def softmax(x, out):
 
 
 def attention(q, k_cache, v_cache, positions, scale, out):
+    """Decode (one token): split along the sequence (attention_decode); more tokens:
+    tiled causal attention (attention_prefill). See csrc/ops.cu."""
     key = q.dtype.name
     dev = _dev(q)
     ntok, Hq, Dh = q.shape
@@ -271,22 +356,25 @@ def attention(q, k_cache, v_cache, positions, scale, out):
     if Dh > ATT_MAXD:
         raise ShapeError(f"attention on cuda: head dim {Dh} > {ATT_MAXD} is not supported yet")
     o = _target(out, key)
-    if ntok == 1 and _SPLIT_ATT and Hkv <= 1024:
-        # decode: split along the sequence, one block per (kv head, split), merged by the last
-        nsplit = max(1, min(ATT_SPLIT_MAX, -(-2 * dev.sm_count // Hkv), S))
-        if Hq * nsplit * (Dh + 2) <= ATT_PART_FLOATS:
-            _, _, _, att_count, att_part = _get_scratch(q)
-            _launch(dev, key, "attention_decode_split", (Hkv, nsplit), (128,),
-                    [Arg.ptr(_p(q)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)), Arg.ptr(_p(positions)),
-                     Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(o)),
-                     Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(S), Arg.f32(scale),
-                     Arg.i32(nsplit), Arg.ptr(att_part), Arg.ptr(att_count)])
-            _finish(o, out)
-            return
-    _launch(dev, key, "attention", (Hq, ntok), (_ATT_THREADS,),
-            [Arg.ptr(_p(q)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)), Arg.ptr(_p(positions)),
-             Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(o)),
-             Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(S), Arg.f32(scale)])
+    if ntok == 1:
+        # splits of 64 rows, longer for long caches: at most ADEC_SPLITS splits
+        C = max(64, -(-S // ADEC_SPLITS))
+        nsplit = max(1, -(-S // C))
+        fn = "attention_decode_d64" if Dh <= 64 else ("attention_decode_d128" if Dh <= 128 else
+                                                      "attention_decode_d256")
+        part, count = _attention_scratch(q, Hq * nsplit * (Dh + 2), Hq)
+        _launch(dev, key, fn, (Hq, nsplit), (256,),
+                [Arg.ptr(_p(q)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)), Arg.ptr(_p(positions)),
+                 Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(o)),
+                 Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(S), Arg.f32(scale), Arg.i32(C),
+                 Arg.ptr(part), Arg.ptr(count)])
+    else:
+        smem = 4 * (3 * 32 * (Dh + 1) + 32 * 33)
+        _launch(dev, key, "attention_prefill", (Hq, (ntok + 31) // 32), (128,),
+                [Arg.ptr(_p(q)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)), Arg.ptr(_p(positions)),
+                 Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(o)),
+                 Arg.i32(ntok), Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(S), Arg.f32(scale)],
+                shared=smem)
     _finish(o, out)
 
 
@@ -304,28 +392,45 @@ def kv_cache_write(k, v, k_cache, v_cache, positions):
 
 
 # ---------------------------------------------------------------- scratch
-# One zeroed device buffer per GPU for the split kernels (argmax over long rows, split
-# decode attention): partial results and self-resetting counters. Made on first use,
-# which is an eager step (a captured step allocates nothing); counted in the stats.
+# Zeroed device buffers per GPU for the split kernels: argmax over long rows (partial
+# bests and self-resetting counters) and split decode attention (partials and
+# counters). Made on first use, which is an eager step (a captured step allocates
+# nothing); counted in the allocator's stats.
 SPLIT_ROWS = 64                      # argmax_split: rows per call at most
-ATT_SPLIT_MAX = 64                   # decode attention: splits along the sequence at most
-ATT_PART_FLOATS = 128 * ATT_SPLIT_MAX * (ATT_MAXD + 2)
 _scratch: dict[int, tuple] = {}
+_att_scratch: dict[int, tuple] = {}
+_retired: list = []                  # outgrown scratch: a captured graph may still point into it
+
+
+def _zeroed(t: Tensor, nbytes: int):
+    buf = t.buffer.allocator.alloc(nbytes)
+    dev = _dev(t)
+    D.check(D._drv().cuMemsetD8Async(int(buf.handle), 0, nbytes, dev.stream), "cuMemsetD8Async")
+    return buf
 
 
 def _get_scratch(t: Tensor):
     sc = _scratch.get(t.device.index)
     if sc is None:
-        nbytes = SPLIT_ROWS * 8 + SPLIT_ROWS * 4 + 1024 * 4 + ATT_PART_FLOATS * 4
-        buf = t.buffer.allocator.alloc(nbytes)
-        dev = _dev(t)
-        D.check(D._drv().cuMemsetD8Async(int(buf.handle), 0, nbytes, dev.stream), "cuMemsetD8Async")
-        base = int(buf.handle)
-        best, count = base, base + SPLIT_ROWS * 8
-        att_count = count + SPLIT_ROWS * 4
-        att_part = att_count + 1024 * 4
-        sc = _scratch[t.device.index] = (buf, best, count, att_count, att_part)
+        buf = _zeroed(t, SPLIT_ROWS * 8 + SPLIT_ROWS * 4)
+        best = int(buf.handle)
+        sc = _scratch[t.device.index] = (buf, best, best + SPLIT_ROWS * 8)
     return sc
+
+
+def _attention_scratch(t: Tensor, part_floats: int, heads: int):
+    """(partials address, counters address) with room for part_floats and heads; grown
+    (never shrunk) when a call needs more."""
+    sc = _att_scratch.get(t.device.index)
+    if sc is None or sc[1] < part_floats or sc[2] < heads:
+        floats = max(part_floats, sc[1] if sc else 0)
+        nheads = max(heads, sc[2] if sc else 0, 64)
+        if sc is not None:
+            _retired.append(sc[0])
+        buf = _zeroed(t, nheads * 4 + floats * 4)
+        sc = _att_scratch[t.device.index] = (buf, floats, nheads)
+    base = int(sc[0].handle)
+    return base + sc[2] * 4, base
 
 
 def argmax(x, out):
@@ -334,7 +439,7 @@ def argmax(x, out):
     N = x.shape[-1]
     rows = x.numel // N if N else 0
     if 0 < rows <= SPLIT_ROWS and N >= 8192:
-        _, best, count, _, _ = _get_scratch(x)
+        _, best, count = _get_scratch(x)
         nb = min((N + 2047) // 2048, 2 * dev.sm_count)
         _launch(dev, key, "argmax_split", (nb, rows), (256,),
                 [Arg.ptr(_p(x)), Arg.ptr(_p(out)), Arg.i32(N), Arg.ptr(best), Arg.ptr(count)])

@@ -125,6 +125,30 @@ if has generate && [ -f "$GGUF" ]; then
   timeout -s ABRT 120 $PY -m hetinfer generate --device cuda --dtype f16 --eager --model "$GGUF" -n 64 \
     "Once upon a time" 2>&1 | tr '\r' '\n' | grep -vE "loading|checking|^\s*$" | tail -3 | tee -a "$OUT/generate.log"
 fi
+# qwen: the Qwen2.5 GGUF comes in parts (.models/qwen.part.a..h, one per call while the
+# machine stays warm), each copied to $MODELS by the `stash` step; assembled and run here
+QWEN=$MODELS/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+if has stash; then cp -v .models/qwen.part.* .models/qwen.sha256 $MODELS/ 2>/dev/null; fi
+if has qwen; then
+  if [ ! -f "$QWEN" ]; then
+    cat $MODELS/qwen.part.* > "$QWEN"
+    if [ "$(sha256sum "$QWEN" | cut -d' ' -f1)" != "$(cat $MODELS/qwen.sha256)" ]; then
+      echo "Qwen GGUF sha256 mismatch (parts: $(ls $MODELS | tr '\n' ' '))"; rm -f "$QWEN"
+    else echo "Qwen GGUF assembled, sha256 ok"; fi
+  fi
+  if [ -f "$QWEN" ]; then
+    for dt in f16 bf16; do
+      echo "--- qwen generate --dtype $dt ---"
+      timeout -s ABRT 150 $PY -m hetinfer generate --device cuda --dtype $dt --model "$QWEN" -n 96 \
+        "Write a Python function that checks whether a number is prime." 2>&1 | tr '\r' '\n' \
+        | grep -vE "loading|checking|^\s*$" | tail -14 | tee -a "$OUT/qwen.log"
+    done
+    echo "--- qwen generate --quantize int8 --dtype f16 ---"
+    timeout -s ABRT 150 $PY -m hetinfer generate --device cuda --dtype f16 --quantize int8 --model "$QWEN" -n 64 \
+      "Write a Python function that reverses a string." 2>&1 | tr '\r' '\n' \
+      | grep -vE "loading|checking|^\s*$" | tail -10 | tee -a "$OUT/qwen.log"
+  fi
+fi
 if has bench; then
   A=""; [ -f .carry/torch_anchor.py ] && A="--anchor .carry/torch_anchor.py"
   timeout -s ABRT ${BENCH_TIMEOUT:-540} $PY tools/bench.py --device cuda ${BENCH_ARGS:-} $A 2>&1 \

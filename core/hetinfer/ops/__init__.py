@@ -19,7 +19,8 @@ from . import reference
 OPS: dict[str, tuple[str, str]] = {
     "embedding": ("table", "out[t] = table[ids[t]]"),
     "rms_norm": ("x", "x / sqrt(mean(x^2) + eps) * weight over the last axis"),
-    "matmul": ("weight", "x @ weight^T (+ bias); weight f32/f16/bf16, or i8 with group scales"),
+    "matmul": ("weight", "residual + act(pro(x) @ weight^T + bias); pro: rms_norm or none, act: "
+                         "swiglu of [gate | up] or none; weight f32/f16/bf16, or i8 with group scales"),
     "rope": ("x", "rotary embedding at per-token positions, 'half' or 'interleaved' pairs"),
     "add": ("a", "a + b"),
     "swiglu": ("gate", "silu(gate) * up"),
@@ -137,19 +138,33 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, out: Tensor | None = 
 
 
 def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor | None = None,
-           out: Tensor | None = None) -> Tensor:
-    """x (..., K) @ weight (N, K)^T + bias (N,) -> (..., N). An i8 weight needs scales
-    (N, K // G), one per group of G consecutive input columns."""
+           out: Tensor | None = None, *, norm_weight: Tensor | None = None, eps: float = 1e-6,
+           act: str | None = None, residual: Tensor | None = None) -> Tensor:
+    """out = residual + act(pro(x) @ weight^T + bias), with weight (N, K).
+
+    An i8 weight needs scales (N, K // G), one per group of G consecutive input columns.
+    The prologue pro(x) is x itself, or with norm_weight (K,) rms_norm(x, norm_weight, eps).
+    act=None gives y (..., N); act="swiglu" treats y as [gate | up] halves and gives
+    silu(gate) * up (..., N // 2). residual (the output's shape) is added last and may be
+    out itself (in place). These let a backend fuse a layer's norms, activation and
+    residual adds into its products; kernels receive every keyword."""
     op = "matmul"
     _t(op, "x", x, D.FLOATS)
     _t(op, "weight", weight, D.FLOATS + (D.i8,), 2)
     n, k = weight.shape
+    if act not in (None, "swiglu"):
+        raise ShapeError(f"{op}: act must be None or 'swiglu', got {act!r}")
+    if act == "swiglu" and n % 2:
+        raise ShapeError(f"{op}: act='swiglu' needs an even number of weight rows [gate | up], got {n}")
     if x.ndim == 0 or x.shape[-1] != k:
         raise ShapeError(f"{op}: x has shape {x.shape} and weight {weight.shape}; "
                          f"expected x of shape (..., {k}) to match weight (N, K={k})")
     if bias is not None:
         _t(op, "bias", bias, D.FLOATS, 1)
         _shape(op, "bias", bias, (n,))
+    if norm_weight is not None:
+        _t(op, "norm_weight", norm_weight, D.FLOATS, 1)
+        _shape(op, "norm_weight", norm_weight, (k,))
     if weight.dtype == D.i8:
         if scales is None:
             raise DTypeError(f"{op}: an i8 weight needs scales of shape (N, K // group)")
@@ -159,9 +174,15 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor
                              f"with a group size dividing K={k}")
     elif scales is not None:
         raise DTypeError(f"{op}: scales given for a {weight.dtype} weight; only i8 weights take scales")
-    _same_device(op, x=x, weight=weight, bias=bias, scales=scales, out=out)
-    out = _out(op, out, x.shape[:-1] + (n,), x.dtype, x.device, D.FLOATS)
-    _dispatch(op, weight.dtype, x.device, ("out",), x=x, weight=weight, bias=bias, scales=scales, out=out)
+    shape = x.shape[:-1] + (n // 2 if act else n,)
+    if residual is not None:
+        _t(op, "residual", residual, D.FLOATS)
+        _shape(op, "residual", residual, shape)
+    _same_device(op, x=x, weight=weight, bias=bias, scales=scales, norm_weight=norm_weight,
+                 residual=residual, out=out)
+    out = _out(op, out, shape, (residual if residual is not None else x).dtype, x.device, D.FLOATS)
+    _dispatch(op, weight.dtype, x.device, ("out",), x=x, weight=weight, bias=bias, scales=scales, out=out,
+              norm_weight=norm_weight, eps=float(eps), act=act, residual=residual)
     return out
 
 

@@ -26,10 +26,16 @@ def dequantize_int8(weight, scales):
     return (f64(weight).reshape(n, k // g, g) * f64(scales)[:, :, None]).reshape(n, k)
 
 
-def matmul(x, weight, bias=None, scales=None):
+def matmul(x, weight, bias=None, scales=None, norm_weight=None, eps=1e-6, act=None, residual=None):
     w = dequantize_int8(weight, scales) if scales is not None else f64(weight)
-    y = f64(x) @ w.T                                         # (..., K) @ (K, N) -> (..., N)
-    return y + f64(bias) if bias is not None else y
+    a = f64(x) if norm_weight is None else rms_norm(x, norm_weight, eps)
+    y = a @ w.T                                              # (..., K) @ (K, N) -> (..., N)
+    if bias is not None:
+        y = y + f64(bias)
+    if act == "swiglu":                                      # [gate | up] -> (..., N / 2)
+        n = y.shape[-1] // 2
+        y = swiglu(y[..., :n], y[..., n:])
+    return y + f64(residual) if residual is not None else y
 
 
 def rope(x, positions, cos, sin, style):

@@ -79,8 +79,10 @@ def matmul(case: Case):
         k = group * case.draw(st.integers(1, 4), "groups")
     else:
         k = case.draw(hidden(), "K")
-    n = case.draw(hidden(), "N")
+    act = case.draw(st.sampled_from([None, "swiglu"]), "act")
+    n = case.draw(hidden(), "N") * (2 if act else 1)
     lead = case.draw(lead_shape(max(1, min(48, 4_000_000 // (k * n)))), "lead")
+    norm = case.draw(st.booleans(), "rms_norm prologue?")
     x_dt = case.other_float("x.dtype")
     out_dt = case.other_float("out.dtype")
     x = case.normal(lead + (k,), x_dt)
@@ -96,16 +98,44 @@ def matmul(case: Case):
     bias = None
     if case.draw(st.booleans(), "bias?"):
         bias = case.normal((n,), case.other_float("bias.dtype"))
+    norm_w = None
+    if norm:
+        nw_dt = case.other_float("norm_weight.dtype")
+        norm_w = (case.normal((k,), nw_dt, 0.5).astype(np.float64) + 1.0).astype(nw_dt.np)
+    out_shape = lead + (n // 2 if act else n,)
+    residual, in_place = None, False
+    if case.draw(st.booleans(), "residual?"):
+        in_place = case.draw(st.booleans(), "out is residual?")
+        residual = case.normal(out_shape, out_dt if in_place else case.other_float("residual.dtype"))
     x_t = case.input("x", x)
     w_t = case.input("weight", w, case.dtype)
     s_t = case.input("scales", scales) if quant else None
     b_t = case.input("bias", bias) if bias is not None else None
-    out = case.output("out", lead + (n,), out_dt)
-    case.call = lambda: hetinfer.ops.matmul(x_t, w_t, bias=b_t, scales=s_t, out=out)
-    mag = np.abs(x.astype(np.float64)) @ np.abs(wf).T            # |x| @ |W|^T bounds the rounding error
+    nw_t = case.input("norm_weight", norm_w) if norm_w is not None else None
+    expected = R.matmul(x, w, bias, scales, norm_weight=norm_w, eps=1e-5, act=act, residual=residual)
+    # error scale: |pro(x)| @ |W|^T (+ |bias|), through the activation's slope (<= 1.1 for
+    # silu, times |up|, plus |silu(gate)| for the up half), plus |residual|
+    a = np.abs(R.rms_norm(x, norm_w, 1e-5)) if norm else np.abs(x.astype(np.float64))
+    mag = a @ np.abs(wf).T
     if bias is not None:
         mag = mag + np.abs(bias.astype(np.float64))
-    case.expect_close("out", out, R.matmul(x, w, bias, scales), mag=np.maximum(mag, mag.max(initial=0) * 1e-3))
+    if act:
+        y = R.matmul(x, w, bias, scales, norm_weight=norm_w, eps=1e-5)
+        h = n // 2
+        mag = 1.1 * mag[..., :h] * np.abs(y[..., h:]) + np.abs(R.swiglu(y[..., :h], np.ones_like(y[..., h:]))) * mag[..., h:]
+    if residual is not None:
+        mag = mag + np.abs(residual.astype(np.float64))
+    mag = np.maximum(mag, mag.max(initial=0) * 1e-3)
+    kw = dict(bias=b_t, scales=s_t, norm_weight=nw_t, eps=1e-5, act=act)
+    if in_place:
+        r_t = case.inout("residual", residual)
+        case.call = lambda: hetinfer.ops.matmul(x_t, w_t, residual=r_t, out=r_t, **kw)
+        case.expect_close("residual (out=residual)", r_t, expected, mag=mag)
+        return
+    r_t = case.input("residual", residual) if residual is not None else None
+    out = case.output("out", out_shape, out_dt)
+    case.call = lambda: hetinfer.ops.matmul(x_t, w_t, residual=r_t, out=out, **kw)
+    case.expect_close("out", out, expected, mag=mag)
 
 
 # --- rope ----------------------------------------------------------------------------

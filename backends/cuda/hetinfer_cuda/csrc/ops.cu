@@ -15,34 +15,47 @@ typedef bf16_t T;
 
 #define VEC (16 / (int)sizeof(T))
 
+// f32 or T at run time, for arguments that may be either (an f32 residual stream
+// beside T weights): is32 says which.
+__device__ __forceinline__ float ldf(const void* p, int is32, size_t i) {
+    return is32 ? reinterpret_cast<const float*>(p)[i] : to_f32(reinterpret_cast<const T*>(p)[i]);
+}
+__device__ __forceinline__ void stf(void* p, int is32, size_t i, float v) {
+    if (is32) reinterpret_cast<float*>(p)[i] = v;
+    else reinterpret_cast<T*>(p)[i] = from_f32<T>(v);
+}
+
 // ---------------------------------------------------------------- embedding
-// out[t, :] = table[ids[t], :]; an id out of range writes NaN.
+// out[t, :] = table[ids[t], :]; an id out of range writes NaN. out is T, or f32 (o32).
 extern "C" __global__ void embedding(const void* __restrict__ ids, int ids64,
-                                     const T* __restrict__ table, T* __restrict__ out,
+                                     const T* __restrict__ table, void* __restrict__ out, int o32,
                                      int V, int D, int vec) {
     const int t = blockIdx.x;
     const i64 id = load_index(ids, ids64, t);
-    T* o = out + (size_t)t * D;
+    const size_t o = (size_t)t * D;
     if (id < 0 || id >= V) {
-        for (int d = threadIdx.x; d < D; d += blockDim.x) o[d] = from_f32<T>(HI_NAN);
+        for (int d = threadIdx.x; d < D; d += blockDim.x) stf(out, o32, o + d, HI_NAN);
         return;
     }
     const T* row = table + (size_t)id * D;
-    if (vec) {
-        for (int d = threadIdx.x * VEC; d < D; d += blockDim.x * VEC) store16(o + d, load16_nc(row + d));
+    if (vec && !o32) {
+        T* op = reinterpret_cast<T*>(out) + o;
+        for (int d = threadIdx.x * VEC; d < D; d += blockDim.x * VEC) store16(op + d, load16_nc(row + d));
     } else {
-        for (int d = threadIdx.x; d < D; d += blockDim.x) o[d] = row[d];
+        for (int d = threadIdx.x; d < D; d += blockDim.x) stf(out, o32, o + d, to_f32(row[d]));
     }
 }
 
 // ---------------------------------------------------------------- rms_norm
 // One block per row: sum of squares (128-bit loads where aligned), block reduction,
-// then a second pass that scales and writes.
-extern "C" __global__ void rms_norm(const T* __restrict__ x, const T* __restrict__ w,
-                                    T* __restrict__ out, int D, float eps, int vec) {
+// then a second pass that scales and writes. x and out are T, or f32 (x32, o32: the
+// 128-bit path is for all-T calls).
+extern "C" __global__ void rms_norm(const void* __restrict__ xv, int x32, const T* __restrict__ w,
+                                    void* __restrict__ outv, int o32, int D, float eps, int vec) {
     const size_t row = blockIdx.x;
-    const T* xr = x + row * D;
-    T* o = out + row * D;
+    const size_t base = row * D;
+    vec = vec && !x32 && !o32;
+    const T* xr = reinterpret_cast<const T*>(xv) + base;
     float ss = 0.f;
     if (vec) {
         for (int d = threadIdx.x * VEC; d < D; d += blockDim.x * VEC) {
@@ -51,11 +64,12 @@ extern "C" __global__ void rms_norm(const T* __restrict__ x, const T* __restrict
             for (int e = 0; e < VEC; ++e) { float f = to_f32(v.e[e]); ss += f * f; }
         }
     } else {
-        for (int d = threadIdx.x; d < D; d += blockDim.x) { float f = to_f32(xr[d]); ss += f * f; }
+        for (int d = threadIdx.x; d < D; d += blockDim.x) { float f = ldf(xv, x32, base + d); ss += f * f; }
     }
     ss = block_sum(ss);
     const float inv = rsqrtf(ss / (float)D + eps);
     if (vec) {
+        T* o = reinterpret_cast<T*>(outv) + base;
         for (int d = threadIdx.x * VEC; d < D; d += blockDim.x * VEC) {
             Vec16<T> v = load16(xr + d), g = load16_nc(w + d), r;
 #pragma unroll
@@ -64,7 +78,7 @@ extern "C" __global__ void rms_norm(const T* __restrict__ x, const T* __restrict
         }
     } else {
         for (int d = threadIdx.x; d < D; d += blockDim.x)
-            o[d] = from_f32<T>(to_f32(xr[d]) * inv * to_f32(w[d]));
+            stf(outv, o32, base + d, ldf(xv, x32, base + d) * inv * to_f32(w[d]));
     }
 }
 
@@ -220,148 +234,533 @@ extern "C" __global__ void kv_cache_write(const T* __restrict__ k, const T* __re
     }
 }
 
-// ---------------------------------------------------------------- attention
-// q (ntok, Hq, D); caches (S, Hkv, D); out (ntok, Hq, D). Query t attends to cache
-// rows 0..positions[t]. One block per (head, token), ATT_WARPS warps; each warp takes
-// every ATT_WARPS-th key with an online softmax (running max, sum, weighted V in
-// registers: lane holds d = lane + 32*i), then the warps' partials are merged.
-// Serves decode (ntok = 1) and causal prefill alike. D <= 256.
-#define ATT_WARPS 8
-#define ATT_MAXD 256
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-          const void* __restrict__ pos, int pos64, T* __restrict__ out,
-          int Hq, int Hkv, int D, int S, float scale) {
-    const int h = blockIdx.x, t = blockIdx.y;
-    const int kvh = h / (Hq / Hkv);
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    i64 p = load_index(pos, pos64, t);
+// ---------------------------------------------------------------- attention (decode)
+// One query token: q (1, Hq, D); caches (S, Hkv, D); out (1, Hq, D). The token attends
+// to cache rows 0..L-1, L = positions[0] + 1 read on the device (a captured graph
+// replays with new positions). Split along the sequence (flash-decoding): grid
+// (Hq, nsplit) of 8 warps; block (hq, s) takes rows [s C, s C + C) for query head hq
+// (kv head hq / G). The time is latency, not bytes, so every step issues its loads at
+// once: warp w takes rows w, w + 8, ... in batches of NB, a lane holds q[d] for
+// d = lane + 32 i (DPL of them) and loads that d of NB K rows and NB V rows before
+// using any; a warp sum per row gives the scores; each warp keeps an online softmax
+// (max, sum, acc) over its rows; the warps are merged through shared memory.
+// With one split the block writes the result. Otherwise it writes its partial (max,
+// sum, acc[D]) to `part`, and the last block of the head (a counter, reset by that
+// block) merges the splits. Splits past L exit at once.
+#define ADEC_WARPS 8
+#define ADEC_MAXD 256
+template <int DPL, int NB>
+__device__ __forceinline__ void attention_decode_body(
+        const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+        const void* __restrict__ pos, int pos64, T* __restrict__ out,
+        int Hq, int Hkv, int D, int S, float scale, int C, float* __restrict__ part, int* __restrict__ count) {
+    __shared__ float s_m[ADEC_WARPS], s_l[ADEC_WARPS], s_acc[ADEC_WARPS][32 * DPL];
+    __shared__ int s_last;
+    const int hq = blockIdx.x, s = blockIdx.y, nsplit = gridDim.y;
+    const int h = hq / (Hq / Hkv), tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const i64 p = load_index(pos, pos64, 0);
     const int L = p < 0 ? 0 : (int)(p >= S ? S : p + 1);
+    const int active = (L + C - 1) / C;            // splits holding at least one key
+    T* op = out + (size_t)hq * D;
+    if (L == 0) {                                   // nothing to attend to: NaN, as the reference
+        if (s == 0)
+            for (int d = tid; d < D; d += blockDim.x) op[d] = from_f32<T>(HI_NAN);
+        return;
+    }
+    if (s >= active) return;
+    const int j0 = s * C, n = min(C, L - j0);
     const size_t kstride = (size_t)Hkv * D;
-
-    float qr[ATT_MAXD / 32], acc[ATT_MAXD / 32];
-    const T* qp = q + ((size_t)t * Hq + h) * D;
+    const T* kb = kc + (size_t)j0 * kstride + (size_t)h * D;
+    const T* vb = vc + (size_t)j0 * kstride + (size_t)h * D;
+    float qr[DPL], acc[DPL];
 #pragma unroll
-    for (int i = 0; i < ATT_MAXD / 32; ++i) {
+    for (int i = 0; i < DPL; ++i) {
         const int d = lane + 32 * i;
-        qr[i] = d < D ? to_f32(qp[d]) * scale : 0.f;
+        qr[i] = d < D ? to_f32(q[(size_t)hq * D + d]) * scale : 0.f;
         acc[i] = 0.f;
     }
     float m = -HI_INF, l = 0.f;
-    for (int j = w; j < L; j += ATT_WARPS) {
-        const T* kp = kc + (size_t)j * kstride + (size_t)kvh * D;
-        const T* vp = vc + (size_t)j * kstride + (size_t)kvh * D;
-        float s = 0.f;
+    for (int jb = warp; jb < n; jb += ADEC_WARPS * NB) {
+        float kv[NB][DPL], vv[NB][DPL];
 #pragma unroll
-        for (int i = 0; i < ATT_MAXD / 32; ++i) {
-            const int d = lane + 32 * i;
-            if (d < D) s += qr[i] * to_f32(kp[d]);
+        for (int u = 0; u < NB; ++u) {
+            const int jj = jb + u * ADEC_WARPS;
+            const size_t off = (size_t)jj * kstride;
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) {
+                const int d = lane + 32 * i;
+                const bool ok = jj < n && d < D;
+                kv[u][i] = ok ? to_f32(kb[off + d]) : 0.f;
+                vv[u][i] = ok ? to_f32(vb[off + d]) : 0.f;
+            }
         }
-        s = warp_sum(s);
-        const float mn = fmaxf(m, s);
-        const float corr = expf(m - mn);            // 0 on the first key (m = -inf)
-        const float e = expf(s - mn);
-        l = l * corr + e;
+        float sc[NB];
 #pragma unroll
-        for (int i = 0; i < ATT_MAXD / 32; ++i) {
-            const int d = lane + 32 * i;
-            if (d < D) acc[i] = acc[i] * corr + e * to_f32(vp[d]);
+        for (int u = 0; u < NB; ++u) {
+            float dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) dot += qr[i] * kv[u][i];
+            sc[u] = dot;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+            for (int u = 0; u < NB; ++u) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
+        }
+        float bm = -HI_INF;
+#pragma unroll
+        for (int u = 0; u < NB; ++u)
+            if (jb + u * ADEC_WARPS < n) bm = fmaxf(bm, sc[u]);
+        const float mn = fmaxf(m, bm);
+        const float corr = expf(m - mn);            // 0 on the first batch (m = -inf)
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) acc[i] *= corr;
+#pragma unroll
+        for (int u = 0; u < NB; ++u) {
+            if (jb + u * ADEC_WARPS < n) {
+                const float pu = expf(sc[u] - mn);
+                l += pu;
+#pragma unroll
+                for (int i = 0; i < DPL; ++i) acc[i] += pu * vv[u][i];
+            }
         }
         m = mn;
     }
-    __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
-    __shared__ float sacc[ATT_WARPS][ATT_MAXD];
-    if (lane == 0) { sm[w] = m; sl[w] = l; }
+    if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
 #pragma unroll
-    for (int i = 0; i < ATT_MAXD / 32; ++i) {
-        const int d = lane + 32 * i;
-        if (d < D) sacc[w][d] = acc[i];
-    }
+    for (int i = 0; i < DPL; ++i) s_acc[warp][lane + 32 * i] = acc[i];
     __syncthreads();
     float M = -HI_INF;
 #pragma unroll
-    for (int ww = 0; ww < ATT_WARPS; ++ww) M = fmaxf(M, sm[ww]);
-    float f[ATT_WARPS], Ls = 0.f;
+    for (int w = 0; w < ADEC_WARPS; ++w) M = fmaxf(M, s_m[w]);
+    float wt[ADEC_WARPS], Ls = 0.f;
 #pragma unroll
-    for (int ww = 0; ww < ATT_WARPS; ++ww) {
-        f[ww] = sm[ww] == -HI_INF ? 0.f : expf(sm[ww] - M);
-        Ls += sl[ww] * f[ww];
+    for (int w = 0; w < ADEC_WARPS; ++w) {
+        wt[w] = s_m[w] == -HI_INF ? 0.f : expf(s_m[w] - M);
+        Ls += wt[w] * s_l[w];
     }
-    const float inv = L > 0 ? 1.f / Ls : HI_NAN;
-    T* op = out + ((size_t)t * Hq + h) * D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float o = 0.f;
+    if (active == 1) {
+        for (int d = tid; d < D; d += blockDim.x) {
+            float a = 0.f;
 #pragma unroll
-        for (int ww = 0; ww < ATT_WARPS; ++ww) o += sacc[ww][d] * f[ww];
-        op[d] = from_f32<T>(o * inv);
+            for (int w = 0; w < ADEC_WARPS; ++w) a += wt[w] * s_acc[w][d];
+            op[d] = from_f32<T>(a / Ls);
+        }
+        return;
+    }
+    // partials: part[(hq nsplit + s) (D + 2) + {0: max, 1: sum, 2..: acc}]
+    float* pp = part + ((size_t)hq * nsplit + s) * (D + 2);
+    for (int d = tid; d < D; d += blockDim.x) {
+        float a = 0.f;
+#pragma unroll
+        for (int w = 0; w < ADEC_WARPS; ++w) a += wt[w] * s_acc[w][d];
+        pp[2 + d] = a;
+    }
+    if (tid == 0) { pp[0] = M; pp[1] = Ls; }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) s_last = atomicAdd(count + hq, 1) == active - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const float* pg = part + (size_t)hq * nsplit * (D + 2);
+    float PM = -HI_INF;
+    for (int k = 0; k < active; ++k) PM = fmaxf(PM, __ldcg(pg + (size_t)k * (D + 2)));
+    float PL = 0.f;
+    for (int k = 0; k < active; ++k) {
+        const float* pk = pg + (size_t)k * (D + 2);
+        PL += expf(__ldcg(pk) - PM) * __ldcg(pk + 1);
+    }
+    for (int d = tid; d < D; d += blockDim.x) {
+        float a = 0.f;
+        for (int k = 0; k < active; ++k) {
+            const float* pk = pg + (size_t)k * (D + 2);
+            a += expf(__ldcg(pk) - PM) * __ldcg(pk + 2 + d);
+        }
+        op[d] = from_f32<T>(a / PL);
+    }
+    if (tid == 0) count[hq] = 0;         // ready for the next call
+}
+
+// head dims up to 64, 128, 256 (d per lane 2, 4, 8; rows per batch 8, 8, 4)
+#define ADEC_KERNEL(NAME, DPL, NB)                                                                 \
+    extern "C" __global__ void __launch_bounds__(ADEC_WARPS * 32)                                  \
+    NAME(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,              \
+         const void* __restrict__ pos, int pos64, T* __restrict__ out, int Hq, int Hkv, int D, int S, \
+         float scale, int C, float* __restrict__ part, int* __restrict__ count) {                  \
+        attention_decode_body<DPL, NB>(q, kc, vc, pos, pos64, out, Hq, Hkv, D, S, scale, C, part, count); \
+    }
+ADEC_KERNEL(attention_decode_d64, 2, 8)
+ADEC_KERNEL(attention_decode_d128, 4, 8)
+ADEC_KERNEL(attention_decode_d256, 8, 4)
+
+// ---------------------------------------------------------------- attention (prefill)
+// Causal attention of ntok query tokens at positions[t] over cache rows 0..positions[t]
+// (the chunk's own keys are in the cache already). Tiled with an online softmax: grid
+// (Hq, ceil(ntok / 32)), 128 threads; a block holds 32 queries of one head and walks
+// 32-row tiles of K and V (f32 in shared memory) up to the largest position of its
+// queries. Thread t: query row r = t / 4, sub = t % 4: scores of keys sub, sub+4, ...
+// and output columns sub, sub+4, ... of its row; a row's four threads share a warp.
+#define APF_Q 32
+#define APF_K 32
+#define APF_MAXD 256
+extern "C" __global__ void __launch_bounds__(128)
+attention_prefill(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+                  const void* __restrict__ pos, int pos64, T* __restrict__ out,
+                  int ntok, int Hq, int Hkv, int D, int S, float scale) {
+    extern __shared__ float sm[];
+    const int Dp = D + 1;                          // padded rows: no bank conflicts
+    float* qs = sm;                                // (32, Dp)
+    float* ks = qs + APF_Q * Dp;                   // (32, Dp)
+    float* vs = ks + APF_K * Dp;                   // (32, Dp)
+    float* ps = vs + APF_K * Dp;                   // (32, 33)
+    const int h = blockIdx.x, t0 = blockIdx.y * APF_Q;
+    const int kvh = h / (Hq / Hkv);
+    const int tid = threadIdx.x, r = tid >> 2, sub = tid & 3;
+    const size_t kstride = (size_t)Hkv * D;
+    __shared__ int s_pos[APF_Q];
+    __shared__ int s_maxp;
+    if (tid < APF_Q) {
+        int pr = -1;
+        if (t0 + tid < ntok) {
+            const i64 pp = load_index(pos, pos64, t0 + tid);
+            pr = pp < 0 ? -1 : (int)(pp >= S ? S - 1 : pp);
+        }
+        s_pos[tid] = pr;
+    }
+    for (int i = tid; i < APF_Q * D; i += blockDim.x) {
+        const int rr = i / D, d = i % D;
+        qs[rr * Dp + d] = t0 + rr < ntok ? to_f32(q[((size_t)(t0 + rr) * Hq + h) * D + d]) * scale : 0.f;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int m = -1;
+        for (int i = 0; i < APF_Q; ++i) m = max(m, s_pos[i]);
+        s_maxp = m;
+    }
+    __syncthreads();
+    const int my = s_pos[r], maxp = s_maxp;
+    float m = -HI_INF, l = 0.f;
+    float acc[APF_MAXD / 4];
+#pragma unroll
+    for (int i = 0; i < APF_MAXD / 4; ++i) acc[i] = 0.f;
+
+    for (int j0 = 0; j0 <= maxp; j0 += APF_K) {
+        for (int i = tid; i < APF_K * D; i += blockDim.x) {
+            const int jj = i / D, d = i % D;
+            const int j = j0 + jj;
+            const bool ok = j <= maxp;
+            ks[jj * Dp + d] = ok ? to_f32(kc[(size_t)j * kstride + (size_t)kvh * D + d]) : 0.f;
+            vs[jj * Dp + d] = ok ? to_f32(vc[(size_t)j * kstride + (size_t)kvh * D + d]) : 0.f;
+        }
+        __syncthreads();
+        float sc[APF_K / 4];
+        float tmax = -HI_INF;
+#pragma unroll
+        for (int u = 0; u < APF_K / 4; ++u) {
+            const int jj = sub + 4 * u;
+            float sdot = 0.f;
+            for (int d = 0; d < D; ++d) sdot += qs[r * Dp + d] * ks[jj * Dp + d];
+            sc[u] = (j0 + jj <= my) ? sdot : -HI_INF;
+            tmax = fmaxf(tmax, sc[u]);
+        }
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+        const float mn = fmaxf(m, tmax);
+        const float corr = mn == -HI_INF ? 1.f : expf(m - mn);
+        float psum = 0.f;
+#pragma unroll
+        for (int u = 0; u < APF_K / 4; ++u) {
+            const float e = sc[u] == -HI_INF ? 0.f : expf(sc[u] - mn);
+            ps[r * 33 + sub + 4 * u] = e;
+            psum += e;
+        }
+        psum += __shfl_xor_sync(0xffffffffu, psum, 1);
+        psum += __shfl_xor_sync(0xffffffffu, psum, 2);
+        l = l * corr + psum;
+        m = mn;
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < APF_MAXD / 4; ++i) acc[i] *= corr;
+        for (int jj = 0; jj < APF_K; ++jj) {
+            const float pr = ps[r * 33 + jj];
+#pragma unroll
+            for (int i = 0; i < APF_MAXD / 4; ++i) {
+                const int d = sub + 4 * i;
+                if (d < D) acc[i] += pr * vs[jj * Dp + d];
+            }
+        }
+        __syncthreads();                           // before the next tile overwrites ks, vs
+    }
+    if (t0 + r < ntok) {
+        const float inv = (my >= 0 && l > 0.f) ? 1.f / l : HI_NAN;
+        T* op = out + ((size_t)(t0 + r) * Hq + h) * D;
+#pragma unroll
+        for (int i = 0; i < APF_MAXD / 4; ++i) {
+            const int d = sub + 4 * i;
+            if (d < D) op[d] = from_f32<T>(acc[i] * inv);
+        }
     }
 }
 
-// ---------------------------------------------------------------- matmul
-// Decode GEMV: out (M, N) = x (M, K) @ w (N, K)^T (+ bias), for small M. One warp per
-// output column n (GEMV_WARPS per block); each lane streams 16-byte chunks of the
-// weight row (read once per 4 rows of x) and accumulates in f32.
-#define GEMV_WARPS 4
-#define GEMV_MT 4
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, int has_bias,
-     T* __restrict__ out, int M, int N, int K, int vec) {
-    const int lane = threadIdx.x & 31;
-    const int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (n >= N) return;
-    const T* wr = w + (size_t)n * K;
-    const float b = has_bias ? to_f32(bias[n]) : 0.f;
-    for (int m0 = 0; m0 < M; m0 += GEMV_MT) {
-        float acc[GEMV_MT];
+// ---------------------------------------------------------------- matmul (decode GEMV)
+// out = residual + act(pro(x) @ w^T + bias) for a few rows of x (M <= GEMV_MAXM).
+// pro: 0 none; 1 rms_norm: x -> x * rsqrt(mean(x^2) + eps) * nw (K,). act: 0 none, out
+// (M, N); 1 swiglu over the halves [gate | up] of the N outputs: out (M, N / 2) =
+// silu(y[:, :N/2]) * y[:, N/2:]. x is T or f32 (x32); residual and out are T or f32
+// (r32, o32); out may be residual (each element is read, then written, by one lane).
+// Each warp streams two weight rows (rpw = 2: rows n, n + 1; with swiglu: gate row n and
+// up row n + N/2, so the warp owns an output) or one, 16 bytes per lane per load, the
+// rows sharing the loads of x; accumulation in f32. The norm needs no pass of its own:
+// rms_norm(x) . w = rsqrt(mean(x^2) + eps) * ((x * nw) . w), and a warp's walk over its
+// row reads every x once, so it sums x^2 as it goes.
+// Weights: T (WK 0), or int8 with per-group scales, f16 (WK 1) or f32 (WK 2): each
+// 16-value chunk is widened in registers (byte permutes into floats) and its dot
+// product scaled once (with vec, groups are multiples of 16). vec: the host checked
+// 16-byte alignment of w, x, nw and that K (and for int8 the group) fits the chunks.
+#define GEMV_WARPS 8
+#define GEMV_MAXM 8
+
+template <typename S> __device__ __forceinline__ float ld_scale(const S* p, size_t i) { return to_f32(p[i]); }
+
+// four signed bytes of w -> floats, exactly: bias to unsigned, place in a float's mantissa
+__device__ __forceinline__ void i8x4(u32 w, float* f) {
+    w ^= 0x80808080u;
+    f[0] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540)) - 8388736.f;
+    f[1] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7541)) - 8388736.f;
+    f[2] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7542)) - 8388736.f;
+    f[3] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7543)) - 8388736.f;
+}
+
+// NE consecutive elements of x (f32 if x32, else T) from element i, with 16-byte loads
+template <int NE> __device__ __forceinline__ void ldx16(const void* x, int x32, size_t i, float* f) {
+    if (x32) {
+        const float4* p = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(x) + i);
 #pragma unroll
-        for (int mi = 0; mi < GEMV_MT; ++mi) acc[mi] = 0.f;
+        for (int q = 0; q < NE / 4; ++q) {
+            const float4 v = __ldg(p + q);
+            f[4 * q] = v.x; f[4 * q + 1] = v.y; f[4 * q + 2] = v.z; f[4 * q + 3] = v.w;
+        }
+    } else {
+        const T* p = reinterpret_cast<const T*>(x) + i;
+#pragma unroll
+        for (int q = 0; q < NE / VEC; ++q) {
+            const Vec16<T> v = load16_nc(p + q * VEC);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) f[q * VEC + e] = to_f32(v.e[e]);
+        }
+    }
+}
+
+// x for NE elements from column k of row m, into f (times nw for rms_norm, ss += x^2)
+template <int NE> __device__ __forceinline__ void prologue16(const void* x, int x32, const T* nw, int pro,
+                                                            int m, int K, int k, float* f, float& ss) {
+    ldx16<NE>(x, x32, (size_t)m * K + k, f);
+    if (pro == 1) {
+        float g[NE];
+        ldx16<NE>(nw, 0, k, g);
+#pragma unroll
+        for (int e = 0; e < NE; ++e) { ss += f[e] * f[e]; f[e] *= g[e]; }
+    }
+}
+
+__device__ __forceinline__ float prologue1(const void* x, int x32, const T* nw, int pro,
+                                           int m, int K, int k, float& ss) {
+    const float v = ldf(x, x32, (size_t)m * K + k);
+    if (pro == 1) { ss += v * v; return v * to_f32(nw[k]); }
+    return v;
+}
+
+template <int WK, typename S, int MM>
+__device__ __forceinline__ void gemv_body(const void* __restrict__ x, int x32, const void* __restrict__ w,
+                                          const S* __restrict__ scales, int G,
+                                          const T* __restrict__ bias, const T* __restrict__ nw, float eps,
+                                          int pro, int act, const void* residual, int r32, void* out, int o32,
+                                          int M, int N, int K, int vec, int rpw) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int No = act ? N / 2 : N;                 // outputs per row of x
+    int n0, n1;
+    bool two;
+    if (act) {                                      // gate row n0, up row n0 + N/2
+        n0 = blockIdx.x * GEMV_WARPS + warp;
+        if (n0 >= No) return;
+        n1 = n0 + No;
+        two = true;
+    } else {
+        n0 = (blockIdx.x * GEMV_WARPS + warp) * rpw;
+        if (n0 >= N) return;
+        two = rpw == 2 && n0 + 1 < N;
+        n1 = two ? n0 + 1 : n0;
+    }
+    float acc0[MM], acc1[MM], ss[MM];
+#pragma unroll
+    for (int m = 0; m < MM; ++m) { acc0[m] = 0.f; acc1[m] = 0.f; ss[m] = 0.f; }
+    const int ng = WK ? K / G : 0;
+
+    if (WK == 0) {
+        const T* w0 = reinterpret_cast<const T*>(w) + (size_t)n0 * K;
+        const T* w1 = reinterpret_cast<const T*>(w) + (size_t)n1 * K;
         if (vec) {
             const int KV = K / VEC;
-#pragma unroll 2
-            for (int kv = lane; kv < KV; kv += 32) {
-                const Vec16<T> wv = load16_nc(wr + (size_t)kv * VEC);
-                float wf[VEC];
+#pragma unroll 4
+            for (int c = lane; c < KV; c += 32) {
+                const Vec16<T> a = load16_nc(w0 + (size_t)c * VEC);
+                const Vec16<T> b = load16_nc(w1 + (size_t)c * VEC);
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) wf[e] = to_f32(wv.e[e]);
+                for (int m = 0; m < MM; ++m) {
+                    if (m < M) {
+                        float xf[VEC];
+                        prologue16<VEC>(x, x32, nw, pro, m, K, c * VEC, xf, ss[m]);
 #pragma unroll
-                for (int mi = 0; mi < GEMV_MT; ++mi) {
-                    if (m0 + mi < M) {
-                        const Vec16<T> xv = load16(x + (size_t)(m0 + mi) * K + (size_t)kv * VEC);
-#pragma unroll
-                        for (int e = 0; e < VEC; ++e) acc[mi] += wf[e] * to_f32(xv.e[e]);
+                        for (int e = 0; e < VEC; ++e) {
+                            acc0[m] += to_f32(a.e[e]) * xf[e];
+                            acc1[m] += to_f32(b.e[e]) * xf[e];
+                        }
                     }
                 }
             }
         } else {
             for (int k = lane; k < K; k += 32) {
-                const float wf = to_f32(wr[k]);
+                const float a = to_f32(w0[k]), b = to_f32(w1[k]);
 #pragma unroll
-                for (int mi = 0; mi < GEMV_MT; ++mi)
-                    if (m0 + mi < M) acc[mi] += wf * to_f32(x[(size_t)(m0 + mi) * K + k]);
+                for (int m = 0; m < MM; ++m)
+                    if (m < M) {
+                        const float xv = prologue1(x, x32, nw, pro, m, K, k, ss[m]);
+                        acc0[m] += a * xv;
+                        acc1[m] += b * xv;
+                    }
             }
         }
+    } else {
+        const signed char* w0 = reinterpret_cast<const signed char*>(w) + (size_t)n0 * K;
+        const signed char* w1 = reinterpret_cast<const signed char*>(w) + (size_t)n1 * K;
+        const S* s0 = scales + (size_t)n0 * ng;
+        const S* s1 = scales + (size_t)n1 * ng;
+        if (vec) {
+            const int KV = K / 16;
+#pragma unroll 2
+            for (int c = lane; c < KV; c += 32) {
+                const uint4 a = __ldg(reinterpret_cast<const uint4*>(w0) + c);
+                const uint4 b = __ldg(reinterpret_cast<const uint4*>(w1) + c);
+                const int g = (c * 16) / G;
+                const float sa = ld_scale(s0, g), sb = ld_scale(s1, g);
+                float af[16], bf[16];
+                i8x4(a.x, af); i8x4(a.y, af + 4); i8x4(a.z, af + 8); i8x4(a.w, af + 12);
+                i8x4(b.x, bf); i8x4(b.y, bf + 4); i8x4(b.z, bf + 8); i8x4(b.w, bf + 12);
 #pragma unroll
-        for (int mi = 0; mi < GEMV_MT; ++mi) {
-            const float s = warp_sum(acc[mi]);
-            if (lane == 0 && m0 + mi < M) out[(size_t)(m0 + mi) * N + n] = from_f32<T>(s + b);
+                for (int m = 0; m < MM; ++m) {
+                    if (m < M) {
+                        float xf[16];
+                        prologue16<16>(x, x32, nw, pro, m, K, c * 16, xf, ss[m]);
+                        float da = 0.f, db = 0.f;
+#pragma unroll
+                        for (int e = 0; e < 16; ++e) { da += af[e] * xf[e]; db += bf[e] * xf[e]; }
+                        acc0[m] += sa * da;
+                        acc1[m] += sb * db;
+                    }
+                }
+            }
+        } else {
+            for (int k = lane; k < K; k += 32) {
+                const float a = (float)w0[k] * ld_scale(s0, k / G), b = (float)w1[k] * ld_scale(s1, k / G);
+#pragma unroll
+                for (int m = 0; m < MM; ++m)
+                    if (m < M) {
+                        const float xv = prologue1(x, x32, nw, pro, m, K, k, ss[m]);
+                        acc0[m] += a * xv;
+                        acc1[m] += b * xv;
+                    }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MM; ++m) {
+        if (m < M) {
+            const float inv = pro == 1 ? rsqrtf(warp_sum(ss[m]) / (float)K + eps) : 1.f;
+            const float s0v = warp_sum(acc0[m]) * inv;
+            const float s1v = warp_sum(acc1[m]) * inv;
+            if (lane == 0) {
+                if (act) {
+                    const size_t o = (size_t)m * No + n0;
+                    float g = s0v, u = s1v;
+                    if (bias) { g += to_f32(bias[n0]); u += to_f32(bias[n1]); }
+                    float v = silu_mul(g, u);
+                    if (residual) v += ldf(residual, r32, o);
+                    stf(out, o32, o, v);
+                } else {
+                    for (int r = 0; r < (two ? 2 : 1); ++r) {
+                        const int n = r ? n1 : n0;
+                        const size_t o = (size_t)m * N + n;
+                        float v = r ? s1v : s0v;
+                        if (bias) v += to_f32(bias[n]);
+                        if (residual) v += ldf(residual, r32, o);
+                        stf(out, o32, o, v);
+                    }
+                }
+            }
         }
     }
 }
 
-// out (M, N) += bias (N,), after a cuBLAS product.
-extern "C" __global__ void bias_add(T* __restrict__ out, const T* __restrict__ bias, int M, int N) {
-    const long long total = (long long)M * N;
+// gemv*: up to GEMV_MAXM rows of x; gemv*_m1: one row (decode), fewer registers
+#define GEMV_KERNEL(NAME, WK, S, MM)                                                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                   \
+    NAME(const void* __restrict__ x, int x32, const void* __restrict__ w, const void* __restrict__ scales, \
+         int G, const T* __restrict__ bias, const T* __restrict__ nw, float eps, int pro, int act,    \
+         const void* residual, int r32, void* out, int o32, int M, int N, int K, int vec, int rpw) {  \
+        gemv_body<WK, S, MM>(x, x32, w, reinterpret_cast<const S*>(scales), G, bias, nw, eps, pro,   \
+                             act, residual, r32, out, o32, M, N, K, vec, rpw);                      \
+    }
+GEMV_KERNEL(gemv, 0, float, GEMV_MAXM)
+GEMV_KERNEL(gemv_i8_s16, 1, f16_t, GEMV_MAXM)
+GEMV_KERNEL(gemv_i8_s32, 2, float, GEMV_MAXM)
+GEMV_KERNEL(gemv_m1, 0, float, 1)
+GEMV_KERNEL(gemv_i8_s16_m1, 1, f16_t, 1)
+GEMV_KERNEL(gemv_i8_s32_m1, 2, float, 1)
+
+// Prefill: after a cuBLAS product y (M, N), out = residual + act(y + bias), out and
+// residual T or f32 (out may be residual); act 1: swiglu of the halves, out (M, N / 2).
+extern "C" __global__ void matmul_epilogue(const T* __restrict__ y, const T* __restrict__ bias, int act,
+                                           const void* residual, int r32, void* out, int o32, int M, int N) {
+    const int No = act ? N / 2 : N;
+    const long long total = (long long)M * No;
     const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride)
-        out[i] = from_f32<T>(to_f32(out[i]) + to_f32(bias[i % N]));
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const long long m = i / No, n = i % No;
+        float v = to_f32(y[m * N + n]);
+        if (bias) v += to_f32(bias[n]);
+        if (act) {
+            float u = to_f32(y[m * N + No + n]);
+            if (bias) u += to_f32(bias[No + n]);
+            v = silu_mul(v, u);
+        }
+        if (residual) v += ldf(residual, r32, i);
+        stf(out, o32, i, v);
+    }
+}
+
+// int8 (N, K) with scales (N, K / G) f16 (s32 = 0) or f32 -> T (N, K), for a cuBLAS product
+extern "C" __global__ void dequant_i8(const signed char* __restrict__ q, const void* __restrict__ scales,
+                                      int s32, T* __restrict__ out, int N, int K, int G) {
+    const long long total = (long long)N * K;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const int ng = K / G;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const long long n = i / K, k = i % K;
+        const size_t si = (size_t)n * ng + k / G;
+        const float s = s32 ? reinterpret_cast<const float*>(scales)[si]
+                            : to_f32(reinterpret_cast<const f16_t*>(scales)[si]);
+        out[i] = from_f32<T>((float)q[i] * s);
+    }
 }
 
 // A plain shared-memory tiled GEMM (f32 accumulation) for larger M when CuPy/cuBLAS is
-// not installed: correct, not fast. 16x16 threads, one output each.
+// not installed: correct, not fast. 16x16 threads, one output each; writes T (the
+// epilogue adds bias and residual).
 #define TILE 16
 extern "C" __global__ void gemm_tiled(const T* __restrict__ x, const T* __restrict__ w,
-                                      const T* __restrict__ bias, int has_bias, T* __restrict__ out,
-                                      int M, int N, int K) {
+                                      T* __restrict__ out, int M, int N, int K) {
     __shared__ float xs[TILE][TILE + 1], ws[TILE][TILE + 1];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int m = blockIdx.y * TILE + ty, n = blockIdx.x * TILE + tx;
@@ -375,13 +774,13 @@ extern "C" __global__ void gemm_tiled(const T* __restrict__ x, const T* __restri
         for (int kk = 0; kk < TILE; ++kk) acc += xs[ty][kk] * ws[tx][kk];
         __syncthreads();
     }
-    if (m < M && n < N) out[(size_t)m * N + n] = from_f32<T>(acc + (has_bias ? to_f32(bias[n]) : 0.f));
+    if (m < M && n < N) out[(size_t)m * N + n] = from_f32<T>(acc);
 }
 
 // ---------------------------------------------------------------- strided copy
 // dst[i] = src[i] element by element over one shape, each side with its own strides
 // (in elements, signed): gathers a strided view into a contiguous buffer and scatters
-// it back. Dtype-blind: copies 2, 4 or 8 byte words.
+// it back. Dtype-blind: copies 1, 2, 4 or 8 byte words.
 #define COPY_MAXDIM 8
 struct Layout2 {
     int ndim;
@@ -405,6 +804,7 @@ struct Layout2 {
             dst[dof] = src[so];                                                              \
         }                                                                                    \
     }
+STRIDED_COPY(strided_copy_1, unsigned char)
 STRIDED_COPY(strided_copy_2, unsigned short)
 STRIDED_COPY(strided_copy_4, unsigned int)
 STRIDED_COPY(strided_copy_8, unsigned long long)
@@ -728,94 +1128,3 @@ extern "C" __global__ void argmax_split(const T* __restrict__ x, int* __restrict
     }
 }
 
-// ---------------------------------------------------------------- attention_decode_split
-// Decode attention (one query token), split along the sequence (flash-decoding) and
-// grouped by kv head: grid (Hkv, nsplit), 4 warps. Block (h, s) reads its slice of
-// keys/values of kv head h (rows s*C .. s*C+C-1 of 0..L-1, C = ceil(L / nsplit), L from
-// the position on the device) for all G = Hq/Hkv query heads of the group (a warp per
-// query head, online softmax), writes partial (max, sum, acc[D]) in f32 to part; the
-// last block of kv head h (counter, reset after) merges the nsplit partials.
-#define ADS_WARPS 4
-extern "C" __global__ void __launch_bounds__(ADS_WARPS * 32)
-attention_decode_split(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-                       const void* __restrict__ pos, int pos64, T* __restrict__ out,
-                       int Hq, int Hkv, int D, int S, float scale, int nsplit,
-                       float* part, u32* count) {
-    const int h = blockIdx.x, s = blockIdx.y;
-    const int G = Hq / Hkv;
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const i64 p = load_index(pos, pos64, 0);
-    const int L = p < 0 ? 0 : (int)(p >= S ? S : p + 1);
-    const int C = (L + nsplit - 1) / nsplit;
-    const int j0 = min(L, s * C), j1 = min(L, j0 + C);
-    const size_t kstride = (size_t)Hkv * D;
-    const int PD = D + 2;
-    for (int g = w; g < G; g += ADS_WARPS) {
-        const int hq = h * G + g;
-        float qr[ATT_MAXD / 32], acc[ATT_MAXD / 32];
-        const T* qp = q + (size_t)hq * D;
-#pragma unroll
-        for (int i = 0; i < ATT_MAXD / 32; ++i) {
-            const int d = lane + 32 * i;
-            qr[i] = d < D ? to_f32(qp[d]) * scale : 0.f;
-            acc[i] = 0.f;
-        }
-        float m = -HI_INF, l = 0.f;
-        for (int j = j0; j < j1; ++j) {
-            const T* kp = kc + (size_t)j * kstride + (size_t)h * D;
-            const T* vp = vc + (size_t)j * kstride + (size_t)h * D;
-            float sc = 0.f;
-#pragma unroll
-            for (int i = 0; i < ATT_MAXD / 32; ++i) {
-                const int d = lane + 32 * i;
-                if (d < D) sc += qr[i] * to_f32(kp[d]);
-            }
-            sc = warp_sum(sc);
-            const float mn = fmaxf(m, sc);
-            const float corr = expf(m - mn);
-            const float e = expf(sc - mn);
-            l = l * corr + e;
-#pragma unroll
-            for (int i = 0; i < ATT_MAXD / 32; ++i) {
-                const int d = lane + 32 * i;
-                if (d < D) acc[i] = acc[i] * corr + e * to_f32(vp[d]);
-            }
-            m = mn;
-        }
-        float* pp = part + ((size_t)hq * nsplit + s) * PD;
-        if (lane == 0) { pp[0] = m; pp[1] = l; }
-#pragma unroll
-        for (int i = 0; i < ATT_MAXD / 32; ++i) {
-            const int d = lane + 32 * i;
-            if (d < D) pp[2 + d] = acc[i];
-        }
-    }
-    __threadfence();
-    __syncthreads();
-    __shared__ bool last;
-    if (threadIdx.x == 0) last = atomicAdd(&count[h], 1u) == (u32)(nsplit - 1);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int g = 0; g < G; ++g) {
-        const int hq = h * G + g;
-        const float* base = part + (size_t)hq * nsplit * PD;
-        float M = -HI_INF;
-        for (int sp = 0; sp < nsplit; ++sp) M = fmaxf(M, __ldcg(base + (size_t)sp * PD));
-        float Ls = 0.f;
-        for (int sp = 0; sp < nsplit; ++sp) {
-            const float mm = __ldcg(base + (size_t)sp * PD);
-            if (mm != -HI_INF) Ls += __ldcg(base + (size_t)sp * PD + 1) * expf(mm - M);
-        }
-        const float inv = L > 0 ? 1.f / Ls : HI_NAN;
-        for (int d = threadIdx.x; d < D; d += blockDim.x) {
-            float o = 0.f;
-            for (int sp = 0; sp < nsplit; ++sp) {
-                const float mm = __ldcg(base + (size_t)sp * PD);
-                if (mm != -HI_INF) o += __ldcg(base + (size_t)sp * PD + 2 + d) * expf(mm - M);
-            }
-            out[(size_t)hq * D + d] = from_f32<T>(o * inv);
-        }
-    }
-    if (threadIdx.x == 0) count[h] = 0;
-}
