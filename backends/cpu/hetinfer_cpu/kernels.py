@@ -86,7 +86,8 @@ def fused(plain):
         if act == "swiglu":                                              # [gate | up] -> (..., N/2)
             n = r.shape[-1] // 2
             g = r[..., :n]
-            r = g / (1.0 + np.exp(-g)) * r[..., n:]
+            with np.errstate(over="ignore"):                             # exp(-g) = inf: silu -> -0
+                r = g / (1.0 + np.exp(-g)) * r[..., n:]
         if residual is not None:
             r = r + _f32(residual.numpy())                               # residual may be out
         _store(out.numpy(), r)

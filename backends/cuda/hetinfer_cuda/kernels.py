@@ -370,7 +370,9 @@ def attention(q, k_cache, v_cache, positions, scale, out):
                  Arg.ptr(part), Arg.ptr(count)])
     else:
         smem = 4 * (3 * 32 * (Dh + 1) + 32 * 33)
-        _launch(dev, key, "attention_prefill", (Hq, (ntok + 31) // 32), (128,),
+        fn = "attention_prefill_d64" if Dh <= 64 else ("attention_prefill_d128" if Dh <= 128 else
+                                                       "attention_prefill_d256")
+        _launch(dev, key, fn, (Hq, (ntok + 31) // 32), (128,),
                 [Arg.ptr(_p(q)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)), Arg.ptr(_p(positions)),
                  Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(o)),
                  Arg.i32(ntok), Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(S), Arg.f32(scale)],

@@ -401,14 +401,16 @@ ADEC_KERNEL(attention_decode_d256, 8, 4)
 // (Hq, ceil(ntok / 32)), 128 threads; a block holds 32 queries of one head and walks
 // 32-row tiles of K and V (f32 in shared memory) up to the largest position of its
 // queries. Thread t: query row r = t / 4, sub = t % 4: scores of keys sub, sub+4, ...
-// and output columns sub, sub+4, ... of its row; a row's four threads share a warp.
+// (8 independent dot products, d outer) and output columns sub, sub+4, ... of its row
+// (DQ of them); a row's four threads share a warp. Tiles are read with 16-byte loads,
+// a few in flight per thread before any is stored.
 #define APF_Q 32
 #define APF_K 32
-#define APF_MAXD 256
-extern "C" __global__ void __launch_bounds__(128)
-attention_prefill(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-                  const void* __restrict__ pos, int pos64, T* __restrict__ out,
-                  int ntok, int Hq, int Hkv, int D, int S, float scale) {
+template <int DQ>
+__device__ __forceinline__ void attention_prefill_body(
+        const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+        const void* __restrict__ pos, int pos64, T* __restrict__ out,
+        int ntok, int Hq, int Hkv, int D, int S, float scale) {
     extern __shared__ float sm[];
     const int Dp = D + 1;                          // padded rows: no bank conflicts
     float* qs = sm;                                // (32, Dp)
@@ -441,28 +443,64 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ kc, const T* __
     }
     __syncthreads();
     const int my = s_pos[r], maxp = s_maxp;
+    const int vec = (D % VEC == 0) && ((((size_t)kc) | ((size_t)vc) | (kstride * sizeof(T))) % 16 == 0);
+    const int cpr = D / VEC;                       // 16-byte chunks per row
     float m = -HI_INF, l = 0.f;
-    float acc[APF_MAXD / 4];
+    float acc[DQ];
 #pragma unroll
-    for (int i = 0; i < APF_MAXD / 4; ++i) acc[i] = 0.f;
+    for (int i = 0; i < DQ; ++i) acc[i] = 0.f;
 
     for (int j0 = 0; j0 <= maxp; j0 += APF_K) {
-        for (int i = tid; i < APF_K * D; i += blockDim.x) {
-            const int jj = i / D, d = i % D;
-            const int j = j0 + jj;
-            const bool ok = j <= maxp;
-            ks[jj * Dp + d] = ok ? to_f32(kc[(size_t)j * kstride + (size_t)kvh * D + d]) : 0.f;
-            vs[jj * Dp + d] = ok ? to_f32(vc[(size_t)j * kstride + (size_t)kvh * D + d]) : 0.f;
+        const T* kt = kc + (size_t)j0 * kstride + (size_t)kvh * D;
+        const T* vt = vc + (size_t)j0 * kstride + (size_t)kvh * D;
+        if (vec) {
+            for (int i0 = tid; i0 < APF_K * cpr; i0 += 4 * blockDim.x) {
+                Vec16<T> kb[4], vb[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int i = i0 + u * blockDim.x, jj = i / cpr;
+                    if (i < APF_K * cpr && j0 + jj <= maxp) {
+                        const size_t off = (size_t)jj * kstride + (i % cpr) * VEC;
+                        kb[u] = load16_nc(kt + off);
+                        vb[u] = load16_nc(vt + off);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int i = i0 + u * blockDim.x, jj = i / cpr, d0 = (i % cpr) * VEC;
+                    if (i < APF_K * cpr) {
+                        const bool ok = j0 + jj <= maxp;
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) {
+                            ks[jj * Dp + d0 + e] = ok ? to_f32(kb[u].e[e]) : 0.f;
+                            vs[jj * Dp + d0 + e] = ok ? to_f32(vb[u].e[e]) : 0.f;
+                        }
+                    }
+                }
+            }
+        } else {
+            for (int i = tid; i < APF_K * D; i += blockDim.x) {
+                const int jj = i / D, d = i % D;
+                const bool ok = j0 + jj <= maxp;
+                ks[jj * Dp + d] = ok ? to_f32(kt[(size_t)jj * kstride + d]) : 0.f;
+                vs[jj * Dp + d] = ok ? to_f32(vt[(size_t)jj * kstride + d]) : 0.f;
+            }
         }
         __syncthreads();
         float sc[APF_K / 4];
+#pragma unroll
+        for (int u = 0; u < APF_K / 4; ++u) sc[u] = 0.f;
+        const float* qr = qs + r * Dp;
+#pragma unroll 4
+        for (int d = 0; d < D; ++d) {
+            const float qv = qr[d];
+#pragma unroll
+            for (int u = 0; u < APF_K / 4; ++u) sc[u] += qv * ks[(sub + 4 * u) * Dp + d];
+        }
         float tmax = -HI_INF;
 #pragma unroll
         for (int u = 0; u < APF_K / 4; ++u) {
-            const int jj = sub + 4 * u;
-            float sdot = 0.f;
-            for (int d = 0; d < D; ++d) sdot += qs[r * Dp + d] * ks[jj * Dp + d];
-            sc[u] = (j0 + jj <= my) ? sdot : -HI_INF;
+            if (j0 + sub + 4 * u > my) sc[u] = -HI_INF;
             tmax = fmaxf(tmax, sc[u]);
         }
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
@@ -482,14 +520,14 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ kc, const T* __
         m = mn;
         __syncwarp();
 #pragma unroll
-        for (int i = 0; i < APF_MAXD / 4; ++i) acc[i] *= corr;
+        for (int i = 0; i < DQ; ++i) acc[i] *= corr;
+#pragma unroll 4
         for (int jj = 0; jj < APF_K; ++jj) {
             const float pr = ps[r * 33 + jj];
+            const float* vr = vs + jj * Dp + sub;
 #pragma unroll
-            for (int i = 0; i < APF_MAXD / 4; ++i) {
-                const int d = sub + 4 * i;
-                if (d < D) acc[i] += pr * vs[jj * Dp + d];
-            }
+            for (int i = 0; i < DQ; ++i)
+                if (sub + 4 * i < D) acc[i] += pr * vr[4 * i];
         }
         __syncthreads();                           // before the next tile overwrites ks, vs
     }
@@ -497,12 +535,24 @@ attention_prefill(const T* __restrict__ q, const T* __restrict__ kc, const T* __
         const float inv = (my >= 0 && l > 0.f) ? 1.f / l : HI_NAN;
         T* op = out + ((size_t)(t0 + r) * Hq + h) * D;
 #pragma unroll
-        for (int i = 0; i < APF_MAXD / 4; ++i) {
+        for (int i = 0; i < DQ; ++i) {
             const int d = sub + 4 * i;
             if (d < D) op[d] = from_f32<T>(acc[i] * inv);
         }
     }
 }
+
+// head dims up to 64, 128, 256 (DQ = output columns per thread: 16, 32, 64)
+#define APF_KERNEL(NAME, DQ)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128)                                              \
+    NAME(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,              \
+         const void* __restrict__ pos, int pos64, T* __restrict__ out,                             \
+         int ntok, int Hq, int Hkv, int D, int S, float scale) {                                   \
+        attention_prefill_body<DQ>(q, kc, vc, pos, pos64, out, ntok, Hq, Hkv, D, S, scale);        \
+    }
+APF_KERNEL(attention_prefill_d64, 16)
+APF_KERNEL(attention_prefill_d128, 32)
+APF_KERNEL(attention_prefill_d256, 64)
 
 // ---------------------------------------------------------------- matmul (decode GEMV)
 // out = residual + act(pro(x) @ w^T + bias) for a few rows of x (M <= GEMV_MAXM).
