@@ -149,9 +149,6 @@ class LlamaForCausalLM:
                 ws["q"] = qkv[:, :nq].view(1, c.num_attention_heads, c.head_dim)          # (1, Hq, Dh)
                 ws["k"] = qkv[:, nq:nq + nkv].view(1, c.num_key_value_heads, c.head_dim)  # (1, Hkv, Dh)
                 ws["v"] = qkv[:, nq + nkv:].view(1, c.num_key_value_heads, c.head_dim)
-                # q and k heads side by side: one rope call rotates both
-                ws["qk"] = qkv[:, :nq + nkv].view(1, c.num_attention_heads + c.num_key_value_heads,
-                                                  c.head_dim)
                 self._ws[t] = ws
         return ws
 
@@ -179,15 +176,13 @@ class LlamaForCausalLM:
             if t == 1:
                 ops.matmul(x, layer.wqkv, layer.bqkv, layer.wqkv_scales, norm_weight=layer.attn_norm,
                            eps=eps, out=ws["qkv"])                            # (1, (Hq+2Hkv) Dh)
-                ops.rope(ws["qk"], positions, self.cos, self.sin, c.rope_style, out=ws["qk"])
             else:
                 rows = layer.qkv_rows
                 for w, b, sc, o in zip(layer.split(layer.wqkv, rows), layer.split(layer.bqkv, rows),
                                        layer.split(layer.wqkv_scales, rows), (q, k, v)):
                     ops.matmul(x, w, b, sc, norm_weight=layer.attn_norm, eps=eps, out=o.view(t, -1))
-                ops.rope(q, positions, self.cos, self.sin, c.rope_style, out=q)
-                ops.rope(k, positions, self.cos, self.sin, c.rope_style, out=k)
-            ops.kv_cache_write(k, v, cache.k[i], cache.v[i], positions)
+            # q rotated in place; rotated k and v into the cache rows at positions
+            ops.rope_kv_write(q, k, v, cache.k[i], cache.v[i], positions, self.cos, self.sin, c.rope_style)
             ops.attention(q, cache.k[i], cache.v[i], positions, out=ws["attn"])  # (T, Hq, Dh)
             ops.matmul(ws["attn_flat"], layer.wo, scales=layer.wo_scales, residual=x, out=x)
             ops.matmul(x, layer.w_gate_up, scales=layer.w_gate_up_scales, norm_weight=layer.mlp_norm,

@@ -157,6 +157,13 @@ def kv_cache_write(k, v, k_cache, v_cache, positions):
     v_cache.numpy()[pos] = v.numpy()
 
 
+def rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, style):
+    rope(q, positions, cos, sin, style, q)
+    kr = from_numpy(np.empty(k.shape, F32), k.device)                    # rotated k, f32
+    rope(k, positions, cos, sin, style, kr)
+    kv_cache_write(kr, v, k_cache, v_cache, positions)
+
+
 def argmax(x, out):
     out.numpy()[...] = np.argmax(x.numpy(), axis=-1)
 
@@ -216,6 +223,7 @@ KERNELS = [
     ("softmax", FLOATS, softmax),
     ("attention", FLOATS, attention),
     ("kv_cache_write", FLOATS, kv_cache_write),
+    ("rope_kv_write", FLOATS, rope_kv_write),
     ("argmax", FLOATS, argmax),
     ("cast", FLOATS, cast),
     ("penalties", FLOATS, penalties),

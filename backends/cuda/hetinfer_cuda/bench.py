@@ -276,8 +276,8 @@ def decode_breakdown(model, cache, position: int, device="cuda") -> dict:
     per_layer = {      # the layer as LlamaForCausalLM.forward runs it (T = 1)
         "matmul_qkv+norm": lambda: ops.matmul(x, L.wqkv, L.bqkv, L.wqkv_scales, norm_weight=L.attn_norm,
                                               eps=eps, out=ws["qkv"]),
-        "rope_qk": lambda: ops.rope(ws["qk"], pos, model.cos, model.sin, c.rope_style, out=ws["qk"]),
-        "kv_cache_write": lambda: ops.kv_cache_write(ws["k"], ws["v"], kc, vc, pos),
+        "rope_kv_write": lambda: ops.rope_kv_write(ws["q"], ws["k"], ws["v"], kc, vc, pos, model.cos, model.sin,
+                                                   c.rope_style),
         "attention": lambda: ops.attention(ws["q"], kc, vc, pos, out=ws["attn"]),
         "matmul_o+residual": lambda: ops.matmul(ws["attn_flat"], L.wo, scales=L.wo_scales, residual=x, out=x),
         "matmul_gate_up+norm+swiglu": lambda: ops.matmul(x, L.w_gate_up, scales=L.w_gate_up_scales,

@@ -393,6 +393,23 @@ def kv_cache_write(k, v, k_cache, v_cache, positions):
              Arg.i32(ntok), Arg.i32(rowlen), Arg.i32(S)])
 
 
+def rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, style):
+    key = k_cache.dtype.name
+    dev = _dev(k_cache)
+    qk = _as(q, key)                                # q of another dtype: rotated in a copy
+    kk, vv = _as(k, key), _as(v, key)
+    ntok, Hq, Dh = q.shape
+    S, Hkv, _ = k_cache.shape
+    total = ntok * (Hq + Hkv) * (Dh // 2) + ntok * Hkv * Dh
+    _launch(dev, key, "rope_kv_write", (_grid_1d(dev, total),), (256,),
+            [Arg.ptr(_p(qk)), Arg.ptr(_p(kk)), Arg.ptr(_p(vv)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)),
+             Arg.ptr(_p(positions)), Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(cos)), Arg.ptr(_p(sin)),
+             Arg.i32(ntok), Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(cos.shape[0]), Arg.i32(S),
+             Arg.i32(style == "interleaved")])
+    if qk is not q:
+        _cast_into(qk, q)
+
+
 # ---------------------------------------------------------------- scratch
 # Zeroed device buffers per GPU for the split kernels: argmax over long rows (partial
 # bests and self-resetting counters) and split decode attention (partials and
@@ -499,6 +516,7 @@ KERNELS = [
     ("softmax", _strided(softmax, _OUT)),
     ("attention", _strided(attention, _OUT)),
     ("kv_cache_write", _strided(kv_cache_write, ("k_cache", "v_cache"))),
+    ("rope_kv_write", _strided(rope_kv_write, ("q", "k_cache", "v_cache"))),
     ("argmax", _strided(argmax, _OUT)),
     ("cast", _strided(cast, _OUT)),
     ("penalties", _strided(penalties, _OUT)),

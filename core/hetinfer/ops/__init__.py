@@ -27,6 +27,7 @@ OPS: dict[str, tuple[str, str]] = {
     "softmax": ("x", "softmax over the last axis"),
     "attention": ("q", "causal attention by position over a KV cache, grouped-query heads"),
     "kv_cache_write": ("k_cache", "k_cache[positions[t]] = k[t]; v likewise"),
+    "rope_kv_write": ("k_cache", "rope on q in place; rope(k) and v into rows positions[t] of the caches"),
     "argmax": ("x", "index of the largest value over the last axis (first on ties)"),
     "cast": ("x", "convert to out's dtype"),
     "penalties": ("logits", "repetition (seen tokens), presence and frequency (output counts) penalties"),
@@ -283,6 +284,39 @@ def kv_cache_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, posit
     _same_device(op, k=k, v=v, k_cache=k_cache, v_cache=v_cache, positions=positions)
     _dispatch(op, k_cache.dtype, k.device, ("k_cache", "v_cache"), k=k, v=v, k_cache=k_cache,
               v_cache=v_cache, positions=positions)
+
+
+def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions,
+                  cos: Tensor, sin: Tensor, style: str = "half") -> None:
+    """rope and kv_cache_write in one: q (T, Hq, D) rotated in place at positions (T,); k
+    (T, Hkv, D) rotated and written, with v, into rows positions[t] of the caches (S, Hkv, D)
+    (k itself is left as it was). A decode step's rope and cache write as one kernel."""
+    op = "rope_kv_write"
+    if style not in ("half", "interleaved"):
+        raise ShapeError(f"{op}: style must be 'half' or 'interleaved', got {style!r}")
+    _check_cache(op, k_cache, v_cache, D.FLOATS)
+    _t(op, "q", q, D.FLOATS, 3)
+    _t(op, "k", k, D.FLOATS, 3)
+    _t(op, "v", v, D.FLOATS, 3)
+    t, d = k.shape[0], k_cache.shape[2]
+    _shape(op, "k", k, (t,) + k_cache.shape[1:])
+    _shape(op, "v", v, k.shape)
+    _shape(op, "q", q, (t, q.shape[1], d))
+    if d % 2:
+        raise ShapeError(f"{op}: head dim {d} must be even")
+    positions = _positions(op, positions, k.device, t)
+    _t(op, "cos", cos, (D.f32,), 2)
+    _t(op, "sin", sin, (D.f32,), 2)
+    _shape(op, "cos", cos, (cos.shape[0], d // 2))
+    _shape(op, "sin", sin, cos.shape)
+    if positions._host and t:
+        top = int(positions.numpy().max())
+        if top >= min(cos.shape[0], k_cache.shape[0]):
+            raise ShapeError(f"{op}: position {top} is beyond the rope table ({cos.shape[0]} positions) "
+                             f"or the cache ({k_cache.shape[0]} rows)")
+    _same_device(op, q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, positions=positions, cos=cos, sin=sin)
+    _dispatch(op, k_cache.dtype, k.device, ("q", "k_cache", "v_cache"), q=q, k=k, v=v, k_cache=k_cache,
+              v_cache=v_cache, positions=positions, cos=cos, sin=sin, style=style)
 
 
 def argmax(x: Tensor, out: Tensor | None = None) -> Tensor:

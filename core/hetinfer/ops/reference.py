@@ -92,6 +92,11 @@ def kv_cache_write(k, v, k_cache, v_cache, positions):
     return kc, vc
 
 
+def rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, style):
+    kc, vc = kv_cache_write(rope(k, positions, cos, sin, style), v, k_cache, v_cache, positions)
+    return rope(q, positions, cos, sin, style), kc, vc
+
+
 def argmax(x):
     return np.argmax(f64(x), axis=-1)
 

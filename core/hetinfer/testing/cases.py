@@ -274,6 +274,38 @@ def kv_cache_write(case: Case):
     case.expect_exact("v_cache", vc_t, ev)
 
 
+# --- rope_kv_write -------------------------------------------------------------------
+@builder("rope_kv_write")
+def rope_kv_write(case: Case):
+    hkv = case.draw(st.integers(1, 8), "kv_heads")
+    hq = hkv * case.draw(st.integers(1, 4), "gqa_ratio")
+    d = case.draw(head_dim(), "head_dim")
+    s = case.draw(st.integers(1, max(1, min(MAX_SEQ, 65536 // (hkv * d)))), "cache_rows")
+    t = case.draw(st.integers(1, min(s, 64)), "tokens")
+    if case.draw(st.booleans(), "contiguous positions?"):
+        start = case.draw(st.integers(0, s - t), "start")
+        pos = np.arange(start, start + t)
+    else:
+        pos = case.rng.permutation(s)[:t]                     # distinct rows, any order
+    style = case.draw(st.sampled_from(["half", "interleaved"]), "style")
+    cos, sin = rope_tables(s + case.draw(st.integers(0, 7), "table.extra"), d, 10000.0)
+    q = case.normal((t, hq, d), case.dtype)
+    k = case.normal((t, hkv, d), case.other_float("k.dtype"))
+    v = case.normal((t, hkv, d), case.other_float("v.dtype"))
+    kc = case.normal((s, hkv, d), case.dtype)
+    vc = case.normal((s, hkv, d), case.dtype)
+    pos_t = _positions(case, "positions", pos)
+    q_t = case.inout("q", q)
+    k_t, v_t = case.input("k", k), case.input("v", v)
+    cos_t, sin_t = case.input("cos", cos), case.input("sin", sin)
+    kc_t, vc_t = case.inout("k_cache", kc), case.inout("v_cache", vc)
+    case.call = lambda: hetinfer.ops.rope_kv_write(q_t, k_t, v_t, kc_t, vc_t, pos_t, cos_t, sin_t, style)
+    eq, ek, ev = R.rope_kv_write(q, k, v, kc, vc, pos, cos, sin, style)
+    case.expect_close("q (rotated in place)", q_t, eq)
+    case.expect_close("k_cache", kc_t, ek)
+    case.expect_exact("v_cache", vc_t, ev)
+
+
 # --- argmax --------------------------------------------------------------------------
 @builder("argmax")
 def argmax(case: Case):

@@ -234,6 +234,58 @@ extern "C" __global__ void kv_cache_write(const T* __restrict__ k, const T* __re
     }
 }
 
+// ---------------------------------------------------------------- rope_kv_write
+// rope and kv_cache_write in one launch: q (T, Hq, D) rotated in place; k (T, Hkv, D)
+// rotated into k_cache rows positions[t]; v (T, Hkv, D) copied into v_cache rows. A
+// thread per rotated pair of q or k, or per element of v. A position outside the rope
+// table makes q NaN (as rope); outside the cache, k and v are not written (as kv_cache_write).
+extern "C" __global__ void rope_kv_write(T* q, const T* __restrict__ k, const T* __restrict__ v,
+                                         T* __restrict__ kc, T* __restrict__ vc,
+                                         const void* __restrict__ pos, int pos64,
+                                         const float* __restrict__ cosv, const float* __restrict__ sinv,
+                                         int ntok, int Hq, int Hkv, int D, int P, int S, int interleaved) {
+    const int half = D / 2;
+    const long long nq = (long long)ntok * Hq * half, nk = (long long)ntok * Hkv * half;
+    const long long total = nq + nk + (long long)ntok * Hkv * D;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const size_t rowlen = (size_t)Hkv * D;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+        if (idx >= nq + nk) {                                   // v element
+            const long long e = idx - nq - nk;
+            const int t = (int)(e / rowlen);
+            const i64 p = load_index(pos, pos64, t);
+            if (p >= 0 && p < S) vc[(size_t)p * rowlen + e % rowlen] = v[e];
+            continue;
+        }
+        const bool isq = idx < nq;
+        const long long u = isq ? idx : idx - nq;
+        const int H = isq ? Hq : Hkv;
+        const int i = (int)(u % half);
+        const long long th = u / half;                          // t * H + h
+        const int t = (int)(th / H);
+        const i64 p = load_index(pos, pos64, t);
+        const size_t base = (size_t)th * D;
+        const int j1 = interleaved ? 2 * i : i;
+        const int j2 = interleaved ? 2 * i + 1 : i + half;
+        if (p < 0 || p >= P) {
+            if (isq) { q[base + j1] = from_f32<T>(HI_NAN); q[base + j2] = from_f32<T>(HI_NAN); }
+            continue;
+        }
+        const float c = cosv[(size_t)p * half + i], s = sinv[(size_t)p * half + i];
+        const T* src = isq ? q : k;
+        const float x1 = to_f32(src[base + j1]), x2 = to_f32(src[base + j2]);
+        const T r1 = from_f32<T>(x1 * c - x2 * s), r2 = from_f32<T>(x2 * c + x1 * s);
+        if (isq) {
+            q[base + j1] = r1;
+            q[base + j2] = r2;
+        } else if (p < S) {
+            const size_t o = (size_t)p * rowlen + (size_t)(th % H) * D;
+            kc[o + j1] = r1;
+            kc[o + j2] = r2;
+        }
+    }
+}
+
 // ---------------------------------------------------------------- attention (decode)
 // One query token: q (1, Hq, D); caches (S, Hkv, D); out (1, Hq, D). The token attends
 // to cache rows 0..L-1, L = positions[0] + 1 read on the device (a captured graph
