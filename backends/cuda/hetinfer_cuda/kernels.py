@@ -258,6 +258,8 @@ def matmul(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, r
         if swi:
             rpw, blocks = 2, (No + _GEMV_WARPS - 1) // _GEMV_WARPS
         else:
+            # two rows per warp share the loads of x (int8: its dequantization too); small
+            # float products: one row per warp, more warps in flight
             rpw = 2 if quant or N >= 4 * dev.sm_count * _GEMV_WARPS else 1
             blocks = (N + _GEMV_WARPS * rpw - 1) // (_GEMV_WARPS * rpw)
         _launch(dev, key, fn, (blocks,), (_GEMV_WARPS * 32,),

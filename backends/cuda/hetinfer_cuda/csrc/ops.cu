@@ -705,7 +705,7 @@ __device__ __forceinline__ void gemv_body(const void* __restrict__ x, int x32, c
         const T* w1 = reinterpret_cast<const T*>(w) + (size_t)n1 * K;
         if (vec) {
             const int KV = K / VEC;
-#pragma unroll 4
+#pragma unroll (MM == 1 ? 8 : 4)      // one row of x: every chunk of a lane in flight at once (K <= 8192)
             for (int c = lane; c < KV; c += 32) {
                 const Vec16<T> a = load16_nc(w0 + (size_t)c * VEC);
                 const Vec16<T> b = load16_nc(w1 + (size_t)c * VEC);
@@ -741,7 +741,7 @@ __device__ __forceinline__ void gemv_body(const void* __restrict__ x, int x32, c
         const S* s1 = scales + (size_t)n1 * ng;
         if (vec) {
             const int KV = K / 16;
-#pragma unroll 2
+#pragma unroll (MM == 1 ? 4 : 2)
             for (int c = lane; c < KV; c += 32) {
                 const uint4 a = __ldg(reinterpret_cast<const uint4*>(w0) + c);
                 const uint4 b = __ldg(reinterpret_cast<const uint4*>(w1) + c);
