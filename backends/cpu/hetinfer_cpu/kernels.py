@@ -72,12 +72,16 @@ def matmul(x, weight, bias, scales, out):
 
 def fused(plain):
     """A matmul kernel with matmul's rms_norm prologue and its swiglu / residual epilogue
-    around a plain product kernel(x, weight, bias, scales, out), in f32."""
+    around a plain product kernel(x, weight, bias, scales, out), in f32, in place where
+    NumPy allows (these run on whole prompts in prefill)."""
     def kernel(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, residual=None):
         if norm_weight is not None:
-            a = _f32(x.numpy())
-            inv = 1.0 / np.sqrt(np.einsum("...d,...d->...", a, a) / a.shape[-1] + eps)
-            x = from_numpy(np.ascontiguousarray(a * inv[..., None] * _f32(norm_weight.numpy()), F32), x.device)
+            xf = _f32(x.numpy())
+            a = np.empty(xf.shape, F32)
+            inv = 1.0 / np.sqrt(np.einsum("...d,...d->...", xf, xf) / xf.shape[-1] + eps)
+            np.multiply(xf, inv[..., None], out=a)
+            a *= _f32(norm_weight.numpy())
+            x = from_numpy(a, x.device)
         if act is None and residual is None:
             return plain(x, weight, bias, scales, out)
         y = from_numpy(np.empty(x.shape[:-1] + (weight.shape[0],), F32), out.device)
@@ -85,12 +89,21 @@ def fused(plain):
         r = y.numpy()
         if act == "swiglu":                                              # [gate | up] -> (..., N/2)
             n = r.shape[-1] // 2
-            g = r[..., :n]
+            g, t = r[..., :n], np.negative(r[..., :n])
             with np.errstate(over="ignore"):                             # exp(-g) = inf: silu -> -0
-                r = g / (1.0 + np.exp(-g)) * r[..., n:]
-        if residual is not None:
-            r = r + _f32(residual.numpy())                               # residual may be out
-        _store(out.numpy(), r)
+                np.exp(t, out=t)
+            t += 1.0
+            np.divide(g, t, out=t)
+            t *= r[..., n:]
+            r = t
+        o = out.numpy()
+        if residual is not None:                                         # residual may be out
+            res = residual.numpy()
+            if o.dtype == F32 and res.dtype == F32:
+                np.add(r, res, out=o)
+                return
+            r = r + _f32(res)
+        _store(o, r)
     kernel.__name__ = kernel.__qualname__ = f"fused_{plain.__name__}"
     kernel.__module__ = plain.__module__
     return kernel
