@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from hetinfer.tensor import from_numpy
-
 from . import int8 as _int8
 
 F32 = np.dtype(np.float32)
@@ -70,6 +68,18 @@ def matmul(x, weight, bias, scales, out):
         _store(o, o2.reshape(o.shape))
 
 
+class _Host:
+    """An ndarray where a plain kernel expects a Tensor (it only calls .numpy()): cheaper
+    than wrapping a temporary in a Tensor on every call of a decode step."""
+    __slots__ = ("a",)
+
+    def __init__(self, a: np.ndarray):
+        self.a = a
+
+    def numpy(self) -> np.ndarray:
+        return self.a
+
+
 def fused(plain):
     """A matmul kernel with matmul's rms_norm prologue and its swiglu / residual epilogue
     around a plain product kernel(x, weight, bias, scales, out), in f32, in place where
@@ -81,12 +91,11 @@ def fused(plain):
             inv = 1.0 / np.sqrt(np.einsum("...d,...d->...", xf, xf) / xf.shape[-1] + eps)
             np.multiply(xf, inv[..., None], out=a)
             a *= _f32(norm_weight.numpy())
-            x = from_numpy(a, x.device)
+            x = _Host(a)
         if act is None and residual is None:
             return plain(x, weight, bias, scales, out)
-        y = from_numpy(np.empty(x.shape[:-1] + (weight.shape[0],), F32), out.device)
-        plain(x, weight, bias, scales, y)
-        r = y.numpy()
+        r = np.empty(out.shape[:-1] + (weight.shape[0],), F32)
+        plain(x, weight, bias, scales, _Host(r))
         if act == "swiglu":                                              # [gate | up] -> (..., N/2)
             n = r.shape[-1] // 2
             g, t = r[..., :n], np.negative(r[..., :n])
@@ -172,7 +181,7 @@ def kv_cache_write(k, v, k_cache, v_cache, positions):
 
 def rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, style):
     rope(q, positions, cos, sin, style, q)
-    kr = from_numpy(np.empty(k.shape, F32), k.device)                    # rotated k, f32
+    kr = _Host(np.empty(k.shape, F32))                                    # rotated k, f32
     rope(k, positions, cos, sin, style, kr)
     kv_cache_write(kr, v, k_cache, v_cache, positions)
 
