@@ -6,11 +6,12 @@
 #   bash backends/cuda/scripts/device_check.sh            (from the repository root)
 #   STEPS="smoke tests conf" EXAMPLES=30 bash ...         (choose steps)
 #
-# Steps: env smoke tests conf graphs stash model generate bench
+# Steps: env smoke tests conf graphs stash model generate qwen bench
 #   stash     copy carried .models/smol.part.* into /tmp/hetinfer-models (kept while the
 #             machine is warm: the 98 MB GGUF comes in two calls of < 64 MiB)
 #   model     assemble the GGUF from the parts (sha256 checked), tests/test_cuda_model.py
 #   generate  hetinfer generate --device cuda (f16 and bf16) on it
+#   qwen      assemble .models/qwen.part.* (stashed over several calls), generate f16/bf16/int8
 #   bench     tools/bench.py --device cuda, with the torch anchor if .carry/torch_anchor.py
 set -u
 OUT=${OUT:-/tmp/hetinfer-out}
