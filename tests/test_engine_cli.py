@@ -53,6 +53,26 @@ def test_generation_stops_at_context_end(tiny):
     assert len(out) == 7 and gen.stats.finish_reason == "context"
 
 
+def test_generator_reuses_a_sampler_per_shape_and_resets_it(tiny):
+    """A second generate() with the same kind of sampling reuses the sampler (and, on a
+    device that captures, its decode graph): same seed, same tokens; penalty counts of the
+    first call do not leak into the second; a new seed draws anew."""
+    from hetinfer.sampling import Sampler, SamplingParams
+    model, ckpt = load(tiny, progress=False)
+    gen = Generator(model, ckpt.tokenizer, 64)
+    prompt = list(range(3, 11))
+    p = SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.3, frequency_penalty=0.5, seed=3)
+    first = list(gen.generate(prompt, p, max_new_tokens=20, stop_ids=[]))
+    sampler = gen._samplers[Sampler.shape_key(p)]
+    again = list(gen.generate(prompt, SamplingParams(**{**p.__dict__}), max_new_tokens=20, stop_ids=[]))
+    assert again == first
+    assert gen._samplers[Sampler.shape_key(p)] is sampler and len(gen._samplers) == 1
+    other = list(gen.generate(prompt, SamplingParams(**{**p.__dict__, "seed": 4}), max_new_tokens=20, stop_ids=[]))
+    assert other != first and len(gen._samplers) == 1
+    list(gen.generate(prompt, SamplingParams(), max_new_tokens=3, stop_ids=[]))      # greedy: another shape
+    assert len(gen._samplers) == 2
+
+
 def test_unknown_architecture(tmp_path, tiny):
     import shutil
     d = tmp_path / "m"
