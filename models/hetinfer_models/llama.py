@@ -70,10 +70,7 @@ class LlamaForCausalLM:
         from hetinfer.loaders.base import progress_bar
         from hetinfer.quant import check_int8, quantized_names
         qnames = quantized_names(ckpt)        # int8 Linear weights: kept as (int8, scales), never widened
-        host = {}
-        names = ckpt.names()
-        for name in progress_bar(names, len(names), f"loading {ckpt.path.name}", progress):
-            host[name] = ckpt.raw(name) if name in qnames else ckpt.tensor(name, dt.np)
+        names = set(ckpt.names())
         dev = hi.Device.parse(device)
 
         def put(arr):
@@ -85,9 +82,11 @@ class LlamaForCausalLM:
             return hi.from_numpy(arr, dev) if dev.type == "cpu" else hi.tensor(arr, hi.dtype(arr.dtype), dev)
 
         def need(name):
-            if name not in host:
+            """One tensor, read (and converted) when its layer is built: on a GPU the host copy
+            is dropped once uploaded, so host memory peaks at about one layer."""
+            if name not in names:
                 raise LoadError(f"{ckpt.path}: missing tensor {name!r} needed by {cfg.architecture}")
-            return host.pop(name)
+            return ckpt.raw(name) if name in qnames else ckpt.tensor(name, dt.np)
 
         def linear(*names):
             """(weight, scales): float rows concatenated, or int8 rows and scale rows concatenated."""
@@ -104,7 +103,9 @@ class LlamaForCausalLM:
             return put_as_is(q), put_as_is(s)
 
         layers = []
-        for i in range(cfg.num_hidden_layers):
+        steps = progress_bar(range(cfg.num_hidden_layers), cfg.num_hidden_layers,
+                             f"loading {ckpt.path.name} (layers)", progress)
+        for i in steps:
             p = f"model.layers.{i}."
             wqkv, sqkv = linear(*(p + f"self_attn.{n}_proj.weight" for n in "qkv"))
             bqkv = None
@@ -123,7 +124,7 @@ class LlamaForCausalLM:
                           cfg.num_key_value_heads * cfg.head_dim),
             ))
         embed = put(need("model.embed_tokens.weight"))
-        lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in host else put(need("lm_head.weight"))
+        lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in names else put(need("lm_head.weight"))
         return cls(cfg, layers, embed, put(need("model.norm.weight")), lm_head, dev, dt, max_context)
 
     # --- workspace: decode (T = 1) reuses these, so a decode step allocates nothing --
