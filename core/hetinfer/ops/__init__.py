@@ -187,21 +187,32 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor
     return out
 
 
-def rope(x: Tensor, positions, cos: Tensor, sin: Tensor, style: str = "half",
-         out: Tensor | None = None) -> Tensor:
-    """x (T, H, D) rotated at positions (T,); cos/sin tables (P, D/2); out may be x."""
-    op = "rope"
+def _check_style(op, style):
     if style not in ("half", "interleaved"):
         raise ShapeError(f"{op}: style must be 'half' or 'interleaved', got {style!r}")
-    _t(op, "x", x, D.FLOATS, 3)
-    t, _, d = x.shape
+
+
+def _rope_inputs(op, positions, cos, sin, device, t, d) -> Tensor:
+    """Checks shared by the rope ops: an even head dim d, positions (t,), f32 cos/sin
+    tables (P, d/2). Returns positions as a tensor."""
     if d % 2:
         raise ShapeError(f"{op}: head dim {d} must be even")
-    positions = _positions(op, positions, x.device, t)
+    positions = _positions(op, positions, device, t)
     _t(op, "cos", cos, (D.f32,), 2)
     _t(op, "sin", sin, (D.f32,), 2)
     _shape(op, "cos", cos, (cos.shape[0], d // 2))
     _shape(op, "sin", sin, cos.shape)
+    return positions
+
+
+def rope(x: Tensor, positions, cos: Tensor, sin: Tensor, style: str = "half",
+         out: Tensor | None = None) -> Tensor:
+    """x (T, H, D) rotated at positions (T,); cos/sin tables (P, D/2); out may be x."""
+    op = "rope"
+    _check_style(op, style)
+    _t(op, "x", x, D.FLOATS, 3)
+    t, _, d = x.shape
+    positions = _rope_inputs(op, positions, cos, sin, x.device, t, d)
     if positions._host and t and int(positions.numpy().max()) >= cos.shape[0]:
         raise ShapeError(f"{op}: position {int(positions.numpy().max())} is beyond the rope table "
                          f"({cos.shape[0]} positions)")
@@ -292,8 +303,7 @@ def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Ten
     (T, Hkv, D) rotated and written, with v, into rows positions[t] of the caches (S, Hkv, D)
     (k itself is left as it was). A decode step's rope and cache write as one kernel."""
     op = "rope_kv_write"
-    if style not in ("half", "interleaved"):
-        raise ShapeError(f"{op}: style must be 'half' or 'interleaved', got {style!r}")
+    _check_style(op, style)
     _check_cache(op, k_cache, v_cache, D.FLOATS)
     _t(op, "q", q, D.FLOATS, 3)
     _t(op, "k", k, D.FLOATS, 3)
@@ -302,13 +312,7 @@ def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Ten
     _shape(op, "k", k, (t,) + k_cache.shape[1:])
     _shape(op, "v", v, k.shape)
     _shape(op, "q", q, (t, q.shape[1], d))
-    if d % 2:
-        raise ShapeError(f"{op}: head dim {d} must be even")
-    positions = _positions(op, positions, k.device, t)
-    _t(op, "cos", cos, (D.f32,), 2)
-    _t(op, "sin", sin, (D.f32,), 2)
-    _shape(op, "cos", cos, (cos.shape[0], d // 2))
-    _shape(op, "sin", sin, cos.shape)
+    positions = _rope_inputs(op, positions, cos, sin, k.device, t, d)
     if positions._host and t:
         top = int(positions.numpy().max())
         if top >= min(cos.shape[0], k_cache.shape[0]):

@@ -250,8 +250,8 @@ def attention(case: Case):
 
 
 # --- kv_cache_write ------------------------------------------------------------------
-@builder("kv_cache_write")
-def kv_cache_write(case: Case):
+def _cache_write_shape(case: Case):
+    """(kv heads, head dim, cache rows, tokens, positions): distinct cache rows to write."""
     hkv = case.draw(st.integers(1, 8), "kv_heads")
     d = case.draw(head_dim(), "head_dim")
     s = case.draw(st.integers(1, max(1, min(MAX_SEQ, 65536 // (hkv * d)))), "cache_rows")
@@ -261,6 +261,12 @@ def kv_cache_write(case: Case):
         pos = np.arange(start, start + t)
     else:
         pos = case.rng.permutation(s)[:t]                     # distinct rows, any order
+    return hkv, d, s, t, pos
+
+
+@builder("kv_cache_write")
+def kv_cache_write(case: Case):
+    hkv, d, s, t, pos = _cache_write_shape(case)
     k = case.normal((t, hkv, d), case.other_float("k.dtype"))
     v = case.normal((t, hkv, d), case.other_float("v.dtype"))
     kc = case.normal((s, hkv, d), case.dtype)
@@ -277,16 +283,8 @@ def kv_cache_write(case: Case):
 # --- rope_kv_write -------------------------------------------------------------------
 @builder("rope_kv_write")
 def rope_kv_write(case: Case):
-    hkv = case.draw(st.integers(1, 8), "kv_heads")
+    hkv, d, s, t, pos = _cache_write_shape(case)
     hq = hkv * case.draw(st.integers(1, 4), "gqa_ratio")
-    d = case.draw(head_dim(), "head_dim")
-    s = case.draw(st.integers(1, max(1, min(MAX_SEQ, 65536 // (hkv * d)))), "cache_rows")
-    t = case.draw(st.integers(1, min(s, 64)), "tokens")
-    if case.draw(st.booleans(), "contiguous positions?"):
-        start = case.draw(st.integers(0, s - t), "start")
-        pos = np.arange(start, start + t)
-    else:
-        pos = case.rng.permutation(s)[:t]                     # distinct rows, any order
     style = case.draw(st.sampled_from(["half", "interleaved"]), "style")
     cos, sin = rope_tables(s + case.draw(st.integers(0, 7), "table.extra"), d, 10000.0)
     q = case.normal((t, hq, d), case.dtype)
