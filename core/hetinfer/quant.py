@@ -6,27 +6,31 @@ dtype first) and int8 q in [-127, 127], so W ~= q * s. This is what GGUF Q8_0 (G
 scales) and llama2.c version 2 (its own G, f32 scales) store; both load into it without a float
 round trip when G matches (their raw int8 blocks are copied bit for bit).
 
-Rounding (``method``). "rtn", the default: round to nearest, q = clip(round(w / s)). "gptq"
-(``save_quantized(..., method="gptq")``, ``Int8View(..., method="gptq")``, hetinfer/gptq.py): q is chosen by GPTQ
-(Frantar et al. 2022, act-order, static groups): the columns of W are rounded one at a time, in
-decreasing order of their input's mean square, and each rounding error is pushed onto the
-columns not yet rounded through the Cholesky factor of H^-1, H = E[x x^T] of the layer's inputs,
-so that the layer's output error on real activations, not the weight error, is kept small. H
-comes from running the float model (a NumPy forward in hetinfer/gptq.py, f32) over CALIBRATION_TEXT,
-prose written for this purpose (no evaluation text). Both keep the format and the scales
-(amax / 127): only the choice of q differs, so kernels and files do not change.
+Choosing the int8 values (``method``). "rtn": round to nearest, q = clip(round(w / s)); what
+``Int8View`` (``--quantize int8``, at load time) does. "awq", the default of ``save_quantized``
+(``hetinfer quantize``; hetinfer/awq.py): per-input-channel scales s, chosen per layer on the
+layer's real inputs, are multiplied into W before round to nearest and their inverse is folded
+into the op before (the rms_norm weights, the rows of v_proj and up_proj). "gptq" (hetinfer/gptq.py):
+GPTQ rounding (Frantar et al. 2022, act-order, static groups): the columns of W are rounded one
+at a time, each error pushed onto the columns not yet rounded through the Cholesky factor of
+H^-1, H = E[x x^T] of the layer's inputs. awq and gptq calibrate on the float model's layer
+inputs over CALIBRATION_TEXT (hetinfer/calibrate.py: prose written for this purpose, no
+evaluation text). All three keep the format and the amax / 127 scales of what they quantize,
+so kernels and files do not change.
 
 Measured on SmolLM2-135M (the Q4_1 GGUF as the float reference), 512 teacher-forced tokens of
-tests/data/pride_and_prejudice_ch1.txt, group 64: rtn top-1 agreement 96.88%, mean KL to f32
-1.48e-3, ppl -0.49%; gptq 97.46%, KL 6.4e-4, ppl -0.13% (group 32: 97.66% / 98.05%). The
-flips left are near-ties (f32 top-2 logit gap < 0.2) and move by a few tokens with any change
-of rounding, so neither reaches 98% at group 64 robustly. gptq costs about 30 s for SmolLM2 on
-one core (rtn about 1.5 s), which is why it is not the load-time default.
+tests/data/pride_and_prejudice_ch1.txt, group 64: awq top-1 agreement 98.63% (7 flips), mean
+KL to f32 5.3e-4, ppl +0.13%; gptq 97.46%, KL 6.4e-4, ppl -0.13%; rtn 96.88%, KL 1.48e-3,
+ppl -0.49%. Every flip is a near-tie (f32 top-2 logit gap < 0.2). Where rtn loses: mostly in v_proj and
+down_proj (quantizing either alone: 9 flips); awq's scales cut the layers' output error on the
+calibration inputs by 29% on average (alpha 0.1-0.5). On Qwen2.5-Coder-0.5B: awq 99.22%, rtn 99.61%, ppl -0.01% both.
+Calibration costs ~40 s for SmolLM2 on one core (rtn ~1.5 s), so load time stays rtn.
 
 On disk: an HF-style directory (see ``save_quantized``)::
 
     config.json            the HF config plus "quantization_config": {"quant_method": "hetinfer_int8",
-                           "group_size": 64, "scale_dtype": "f16", "modules_not_converted": [...]}
+                           "group_size": 64, "scale_dtype": "f16", "method": "awq",
+                           "modules_not_converted": [...]}
     model.safetensors      <name> int8 (N, K) and <name>.scales f16/f32 (N, K // G) for every
                            quantized Linear weight; every other tensor (embeddings, lm_head, norms,
                            biases) in f16 (norms and biases in f32)
@@ -58,8 +62,9 @@ LINEAR_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_a
                    "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
                    "mlp.down_proj.weight")
 NOT_CONVERTED = ["model.embed_tokens", "lm_head"]
-METHODS = ("gptq", "rtn")
-DEFAULT_METHOD = "rtn"
+METHODS = ("awq", "gptq", "rtn")
+DEFAULT_METHOD = "rtn"            # quantizing while loading: no calibration
+SAVE_METHOD = "awq"               # hetinfer quantize / save_quantized
 
 
 class QuantError(ShapeError):
@@ -150,6 +155,11 @@ def _gptq():
     return gptq
 
 
+def _calibrate():
+    from . import calibrate
+    return calibrate
+
+
 def dequantize_int8(q: np.ndarray, scales: np.ndarray, dtype=np.float32) -> np.ndarray:
     """(int8 (N, K), scales (N, K // G)) -> float (N, K) in dtype."""
     check_int8(q, scales)
@@ -233,33 +243,54 @@ class Int8View:
         self.quantized = frozenset(n for n in names if is_quantizable(n))
         self.quant_method = QUANT_METHOD
         self.method = "rtn" if self.passthrough else method
-        if self.method == "gptq" and (ckpt.config.architecture not in ("LlamaForCausalLM", "Qwen2ForCausalLM")
-                                      or _gptq().calibration_ids(ckpt) is None):
+        if self.method != "rtn" and (ckpt.config.architecture not in ("LlamaForCausalLM", "Qwen2ForCausalLM")
+                                     or _calibrate().calibration_ids(ckpt) is None):
             self.method = "rtn"          # no model forward or no tokenizer to calibrate with
-        self._gptq = None                # {name: (int8, scales)}, computed on the first request
+        self._calibrated = None          # gptq / awq: {name: (int8, scales)}, on the first request
+        self._floats = None              # awq: {name: float32} norms and v biases that carry 1 / s
 
     def __getattr__(self, attr):        # config, tokenizer, chat_template, path, format, names, shape ...
         return getattr(self.source, attr)
 
     def raw(self, name):
         if name not in self.quantized:
+            if self._scaled(name):
+                return self._floats[name]
             return self.source.raw(name)
         got = _source_int8(self.source, name, self.group, self.scale_dtype)
         if got is not None:
             return got
-        if self.method == "gptq":
-            return self._gptq_result(name)
+        if self.method != "rtn":
+            return self._calibrated_result(name)
         return quantize_int8(self.source.tensor(name, np.float32), self.group, self.scale_dtype, name,
                              allowed=None)
 
-    def _gptq_result(self, name):
-        if self._gptq is None or name not in self._gptq:     # a second request recomputes
-            self._gptq = _gptq().gptq_quantize_all(self.source, self.group, self.scale_dtype)
-        return self._gptq.pop(name)
+    def _calibrate_all(self):
+        if self.method == "gptq":
+            self._calibrated = _gptq().gptq_quantize_all(self.source, self.group, self.scale_dtype)
+            self._floats = {}
+        else:
+            from .awq import awq_quantize_all
+            self._calibrated, self._floats = awq_quantize_all(self.source, self.group, self.scale_dtype)
+
+    def _calibrated_result(self, name):
+        if self._calibrated is None or name not in self._calibrated:     # a second request recomputes
+            self._calibrate_all()
+        return self._calibrated.pop(name)
+
+    def _scaled(self, name) -> bool:
+        """awq: name is a norm weight or v bias that carries 1 / s (computed on first need)."""
+        if self.method != "awq" or not name.endswith(("layernorm.weight", "v_proj.bias")):
+            return False
+        if self._floats is None:
+            self._calibrate_all()
+        return name in self._floats
 
     def tensor(self, name, dtype=np.float32):
         if name in self.quantized:
             return dequantize_int8(*self.raw(name), dtype=dtype)
+        if self._scaled(name):
+            return self._floats[name].astype(dtype)
         return self.source.tensor(name, dtype)
 
     def stored_dtype(self, name):
@@ -344,11 +375,12 @@ def save_quantized(ckpt, out_dir, group: int | None = None, scale_dt=None, progr
 
     group None: the source's own int8 group when it is all int8 groups already (GGUF Q8_0 -> 32,
     llama2.c v2 -> its group, copied bit for bit), else 64. Peak memory: the int8 output plus
-    one float tensor at a time."""
+    one float tensor at a time. method None: "awq" (SAVE_METHOD; rtn where there is nothing to
+    calibrate with)."""
     from safetensors.numpy import save_file
 
     from .loaders.base import progress_bar
-    view = Int8View(ckpt, group, scale_dt, method)
+    view = Int8View(ckpt, group, scale_dt, SAVE_METHOD if method is None else method)
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise LoadError(f"{out} exists and is not empty; choose a new --out directory")
@@ -361,13 +393,13 @@ def save_quantized(ckpt, out_dir, group: int | None = None, scale_dt=None, progr
             tensors[name], tensors[name + ".scales"] = np.ascontiguousarray(q), np.ascontiguousarray(s)
         else:
             keep = np.float32 if len(ckpt.shape(name)) == 1 else np.float16     # norms, biases: f32
-            tensors[name] = np.ascontiguousarray(ckpt.tensor(name, keep))
+            tensors[name] = np.ascontiguousarray(view.tensor(name, keep))
     cfg = hf_config_dict(ckpt)
     if not Path(ckpt.path).is_dir() and ckpt.tokenizer is not None and ckpt.tokenizer.eos_ids:
         eos = ckpt.tokenizer.eos_ids                      # GGUF: eos and eot; llama2.c: the model's </s>
         cfg["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
     cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "group_size": view.group,
-                                  "scale_dtype": scale_dtype_name(view.scale_dtype),
+                                  "scale_dtype": scale_dtype_name(view.scale_dtype), "method": view.method,
                                   "modules_not_converted": list(NOT_CONVERTED)}
     save_file(tensors, str(out / "model.safetensors"),
               metadata={"format": "pt", "quant_method": QUANT_METHOD, "group_size": str(view.group)})

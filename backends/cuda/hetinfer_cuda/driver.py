@@ -335,10 +335,13 @@ def _allow_shared(dev: CudaDevice, fn, shared: int, name: str) -> None:
     _smem_set[id(fn)] = shared
 
 
-def launch(dev: CudaDevice, fn, grid, block, args, shared: int = 0, name: str = "kernel") -> None:
+def launch(dev: CudaDevice, fn, grid, block, args, shared: int = 0, name: str = "kernel",
+           pdl: bool = False) -> None:
     """Launch fn on dev's stream. args: ctypes scalars (see Arg). A grid with a zero
     dimension launches nothing. With HETINFER_CUDA_SYNC=1 every launch is synchronised
-    so an error is reported at the kernel that caused it."""
+    so an error is reported at the kernel that caused it. pdl: programmatic dependent
+    launch (sm_90+; see pdl_wait in common.cuh): fn may start before the previous kernel
+    ends and must pdl_wait() before reading its output."""
     grid = tuple(grid) + (1,) * (3 - len(grid))
     block = tuple(block) + (1,) * (3 - len(block))
     if min(grid) <= 0:
@@ -348,12 +351,28 @@ def launch(dev: CudaDevice, fn, grid, block, args, shared: int = 0, name: str = 
     holders = list(args)
     ptrs = (ctypes.c_void_p * max(1, len(holders)))(*[ctypes.addressof(a) for a in holders])
     dev.make_current()
-    err, = _drv().cuLaunchKernel(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                 shared, dev.stream, ctypes.addressof(ptrs), 0)
+    if pdl and dev.cc >= (9, 0):
+        err, = _drv().cuLaunchKernelEx(_pdl_config(dev, grid, block, shared), fn, ctypes.addressof(ptrs), 0)
+    else:
+        err, = _drv().cuLaunchKernel(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                     shared, dev.stream, ctypes.addressof(ptrs), 0)
     if err != _drv().CUresult.CUDA_SUCCESS:
         raise DeviceError(f"launch of {name} (grid {grid}, block {block}) failed: {error_text(err)}")
     if _SYNC and not dev.capturing:
         check(_drv().cuStreamSynchronize(dev.stream), f"kernel {name} (HETINFER_CUDA_SYNC)")
+
+
+def _pdl_config(dev: CudaDevice, grid, block, shared: int):
+    drv = _drv()
+    attr = drv.CUlaunchAttribute()
+    attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    cfg = drv.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
+    cfg.sharedMemBytes, cfg.hStream = shared, dev.stream
+    cfg.attrs, cfg.numAttrs = [attr], 1
+    return cfg
 
 
 # ---------------------------------------------------------------- CUDA graphs

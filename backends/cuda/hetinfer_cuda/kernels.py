@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 from hetinfer import dtypes as DT
 from hetinfer.errors import ShapeError
@@ -30,6 +31,15 @@ GEMV_MAX_M = 8          # rows of x up to which matmul uses the GEMV kernel
 ATT_MAXD = 256          # head dim limit of the attention kernels
 ADEC_SPLITS = 128       # decode attention: splits along the sequence at most
 _GEMV_WARPS = 8
+# int8 decode GEMV by dp4a against x in 16-bit fixed point (f16/bf16 runs); "0": the float kernel
+DP4A = os.environ.get("HETINFER_CUDA_DP4A", "1") != "0"
+# the dp4a GEMV, rope_kv_write and decode attention, captured into a graph, start while the
+# kernel before them ends (programmatic dependent launch: the GEMV's blocks request their
+# weights, then wait for x; the others wait at once, saving only the launch); "0": plain.
+# (The float GEMV is not launched so: it reads x with its weights, and waiting blocks only
+# took slots from the kernel before it -- f16 tinyllama step 1286 -> 1295 us, run 2 of 2026-11-22.)
+PDL = os.environ.get("HETINFER_CUDA_PDL", "1") != "0"
+_DP4A_MAX_SMEM = 47 * 1024
 
 
 # ---------------------------------------------------------------- helpers
@@ -53,8 +63,8 @@ def _k(dev, dtype_name, fn):
     return D.kernel(dev, dtype_name, fn)
 
 
-def _launch(dev, dtype_name, fn, grid, block, args, shared=0):
-    D.launch(dev, _k(dev, dtype_name, fn), grid, block, args, shared, name=f"{fn}<{dtype_name}>")
+def _launch(dev, dtype_name, fn, grid, block, args, shared=0, pdl=False):
+    D.launch(dev, _k(dev, dtype_name, fn), grid, block, args, shared, name=f"{fn}<{dtype_name}>", pdl=pdl)
 
 
 def _row_threads(units: int, cap: int = 256) -> int:
@@ -220,6 +230,25 @@ def _side(t, key):
     return _as(t, key), 0
 
 
+def _gemv_dp4a(dev, key, x, x32, weight, sc, G, b, nw, eps, pro, swi, r, r32, o, o32, N, K):
+    """One row of x times int8 weights: the dp4a kernel (see ops.cu), R rows per warp, as
+    many as keep ~16 warps per multiprocessor busy."""
+    target = 16 * dev.sm_count
+    if swi:
+        R = 4 if (N // 2) // 2 >= target else 2
+        units = -(-(N // 2) // (R // 2))
+    else:
+        R = 4 if N // 4 >= target else 2 if N // 2 >= target else 1
+        units = -(-N // R)
+    blocks = max(1, -(-units // _GEMV_WARPS))
+    fn = ("gemv_dp4a_s16_r" if sc.dtype == DT.f16 else "gemv_dp4a_s32_r") + str(R)
+    _launch(dev, key, fn, (blocks,), (_GEMV_WARPS * 32,),
+            [Arg.ptr(_p(x)), Arg.i32(x32), Arg.ptr(_p(weight)), Arg.ptr(_p(sc)), Arg.i32(G),
+             Arg.ptr(_p(b)), Arg.ptr(_p(nw)), Arg.f32(eps), Arg.i32(pro), Arg.i32(swi),
+             Arg.ptr(_p(r)), Arg.i32(r32), Arg.ptr(_p(o)), Arg.i32(o32), Arg.i32(N), Arg.i32(K)],
+            shared=K * 9 // 4, pdl=PDL and dev.capturing)
+
+
 def matmul(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, residual=None):
     """out = residual + act(pro(x) @ weight^T + bias) (see hetinfer.ops.matmul). A few rows
     of x: one fused GEMV kernel (norm on the fly, epilogue on the sums; with swiglu a warp
@@ -250,8 +279,12 @@ def matmul(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, r
     if K and M <= GEMV_MAX_M:
         m1 = "_m1" if M == 1 else ""
         if quant:
-            fn = ("gemv_i8_s16" if sc.dtype == DT.f16 else "gemv_i8_s32") + m1
             vec = int(K % 16 == 0 and G % 16 == 0 and _aligned(weight, xk, nw))
+            if DP4A and M == 1 and vec and key != "f32" and K * 9 // 4 <= _DP4A_MAX_SMEM:
+                _gemv_dp4a(dev, key, xk, x32, weight, sc, G, b, nw, eps, pro, swi, rk, r32, o, o32, N, K)
+                _finish(o, out)
+                return
+            fn = ("gemv_i8_s16" if sc.dtype == DT.f16 else "gemv_i8_s32") + m1
         else:
             fn = "gemv" + m1
             vec = int(K % _vec(weight) == 0 and _aligned(weight, xk, nw))
@@ -369,7 +402,7 @@ def attention(q, k_cache, v_cache, positions, scale, out):
                 [Arg.ptr(_p(q)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)), Arg.ptr(_p(positions)),
                  Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(o)),
                  Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(S), Arg.f32(scale), Arg.i32(C),
-                 Arg.ptr(part), Arg.ptr(count)])
+                 Arg.ptr(part), Arg.ptr(count)], pdl=PDL and dev.capturing)
     else:
         smem = 4 * (3 * 32 * (Dh + 1) + 32 * 33)
         fn = "attention_prefill_d64" if Dh <= 64 else ("attention_prefill_d128" if Dh <= 128 else
@@ -407,7 +440,7 @@ def rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, style):
             [Arg.ptr(_p(qk)), Arg.ptr(_p(kk)), Arg.ptr(_p(vv)), Arg.ptr(_p(k_cache)), Arg.ptr(_p(v_cache)),
              Arg.ptr(_p(positions)), Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(cos)), Arg.ptr(_p(sin)),
              Arg.i32(ntok), Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(cos.shape[0]), Arg.i32(S),
-             Arg.i32(style == "interleaved")])
+             Arg.i32(style == "interleaved")], pdl=PDL and dev.capturing)
     if qk is not q:
         _cast_into(qk, q)
 

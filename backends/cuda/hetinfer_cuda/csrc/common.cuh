@@ -93,6 +93,22 @@ __device__ __forceinline__ float block_max(float v) {
     return warp_max(v);
 }
 
+// Programmatic dependent launch (sm_90 and later). A kernel launched with it (launch(...,
+// pdl=True)) may start while the kernel before it still runs: it must call pdl_wait() before
+// it reads anything that kernel writes (it returns once that kernel has finished and its writes
+// are visible). pdl_trigger() lets such a next kernel start now. Without the launch attribute,
+// or on an older GPU, both do nothing.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ i64 load_index(const void* p, int is64, i64 i) {
     return is64 ? reinterpret_cast<const i64*>(p)[i] : (i64) reinterpret_cast<const int*>(p)[i];
 }

@@ -30,6 +30,7 @@ __device__ __forceinline__ void stf(void* p, int is32, size_t i, float v) {
 extern "C" __global__ void embedding(const void* __restrict__ ids, int ids64,
                                      const T* __restrict__ table, void* __restrict__ out, int o32,
                                      int V, int D, int vec) {
+    pdl_trigger();
     const int t = blockIdx.x;
     const i64 id = load_index(ids, ids64, t);
     const size_t o = (size_t)t * D;
@@ -244,6 +245,8 @@ extern "C" __global__ void rope_kv_write(T* q, const T* __restrict__ k, const T*
                                          const void* __restrict__ pos, int pos64,
                                          const float* __restrict__ cosv, const float* __restrict__ sinv,
                                          int ntok, int Hq, int Hkv, int D, int P, int S, int interleaved) {
+    pdl_trigger();
+    pdl_wait();
     const int half = D / 2;
     const long long nq = (long long)ntok * Hq * half, nk = (long long)ntok * Hkv * half;
     const long long total = nq + nk + (long long)ntok * Hkv * D;
@@ -308,6 +311,8 @@ __device__ __forceinline__ void attention_decode_body(
         int Hq, int Hkv, int D, int S, float scale, int C, float* __restrict__ part, int* __restrict__ count) {
     __shared__ float s_m[ADEC_WARPS], s_l[ADEC_WARPS], s_acc[ADEC_WARPS][32 * DPL];
     __shared__ int s_last;
+    pdl_trigger();                                 // the o product may start its weight loads
+    pdl_wait();                                    // q, k, v: the previous kernel's output
     const int hq = blockIdx.x, s = blockIdx.y, nsplit = gridDim.y;
     const int h = hq / (Hq / Hkv), tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const i64 p = load_index(pos, pos64, 0);
@@ -680,6 +685,7 @@ __device__ __forceinline__ void gemv_body(const void* __restrict__ x, int x32, c
                                           const T* __restrict__ bias, const T* __restrict__ nw, float eps,
                                           int pro, int act, const void* residual, int r32, void* out, int o32,
                                           int M, int N, int K, int vec, int rpw) {
+    pdl_trigger();                                  // (launched without pdl: no wait needed)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int No = act ? N / 2 : N;                 // outputs per row of x
     int n0, n1;
@@ -820,6 +826,173 @@ GEMV_KERNEL(gemv_i8_s32, 2, float, GEMV_MAXM)
 GEMV_KERNEL(gemv_m1, 0, float, 1)
 GEMV_KERNEL(gemv_i8_s16_m1, 1, f16_t, 1)
 GEMV_KERNEL(gemv_i8_s32_m1, 2, float, 1)
+
+// Decode GEMV of int8 weights by integer dot products (one row of x; f16/bf16 runs).
+// The block first writes y = x (times nw with rms_norm) to shared memory in 16-bit fixed
+// point per 16 values: y ~= (hi + lo / 256) * sx with hi, lo int8 and sx = amax / 127 of the
+// 16 (error <= amax / 65024). A 16-byte chunk of a weight row then costs eight dp4a against
+// hi and lo and one float multiply-add, instead of widening every byte to a float (the float
+// kernel above spends ~5 instructions per weight byte; this one ~1). Each warp owns R rows;
+// U chunks of each are in flight, the first requested before the prologue so its latency
+// hides behind it. Needs K % 16 == 0, G % 16 == 0, 16-byte aligned w, x and nw.
+__device__ __forceinline__ int dp4a(u32 a, u32 b, int c) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ int dot16_i8(const uint4& w, const uint4& x, int c) {
+    return dp4a(w.w, x.w, dp4a(w.z, x.z, dp4a(w.y, x.y, dp4a(w.x, x.x, c))));
+}
+
+template <typename S, int R>
+__device__ __forceinline__ void gemv_dp4a_body(const void* __restrict__ x, int x32, const signed char* __restrict__ w,
+                                               const S* __restrict__ scales, int G, const T* __restrict__ bias,
+                                               const T* __restrict__ nw, float eps, int pro, int act,
+                                               const void* residual, int r32, void* out, int o32, int N, int K) {
+    constexpr int U = 8 / R;                        // chunks of each row in flight per lane
+    constexpr int H = R > 1 ? R / 2 : 1;            // swiglu: gate rows per warp (R >= 2)
+    pdl_trigger();
+    extern __shared__ __align__(16) unsigned char dsm[];
+    __shared__ float red[GEMV_WARPS];
+    const int KV = K / 16, ng = K / G;
+    uint4* xh = reinterpret_cast<uint4*>(dsm);     // (KV) hi bytes of y
+    uint4* xl = xh + KV;                            // (KV) lo bytes
+    float* xs = reinterpret_cast<float*>(xl + KV);  // (KV) sx / 256
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int No = act ? N / 2 : N;
+    const int wg = blockIdx.x * GEMV_WARPS + warp;
+    int rows[R], outs[R];                           // weight rows; output index (or -1)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (act) {                                  // gate rows n.., then their up rows n + No..
+            const int n = wg * H + (r % H);
+            const int ok = n < No;
+            rows[r] = ok ? (r < H ? n : n + No) : 0;
+            outs[r] = ok && r < H ? n : -1;
+        } else {
+            const int n = wg * R + r;
+            rows[r] = n < N ? n : 0;
+            outs[r] = n < N ? n : -1;
+        }
+    }
+    const int nper = lane < KV ? (KV - lane + 31) / 32 : 0;     // chunks lane, lane + 32, ...
+    uint4 buf[U][R];
+    float sw[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+        if (u < nper) {
+            const int c = lane + 32 * u;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                buf[u][r] = __ldg(reinterpret_cast<const uint4*>(w + (size_t)rows[r] * K) + c);
+                sw[u][r] = ld_scale(scales, (size_t)rows[r] * ng + (c * 16) / G);
+            }
+        }
+    pdl_wait();                                     // x is the previous kernel's output
+    // prologue: y in fixed point, and sum x^2 for the norm
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < KV; c += blockDim.x) {
+        float f[16];
+        prologue16<16>(x, x32, nw, pro, 0, K, c * 16, f, ss);
+        float amax = 0.f;
+        bool finite = true;
+#pragma unroll
+        for (int e = 0; e < 16; ++e) { amax = fmaxf(amax, fabsf(f[e])); finite = finite && fabsf(f[e]) <= 3.4e38f; }
+        const float inv = amax > 0.f && finite ? 127.f / amax : 0.f;
+        u32 h[4], l[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            u32 hh = 0, ll = 0;
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                const float t = f[4 * q + b] * inv;
+                const int hi = __float2int_rn(t);
+                const int lo = max(-128, min(127, __float2int_rn((t - (float)hi) * 256.f)));
+                hh |= (u32)(hi & 0xff) << (8 * b);
+                ll |= (u32)(lo & 0xff) << (8 * b);
+            }
+            h[q] = hh;
+            l[q] = ll;
+        }
+        xh[c] = make_uint4(h[0], h[1], h[2], h[3]);
+        xl[c] = make_uint4(l[0], l[1], l[2], l[3]);
+        xs[c] = finite ? amax * (1.f / (127.f * 256.f)) : HI_NAN;
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    float inv_rms = 1.f;
+    if (pro) {
+        float t = 0.f;
+#pragma unroll
+        for (int i = 0; i < GEMV_WARPS; ++i) t += red[i];
+        inv_rms = rsqrtf(t / (float)K + eps);
+    }
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    for (int j0 = 0; j0 < nper; j0 += U) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int j = j0 + u;
+            if (j < nper) {
+                const int c = lane + 32 * j;
+                const uint4 a = xh[c], b = xl[c];
+                const float sx = xs[c];
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const int v = dot16_i8(buf[u][r], a, 0) * 256 + dot16_i8(buf[u][r], b, 0);
+                    acc[r] = fmaf((float)v, sx * sw[u][r], acc[r]);
+                }
+                if (j + U < nper) {
+                    const int cn = c + 32 * U;
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        buf[u][r] = __ldg(reinterpret_cast<const uint4*>(w + (size_t)rows[r] * K) + cn);
+                        sw[u][r] = ld_scale(scales, (size_t)rows[r] * ng + (cn * 16) / G);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]) * inv_rms;
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < (act ? H : R); ++r) {
+            const int n = outs[r];
+            if (n < 0) continue;
+            float v = acc[r];
+            if (act) {
+                const int ru = r + H < R ? r + H : r;
+                float u = acc[ru];
+                if (bias) { v += to_f32(bias[rows[r]]); u += to_f32(bias[rows[ru]]); }
+                v = silu_mul(v, u);
+            } else if (bias) {
+                v += to_f32(bias[n]);
+            }
+            if (residual) v += ldf(residual, r32, n);
+            stf(out, o32, n, v);
+        }
+    }
+}
+
+#define GEMV_DP4A_KERNEL(NAME, S, R)                                                                 \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                   \
+    NAME(const void* __restrict__ x, int x32, const void* __restrict__ w, const void* __restrict__ scales, \
+         int G, const T* __restrict__ bias, const T* __restrict__ nw, float eps, int pro, int act,    \
+         const void* residual, int r32, void* out, int o32, int N, int K) {                          \
+        gemv_dp4a_body<S, R>(x, x32, reinterpret_cast<const signed char*>(w),                       \
+                             reinterpret_cast<const S*>(scales), G, bias, nw, eps, pro, act, residual, \
+                             r32, out, o32, N, K);                                                   \
+    }
+GEMV_DP4A_KERNEL(gemv_dp4a_s16_r1, f16_t, 1)
+GEMV_DP4A_KERNEL(gemv_dp4a_s16_r2, f16_t, 2)
+GEMV_DP4A_KERNEL(gemv_dp4a_s16_r4, f16_t, 4)
+GEMV_DP4A_KERNEL(gemv_dp4a_s32_r1, float, 1)
+GEMV_DP4A_KERNEL(gemv_dp4a_s32_r2, float, 2)
+GEMV_DP4A_KERNEL(gemv_dp4a_s32_r4, float, 4)
 
 // Prefill: after a cuBLAS product y (M, N), out = residual + act(y + bias), out and
 // residual T or f32 (out may be residual); act 1: swiglu of the halves, out (M, N / 2).
