@@ -241,7 +241,9 @@ def _gemv_dp4a(dev, key, x, x32, weight, sc, G, b, nw, eps, pro, swi, r, r32, o,
         R = 4 if N // 4 >= target else 2 if N // 2 >= target else 1
         units = -(-N // R)
     blocks = max(1, -(-units // _GEMV_WARPS))
-    fn = ("gemv_dp4a_s16_r" if sc.dtype == DT.f16 else "gemv_dp4a_s32_r") + str(R)
+    # one row per warp and a long row: all of a lane's chunks (K <= 8192) in flight at once
+    fn = ("gemv_dp4a_s16_r" if sc.dtype == DT.f16 else "gemv_dp4a_s32_r") + str(R) + \
+        ("u16" if R == 1 and K > 4096 else "")
     _launch(dev, key, fn, (blocks,), (_GEMV_WARPS * 32,),
             [Arg.ptr(_p(x)), Arg.i32(x32), Arg.ptr(_p(weight)), Arg.ptr(_p(sc)), Arg.i32(G),
              Arg.ptr(_p(b)), Arg.ptr(_p(nw)), Arg.f32(eps), Arg.i32(pro), Arg.i32(swi),
@@ -367,7 +369,17 @@ def add(a, b, out):
 
 
 def swiglu(gate, up, out):
-    _binary("swiglu", gate, up, out)
+    key = gate.dtype.name
+    dev = _dev(gate)
+    u = _as(up, key)
+    o32 = int(out.dtype == DT.f32 and key != "f32")       # written as f32 directly
+    o = out if o32 else _target(out, key)
+    n = gate.numel
+    vec = int(not o32 and n % _vec(gate) == 0 and _aligned(gate, u, o))
+    units = n // _vec(gate) if vec else n
+    _launch(dev, key, "swiglu", (_grid_1d(dev, units),), (256,),
+            [Arg.ptr(_p(gate)), Arg.ptr(_p(u)), Arg.ptr(_p(o)), Arg.i64(n), Arg.i32(vec), Arg.i32(o32)])
+    _finish(o, out)
 
 
 def softmax(x, out):

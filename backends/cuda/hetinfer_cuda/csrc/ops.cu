@@ -103,20 +103,23 @@ extern "C" __global__ void add(const T* __restrict__ a, const T* __restrict__ b,
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
 
+// out is T, or f32 (o32): a result below T's normal range keeps its precision (silu of a
+// large negative gate is tiny; rounded through f16 it lost up to 10% in the subnormals)
 extern "C" __global__ void swiglu(const T* __restrict__ gate, const T* __restrict__ up,
-                                  T* __restrict__ out, long long n, int vec) {
+                                  void* __restrict__ out, long long n, int vec, int o32) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (vec) {
+    if (vec && !o32) {
+        T* o = reinterpret_cast<T*>(out);
         const long long nv = n / VEC;
         for (; i < nv; i += stride) {
             Vec16<T> g = load16(gate + i * VEC), u = load16(up + i * VEC), r;
 #pragma unroll
             for (int e = 0; e < VEC; ++e) r.e[e] = from_f32<T>(silu_mul(to_f32(g.e[e]), to_f32(u.e[e])));
-            store16(out + i * VEC, r);
+            store16(o + i * VEC, r);
         }
     } else {
-        for (; i < n; i += stride) out[i] = from_f32<T>(silu_mul(to_f32(gate[i]), to_f32(up[i])));
+        for (; i < n; i += stride) stf(out, o32, i, silu_mul(to_f32(gate[i]), to_f32(up[i])));
     }
 }
 
@@ -845,12 +848,12 @@ __device__ __forceinline__ int dot16_i8(const uint4& w, const uint4& x, int c) {
     return dp4a(w.w, x.w, dp4a(w.z, x.z, dp4a(w.y, x.y, dp4a(w.x, x.x, c))));
 }
 
-template <typename S, int R>
+template <typename S, int R, int U>
 __device__ __forceinline__ void gemv_dp4a_body(const void* __restrict__ x, int x32, const signed char* __restrict__ w,
                                                const S* __restrict__ scales, int G, const T* __restrict__ bias,
                                                const T* __restrict__ nw, float eps, int pro, int act,
                                                const void* residual, int r32, void* out, int o32, int N, int K) {
-    constexpr int U = 8 / R;                        // chunks of each row in flight per lane
+    // U: chunks of each row in flight per lane
     constexpr int H = R > 1 ? R / 2 : 1;            // swiglu: gate rows per warp (R >= 2)
     pdl_trigger();
     extern __shared__ __align__(16) unsigned char dsm[];
@@ -978,21 +981,26 @@ __device__ __forceinline__ void gemv_dp4a_body(const void* __restrict__ x, int x
     }
 }
 
-#define GEMV_DP4A_KERNEL(NAME, S, R)                                                                 \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                   \
+// R rows per warp, U chunks of each in flight, at least MINB blocks per multiprocessor. (Forcing
+// 3 blocks for R = 4, so that tinyllama's gate/up grid fits one wave, spilled registers and
+// moved the whole step by < 1%: run 7 of 2026-11-22.)
+#define GEMV_DP4A_KERNEL(NAME, S, R, U, MINB)                                                      \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, MINB)                             \
     NAME(const void* __restrict__ x, int x32, const void* __restrict__ w, const void* __restrict__ scales, \
          int G, const T* __restrict__ bias, const T* __restrict__ nw, float eps, int pro, int act,    \
          const void* residual, int r32, void* out, int o32, int N, int K) {                          \
-        gemv_dp4a_body<S, R>(x, x32, reinterpret_cast<const signed char*>(w),                       \
-                             reinterpret_cast<const S*>(scales), G, bias, nw, eps, pro, act, residual, \
-                             r32, out, o32, N, K);                                                   \
+        gemv_dp4a_body<S, R, U>(x, x32, reinterpret_cast<const signed char*>(w),                    \
+                                reinterpret_cast<const S*>(scales), G, bias, nw, eps, pro, act, residual, \
+                                r32, out, o32, N, K);                                               \
     }
-GEMV_DP4A_KERNEL(gemv_dp4a_s16_r1, f16_t, 1)
-GEMV_DP4A_KERNEL(gemv_dp4a_s16_r2, f16_t, 2)
-GEMV_DP4A_KERNEL(gemv_dp4a_s16_r4, f16_t, 4)
-GEMV_DP4A_KERNEL(gemv_dp4a_s32_r1, float, 1)
-GEMV_DP4A_KERNEL(gemv_dp4a_s32_r2, float, 2)
-GEMV_DP4A_KERNEL(gemv_dp4a_s32_r4, float, 4)
+GEMV_DP4A_KERNEL(gemv_dp4a_s16_r1, f16_t, 1, 8, 3)
+GEMV_DP4A_KERNEL(gemv_dp4a_s16_r1u16, f16_t, 1, 16, 2)
+GEMV_DP4A_KERNEL(gemv_dp4a_s16_r2, f16_t, 2, 4, 3)
+GEMV_DP4A_KERNEL(gemv_dp4a_s16_r4, f16_t, 4, 2, 2)
+GEMV_DP4A_KERNEL(gemv_dp4a_s32_r1, float, 1, 8, 3)
+GEMV_DP4A_KERNEL(gemv_dp4a_s32_r1u16, float, 1, 16, 2)
+GEMV_DP4A_KERNEL(gemv_dp4a_s32_r2, float, 2, 4, 3)
+GEMV_DP4A_KERNEL(gemv_dp4a_s32_r4, float, 4, 2, 2)
 
 // Prefill: after a cuBLAS product y (M, N), out = residual + act(y + bias), out and
 // residual T or f32 (out may be residual); act 1: swiglu of the halves, out (M, N / 2).
