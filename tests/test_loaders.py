@@ -362,3 +362,31 @@ def test_qwen_gguf_config_and_kquants():
     for n in ck.names()[:12]:
         a = ck.tensor(n)
         assert a.shape == ck.shape(n) and np.isfinite(a).all()
+
+
+def _rss_file_kb() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def test_release_pages_drops_file_pages_and_keeps_the_data(tmp_path):
+    """After a tensor is converted out of the memory map, its file pages leave host memory
+    (a later read maps them again), so loading does not hold the file and the floats both."""
+    from hetinfer.loaders.base import memmap, release_pages
+    if _rss_file_kb() is None:
+        pytest.skip("no /proc/self/status RssFile on this system")
+    data = np.random.default_rng(0).integers(0, 255, 24 << 20, dtype=np.uint8)
+    (tmp_path / "blob").write_bytes(data.tobytes())
+    mm = memmap(tmp_path / "blob")
+    view = mm[4096 + 7:(20 << 20) + 3].reshape(-1)             # unaligned ends: whole pages inside only
+    before = _rss_file_kb()
+    total = int(view.sum(dtype=np.int64))                       # touches every page of the view
+    touched = _rss_file_kb()
+    assert touched - before > 12 << 10                          # > 12 MiB of the 20 MiB came in
+    release_pages(view)
+    assert touched - _rss_file_kb() > 12 << 10                  # and left again
+    assert int(view.sum(dtype=np.int64)) == total == int(data[4096 + 7:(20 << 20) + 3].sum(dtype=np.int64))
+    release_pages(np.arange(10))                                # not a memmap: nothing happens

@@ -206,7 +206,8 @@ def _model_args(s, prompt: str | None) -> None:
     s.add_argument("--max-context", type=int, default=None,
                    help="cap the KV cache length (default: the model's context, at most 4096)")
     s.add_argument("--quantize", choices=["int8"], default=None,
-                   help="quantize the Linear weights to int8 groups while loading (see `hetinfer quantize`)")
+                   help="quantize the Linear weights to int8 groups while loading, round to nearest "
+                        "(`hetinfer quantize` writes a calibrated, more accurate int8 directory)")
     g = s.add_argument_group("sampling")
     g.add_argument("-n", "--max-tokens", dest="n", type=int, default=None, help="new tokens at most")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy")

@@ -12,6 +12,7 @@ Subclasses (one per format) implement four small methods: ``_stored_names``, ``_
 
 from __future__ import annotations
 
+import mmap
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -149,7 +150,8 @@ class Checkpoint:
         self._check_name(name)
         arr = self._load(name)
         if arr.dtype != dt:
-            arr = arr.astype(dt)
+            src, arr = arr, arr.astype(dt)
+            release_pages(src)          # converted: its file pages are not needed in memory
         return arr
 
     def raw(self, name: str):
@@ -211,6 +213,30 @@ def file_size(path: Path) -> int:
         return path.stat().st_size
     except OSError as e:
         raise LoadError(f"cannot read {path}: {e.strerror}") from None
+
+
+def release_pages(view: np.ndarray) -> None:
+    """Drop from memory the file pages under view, a slice of a memmap whose contents were
+    just copied out (converted or dequantized), so that host memory holds the converted
+    tensors, not the file as well. The pages stay mapped: a later read loads them again.
+    Whole pages inside the view only; nothing for arrays not backed by a memmap."""
+    root = view
+    while isinstance(root.base, np.ndarray):          # slices of a memmap are memmaps too
+        root = root.base
+    mm = root.base
+    if not isinstance(root, np.memmap) or not isinstance(mm, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    # the mmap starts at the allocation-granularity boundary at or below the array's file offset
+    mm_start = root.__array_interface__["data"][0] - root.offset % mmap.ALLOCATIONGRANULARITY
+    lo = view.__array_interface__["data"][0] - mm_start
+    hi = lo + view.nbytes
+    page = mmap.PAGESIZE
+    start, end = -(-lo // page) * page, hi // page * page
+    if end > start:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
 
 
 def memmap(path: Path) -> np.ndarray:

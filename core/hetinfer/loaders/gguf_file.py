@@ -20,7 +20,7 @@ import numpy as np
 
 from ..config import KNOWN_ARCHITECTURES, ModelConfig
 from ..errors import ConfigError, LoadError
-from .base import BF16, Checkpoint, file_size, memmap, progress_bar
+from .base import BF16, Checkpoint, file_size, memmap, progress_bar, release_pages
 
 GGUF_MAGIC = b"GGUF"
 
@@ -286,6 +286,7 @@ class GGUFCheckpoint(Checkpoint):
         elif qt.name in SUPPORTED_QUANTS:
             rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
             arr = dequantize(data.reshape(rows, -1), qt).reshape(shape)  # (rows, cols) float32
+            release_pages(data)
         else:
             raise LoadError(f"{self.path}: tensor {gname!r} ({name}) is stored as {qt.name}, which is not "
                             f"supported; supported types: {', '.join(SUPPORTED_QUANTS)}")
@@ -302,6 +303,7 @@ class GGUFCheckpoint(Checkpoint):
         blocks = self._bytes(name).reshape(n, k // 32, 34)   # per block: f16 scale, 32 x int8
         scales = blocks[:, :, :2].copy().view(np.float16).reshape(n, k // 32)
         q = blocks[:, :, 2:].copy().view(np.int8).reshape(n, k)
+        release_pages(blocks)
         if self._permuted and (".q_proj." in name or ".k_proj." in name):
             nh = self.config.num_attention_heads if ".q_proj." in name else self.config.num_key_value_heads
             q, scales = unpermute_qk(q, nh), unpermute_qk(scales, nh)
