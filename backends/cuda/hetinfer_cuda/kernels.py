@@ -351,16 +351,21 @@ def rope(x, positions, cos, sin, style, out):
     _finish(o, out)
 
 
-def _binary(fn, a, b, out):
+def _binary(fn, a, b, out, f32_out=False):
+    """Elementwise fn(a, b) in a's dtype. f32_out: the kernel takes an o32 flag and writes an
+    f32 out itself (its results keep f32 precision, no temporary); otherwise an out of another
+    dtype gets a key-typed temporary cast into it."""
     key = a.dtype.name
     dev = _dev(a)
     b = _as(b, key)
-    o = _target(out, key)
+    o32 = int(f32_out and out.dtype == DT.f32 and key != "f32")
+    o = out if o32 else _target(out, key)
     n = a.numel
-    vec = int(n % _vec(a) == 0 and _aligned(a, b, o))
+    vec = int(not o32 and n % _vec(a) == 0 and _aligned(a, b, o))
     units = n // _vec(a) if vec else n
     _launch(dev, key, fn, (_grid_1d(dev, units),), (256,),
-            [Arg.ptr(_p(a)), Arg.ptr(_p(b)), Arg.ptr(_p(o)), Arg.i64(n), Arg.i32(vec)])
+            [Arg.ptr(_p(a)), Arg.ptr(_p(b)), Arg.ptr(_p(o)), Arg.i64(n), Arg.i32(vec)]
+            + ([Arg.i32(o32)] if f32_out else []))
     _finish(o, out)
 
 
@@ -369,17 +374,7 @@ def add(a, b, out):
 
 
 def swiglu(gate, up, out):
-    key = gate.dtype.name
-    dev = _dev(gate)
-    u = _as(up, key)
-    o32 = int(out.dtype == DT.f32 and key != "f32")       # written as f32 directly
-    o = out if o32 else _target(out, key)
-    n = gate.numel
-    vec = int(not o32 and n % _vec(gate) == 0 and _aligned(gate, u, o))
-    units = n // _vec(gate) if vec else n
-    _launch(dev, key, "swiglu", (_grid_1d(dev, units),), (256,),
-            [Arg.ptr(_p(gate)), Arg.ptr(_p(u)), Arg.ptr(_p(o)), Arg.i64(n), Arg.i32(vec), Arg.i32(o32)])
-    _finish(o, out)
+    _binary("swiglu", gate, up, out, f32_out=True)
 
 
 def softmax(x, out):

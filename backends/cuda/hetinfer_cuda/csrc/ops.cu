@@ -193,6 +193,24 @@ CAST_KERNEL(cast_to_f16, f16_t)
 CAST_KERNEL(cast_to_bf16, bf16_t)
 
 // ---------------------------------------------------------------- rope
+// Pair u of a (T, H, D) tensor walked one rotated pair at a time: its row th = t H + h, token t,
+// pair index i < D / 2 and the two rotated elements' offsets j1, j2 within the row (adjacent
+// for interleaved pairs, i and i + D / 2 for half rotation). Shared by rope and rope_kv_write.
+struct RopePair {
+    long long th;
+    int t, i, j1, j2;
+};
+__device__ __forceinline__ RopePair rope_pair(long long u, int H, int D, int interleaved) {
+    const int half = D / 2;
+    RopePair r;
+    r.i = (int)(u % half);
+    r.th = u / half;
+    r.t = (int)(r.th / H);
+    r.j1 = interleaved ? 2 * r.i : r.i;
+    r.j2 = interleaved ? 2 * r.i + 1 : r.i + half;
+    return r;
+}
+
 // x, out (T, H, D); positions (T,) on the device; cos/sin f32 (P, D/2).
 // One thread per rotated pair, which reads both elements before writing: out may be x.
 extern "C" __global__ void rope(const T* x, const void* __restrict__ pos, int pos64,
@@ -202,22 +220,18 @@ extern "C" __global__ void rope(const T* x, const void* __restrict__ pos, int po
     const long long total = (long long)ntok * H * half;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += stride) {
-        const int i = (int)(idx % half);
-        const long long th = idx / half;             // t * H + h
-        const int t = (int)(th / H);
-        const i64 p = load_index(pos, pos64, t);
-        const size_t base = (size_t)th * D;
-        const int j1 = interleaved ? 2 * i : i;
-        const int j2 = interleaved ? 2 * i + 1 : i + half;
+        const RopePair r = rope_pair(idx, H, D, interleaved);
+        const i64 p = load_index(pos, pos64, r.t);
+        const size_t base = (size_t)r.th * D;
         if (p < 0 || p >= P) {
-            out[base + j1] = from_f32<T>(HI_NAN);
-            out[base + j2] = from_f32<T>(HI_NAN);
+            out[base + r.j1] = from_f32<T>(HI_NAN);
+            out[base + r.j2] = from_f32<T>(HI_NAN);
             continue;
         }
-        const float c = cosv[(size_t)p * half + i], s = sinv[(size_t)p * half + i];
-        const float x1 = to_f32(x[base + j1]), x2 = to_f32(x[base + j2]);
-        out[base + j1] = from_f32<T>(x1 * c - x2 * s);
-        out[base + j2] = from_f32<T>(x2 * c + x1 * s);
+        const float c = cosv[(size_t)p * half + r.i], s = sinv[(size_t)p * half + r.i];
+        const float x1 = to_f32(x[base + r.j1]), x2 = to_f32(x[base + r.j2]);
+        out[base + r.j1] = from_f32<T>(x1 * c - x2 * s);
+        out[base + r.j2] = from_f32<T>(x2 * c + x1 * s);
     }
 }
 
@@ -264,30 +278,25 @@ extern "C" __global__ void rope_kv_write(T* q, const T* __restrict__ k, const T*
             continue;
         }
         const bool isq = idx < nq;
-        const long long u = isq ? idx : idx - nq;
         const int H = isq ? Hq : Hkv;
-        const int i = (int)(u % half);
-        const long long th = u / half;                          // t * H + h
-        const int t = (int)(th / H);
-        const i64 p = load_index(pos, pos64, t);
-        const size_t base = (size_t)th * D;
-        const int j1 = interleaved ? 2 * i : i;
-        const int j2 = interleaved ? 2 * i + 1 : i + half;
+        const RopePair r = rope_pair(isq ? idx : idx - nq, H, D, interleaved);
+        const i64 p = load_index(pos, pos64, r.t);
+        const size_t base = (size_t)r.th * D;
         if (p < 0 || p >= P) {
-            if (isq) { q[base + j1] = from_f32<T>(HI_NAN); q[base + j2] = from_f32<T>(HI_NAN); }
+            if (isq) { q[base + r.j1] = from_f32<T>(HI_NAN); q[base + r.j2] = from_f32<T>(HI_NAN); }
             continue;
         }
-        const float c = cosv[(size_t)p * half + i], s = sinv[(size_t)p * half + i];
+        const float c = cosv[(size_t)p * half + r.i], s = sinv[(size_t)p * half + r.i];
         const T* src = isq ? q : k;
-        const float x1 = to_f32(src[base + j1]), x2 = to_f32(src[base + j2]);
+        const float x1 = to_f32(src[base + r.j1]), x2 = to_f32(src[base + r.j2]);
         const T r1 = from_f32<T>(x1 * c - x2 * s), r2 = from_f32<T>(x2 * c + x1 * s);
         if (isq) {
-            q[base + j1] = r1;
-            q[base + j2] = r2;
+            q[base + r.j1] = r1;
+            q[base + r.j2] = r2;
         } else if (p < S) {
-            const size_t o = (size_t)p * rowlen + (size_t)(th % H) * D;
-            kc[o + j1] = r1;
-            kc[o + j2] = r2;
+            const size_t o = (size_t)p * rowlen + (size_t)(r.th % H) * D;
+            kc[o + r.j1] = r1;
+            kc[o + r.j2] = r2;
         }
     }
 }
