@@ -399,3 +399,150 @@ def test_swiglu_f32_out_keeps_tiny_results():
     ops.swiglu(_cu(g), _cu(u), out=out)
     want = R.swiglu(g.astype(np.float64), u.astype(np.float64))
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- GPU: paged attention, per-row sampling
+def _paged(rng, seqs, bs, dt, extra_mb=0, nb=None, mb=None):
+    """seqs: (k (L, Hkv, D), v, q (n, Hq, D)) per sequence -> the numpy arguments of
+    paged_attention: each sequence's keys in shuffled distinct blocks, NaN in every slot
+    no sequence uses (a kernel reading past a length gets NaN), unused table entries at a
+    spare block."""
+    hkv, d = seqs[0][0].shape[1:]
+    need = [-(-len(k) // bs) for k, _, _ in seqs]
+    nb = nb or sum(need) + 1
+    ids = rng.permutation(nb)
+    mb = mb or max(need) + extra_mb
+    table = np.full((len(seqs), mb), ids[-1], np.int32)
+    npdt = hetinfer.dtype(dt).np
+    kp = np.full((nb, bs, hkv, d), np.nan, npdt)
+    vp = np.full((nb, bs, hkv, d), np.nan, npdt)
+    at = 0
+    for i, (k, v, _) in enumerate(seqs):
+        blocks = ids[at:at + need[i]]
+        at += need[i]
+        table[i, :need[i]] = blocks
+        slots = np.arange(len(k))
+        kp[blocks[slots // bs], slots % bs] = k
+        vp[blocks[slots // bs], slots % bs] = v
+    q = np.concatenate([s[2] for s in seqs])
+    qs = np.concatenate([[0], np.cumsum([len(s[2]) for s in seqs])]).astype(np.int32)
+    cl = np.array([len(s[0]) for s in seqs], np.int32)
+    return q, kp, vp, qs, cl, table
+
+
+def _seqs(rng, specs, hq, hkv, d, dt):
+    return [(_rnd(rng, (L, hkv, d), dt), _rnd(rng, (L, hkv, d), dt), _rnd(rng, (n, hq, d), dt)) for L, n in specs]
+
+
+def _paged_run(args, out=None):
+    q, kp, vp, qs, cl, bt = args
+    return ops.paged_attention(_cu(q), _cu(kp), _cu(vp), _cu(qs), _cu(cl), _cu(bt), scale=0.1, out=out).numpy()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 128), (6, 1, 40)])
+def test_paged_attention_mixed_batch_invariant(dt, hq, hkv, d):
+    """Decode rows and prefill chunks in one call match the reference, never read a NaN
+    slot, and give the same bits alone (another block size, other blocks) and in a batch
+    of 64 sequences in another order."""
+    rng = np.random.default_rng(hq * 10 + d)
+    specs = [(300, 1), (37, 37), (5000, 1), (129, 20), (5, 1), (64, 33), (2, 2)]    # (context, query rows)
+    seqs = _seqs(rng, specs, hq, hkv, d, dt)
+    args = _paged(rng, seqs, 16, dt, extra_mb=2)
+    batch = _paged_run(args)
+    _close(batch, R.paged_attention(*args, 0.1), dt)
+    rows = np.cumsum([0] + [n for _, n in specs])
+    for i in range(len(specs)):
+        alone = _paged_run(_paged(rng, [seqs[i]], 8, dt))
+        assert np.array_equal(alone, batch[rows[i]:rows[i + 1]]), f"sequence {i} alone differs"
+    order = (list(range(len(specs))) * 10)[:64]
+    rng.shuffle(order)
+    big = _paged_run(_paged(rng, [seqs[i] for i in order], 32, dt, extra_mb=1))
+    at = 0
+    for i in order:
+        n = specs[i][1]
+        assert np.array_equal(big[at:at + n], batch[rows[i]:rows[i + 1]]), f"sequence {i} in a batch of 64 differs"
+        at += n
+
+
+@needs_cuda
+def test_paged_attention_graph_replay_reads_indices_on_device():
+    """Captured once, replayed with other lengths, row splits and block tables of the same
+    shapes: the launch reads them on the device, so the replay gives the eager result."""
+    from hetinfer.device import get_allocator
+    dt, hq, hkv, d, bs = "f16", 4, 2, 64, 8
+    rng = np.random.default_rng(11)
+    a = _paged(rng, _seqs(rng, [(300, 1), (40, 7), (90, 1)], hq, hkv, d, dt), bs, dt, nb=80, mb=40)
+    b = _paged(rng, _seqs(rng, [(120, 4), (1, 1), (200, 4)], hq, hkv, d, dt), bs, dt, nb=80, mb=40)
+    ts = [_cu(x) for x in a]
+    out = hetinfer.empty(a[0].shape, dt, device="cuda")
+    call = lambda: ops.paged_attention(*ts, scale=0.1, out=out)         # noqa: E731
+    call()                                                               # eager: scratch made
+    assert np.array_equal(out.numpy(), _paged_run(a))
+    replay = get_allocator("cuda").capture(call)
+    for t, x in zip(ts, b):
+        t.copy_(x)
+    replay()
+    assert np.array_equal(out.numpy(), _paged_run(b))
+    _close(out.numpy(), R.paged_attention(*b, 0.1), dt)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("style", ["half", "interleaved"])
+def test_rope_paged_kv_write(dt, style):
+    from hetinfer.rope import rope_table
+    rng = np.random.default_rng(5)
+    nb, bs, hkv, hq, d, t = 5, 4, 2, 4, 64, 7
+    slots = rng.permutation(nb * bs)[:t].astype(np.int32)
+    slots[[1, 4]] = -1                                                   # padding rows
+    pos = rng.integers(0, 100, t).astype(np.int32)
+    cos, sin = rope_table(d, 128)
+    q, k, v = _rnd(rng, (t, hq, d), dt), _rnd(rng, (t, hkv, d), dt), _rnd(rng, (t, hkv, d), dt)
+    kp, vp = _rnd(rng, (nb, bs, hkv, d), dt), _rnd(rng, (nb, bs, hkv, d), dt)
+    qt, kpt, vpt = _cu(q), _cu(kp), _cu(vp)
+    ops.rope_paged_kv_write(qt, _cu(k), _cu(v), kpt, vpt, _cu(pos), _cu(slots), _cu(cos), _cu(sin), style)
+    eq, ek, ev = R.rope_paged_kv_write(q, k, v, kp, vp, pos, slots, cos, sin, style)
+    _close(qt.numpy(), eq, dt)
+    _close(kpt.numpy(), ek, dt)
+    assert np.array_equal(vpt.numpy().astype(np.float64), ev)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dt", DTYPES)
+def test_sample_penalties_per_row(dt):
+    """Per-row parameters: greedy rows (first index on ties) and sampled rows in one launch;
+    captured, the replay reads new temperatures from the device."""
+    from hetinfer.device import get_allocator
+    from hetinfer.testing.cases import sample_candidates
+    rng = np.random.default_rng(9)
+    B, V = 6, 5000
+    logits = _rnd(rng, (B, V), dt, 3.0)
+    temp = np.array([0.0, 0.7, 1.0, 0.0, 1.5, 0.9], np.float32)
+    top_k = np.array([0, 40, 0, 5, 0, 1], np.int32)
+    top_p = np.array([1.0, 0.9, 0.5, 1.0, 1.0, 0.95], np.float32)
+    min_p = np.array([0.0, 0.0, 0.05, 0.0, 0.3, 0.0], np.float32)
+    for r in range(B):
+        logits[r, [7, 4000]] = logits[r].max() + 1                      # ties: the first wins when greedy
+    u = rng.random(B).astype(np.float32)
+    lt, ut = _cu(logits), _cu(u)
+    pt = [_cu(temp), _cu(top_k), _cu(top_p), _cu(min_p)]
+    got = ops.sample(lt, ut, *pt).numpy()
+    cand = sample_candidates(logits.astype(np.float64), u.astype(np.float64), temp, top_k, top_p, min_p)
+    assert all(int(x) in c for x, c in zip(got, cand)), (got, cand)
+    assert got[0] == 7 and got[3] == 7                                   # greedy rows
+    out = hetinfer.empty((B,), "i32", device="cuda")
+    replay = get_allocator("cuda").capture(lambda: ops.sample(lt, ut, *pt, out=out))
+    replay()
+    assert np.array_equal(out.numpy(), got)
+    pt[0].copy_(np.zeros(B, np.float32))                                 # every row greedy now
+    replay()
+    assert (out.numpy() == 7).all()
+    cnt = rng.integers(0, 3, (B, V)).astype(np.int32)
+    seen = (rng.random((B, V)) < 0.3).astype(np.int32)
+    rep = np.array([1.0, 1.3, 0.8, 1.1, 1.0, 1.2], np.float32)
+    pres = np.array([0.0, 0.5, -0.25, 0.0, 0.2, 0.1], np.float32)
+    freq = np.array([0.0, 0.2, 0.0, 0.1, 0.0, 0.3], np.float32)
+    _close(ops.penalties(lt, _cu(cnt), _cu(seen), _cu(rep), _cu(pres), _cu(freq)).numpy(),
+           R.penalties(logits, cnt, seen, rep, pres, freq), dt)

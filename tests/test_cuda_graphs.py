@@ -40,7 +40,7 @@ class _Tok:
 def _run(model, graphs, params, n=40, prompt=(5, 17, 300, 42, 7, 999, 3)):
     from hetinfer.engine import Generator
     gen = Generator(model, _Tok(), 256, graphs=graphs)
-    assert (gen._capture is not None) == graphs
+    assert (gen.engine.runner.capture is not None) == graphs
     out = list(gen.generate(list(prompt), params, max_new_tokens=n, stop_ids=[]))
     again = list(gen.generate(list(prompt), params, max_new_tokens=n, stop_ids=[]))   # a second capture
     return out, again
@@ -93,8 +93,8 @@ def test_sample_kernel_deterministic_large_vocab():
 def test_capture_refuses_allocation_and_host_copies():
     from hetinfer.device import get_allocator
     alloc = get_allocator("cuda")
-    with pytest.raises(DeviceError, match="captured"):
-        alloc.capture(lambda: hi.empty((4,), "f32", "cuda"))
+    with pytest.raises(DeviceError, match="the cache cannot serve"):      # a new cuMemAlloc
+        alloc.capture(lambda: hi.empty((3 << 28,), "f32", "cuda"))
     t = hi.empty((4,), "f32", "cuda").fill_(1.0)
     with pytest.raises(DeviceError, match="captured"):
         alloc.capture(lambda: t.numpy())
@@ -114,6 +114,35 @@ def test_capture_refuses_allocation_and_host_copies():
     del replay
     gc.collect()
     assert not fin.alive              # graph and executable destroyed
+
+
+def test_temporaries_of_a_capture_belong_to_its_graph():
+    """A block a captured step allocates (from the cache) and frees is not handed out again
+    while the graph lives; it returns to the cache when the graph is destroyed."""
+    from hetinfer import ops
+    from hetinfer.device import get_allocator
+    alloc = get_allocator("cuda")
+    x = hi.tensor(np.arange(64, dtype=np.float32), "f32", "cuda")
+    out = hi.empty((64,), "f32", "cuda")
+    hi.empty((64,), "f32", "cuda")                      # leaves a cached block of that size
+    seen = {}
+
+    def body():
+        tmp = hi.empty((64,), "f32", "cuda")             # served from the cache, owned by the graph
+        seen["ptr"] = int(tmp.buffer.handle)
+        ops.add(x, x, out=tmp)
+        ops.add(tmp, x, out=out)
+    replay = alloc.capture(body)
+    others = [hi.empty((64,), "f32", "cuda") for _ in range(4)]
+    assert seen["ptr"] not in {int(t.buffer.handle) for t in others}
+    for t in others:
+        t.fill_(-1.0)
+    replay()
+    assert out.numpy().tolist() == (3 * np.arange(64)).tolist()
+    del replay, others
+    gc.collect()
+    again = [int(hi.empty((64,), "f32", "cuda").buffer.handle) for _ in range(8)]
+    assert alloc.stats()["allocated"] >= 0 and len(again) == 8
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])

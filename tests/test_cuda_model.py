@@ -89,26 +89,24 @@ def _cuda_model(path, dtype):
 
 
 def _all_logits(model, ids):
-    from hetinfer.kv_cache import KVCache
-    cache = KVCache.for_model(model, 512)
-    dev = model.device
-    out = model.forward(hi.tensor(np.asarray(ids, np.int32), "i32", dev),
-                        hi.tensor(np.arange(len(ids), dtype=np.int32), "i32", dev), cache, all_logits=True)
+    from hetinfer.engine.kv_cache import PagedKVCache
+    from hetinfer.engine.step import StepInput
+    kv = PagedKVCache.for_tokens(model, 512)
+    out = model.forward(StepInput.single(ids, 0, kv.block_size, all_logits=True).to(model.device), kv)
     return out.numpy().astype(np.float64)
 
 
 def _decode_logits(model, ids, start):
     """Prefill ids[:start], then one decode step (T = 1) per later token, teacher-forced:
     logits (len(ids), V), rows before start from the prefill."""
-    from hetinfer.kv_cache import KVCache
-    cache = KVCache.for_model(model, 512)
+    from hetinfer.engine.kv_cache import PagedKVCache
+    from hetinfer.engine.step import StepInput
+    kv = PagedKVCache.for_tokens(model, 512)
     dev = model.device
-    first = model.forward(hi.tensor(np.asarray(ids[:start], np.int32), "i32", dev),
-                          hi.tensor(np.arange(start, dtype=np.int32), "i32", dev), cache, all_logits=True)
+    first = model.forward(StepInput.single(ids[:start], 0, kv.block_size, all_logits=True).to(dev), kv)
     rows = list(first.numpy().astype(np.float64))
     for p in range(start, len(ids)):
-        step = model.forward(hi.tensor(np.array([ids[p]], np.int32), "i32", dev),
-                             hi.tensor(np.array([p], np.int32), "i32", dev), cache)
+        step = model.forward(StepInput.single([ids[p]], p, kv.block_size).to(dev), kv)
         rows.append(step.numpy()[0].astype(np.float64))
     return np.stack(rows)
 

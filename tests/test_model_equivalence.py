@@ -24,12 +24,11 @@ def hf_greedy(model, ids, n):
 
 
 def our_logits(model, ids):
-    from hetinfer.kv_cache import KVCache
-    t = len(ids)
-    cache = KVCache.for_model(model, 128)
-    logits = model.forward(hi.tensor(np.array(ids, np.int32)), hi.tensor(np.arange(t, dtype=np.int32)),
-                           cache, all_logits=True)
-    return logits.numpy().astype(np.float64)
+    from hetinfer.engine.kv_cache import PagedKVCache
+    from hetinfer.engine.step import StepInput
+    kv = PagedKVCache.for_tokens(model, 128)
+    step = StepInput.single(ids, 0, kv.block_size, all_logits=True).to(model.device)
+    return model.forward(step, kv).numpy().astype(np.float64)
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -52,13 +51,14 @@ def test_prefill_then_decode_equals_full_forward(tmp_path):
     """Decoding token by token over the cache gives the logits of one full forward."""
     d, _ = make_tiny(tmp_path, "llama3-gqa-scaled-tied")
     model, _ = load(d, "cpu", "f32", max_context=128, progress=False)
-    from hetinfer.kv_cache import KVCache
+    from hetinfer.engine.kv_cache import PagedKVCache
+    from hetinfer.engine.step import StepInput
     ids = list(range(5, 25))
     full = our_logits(model, ids)
-    cache = KVCache.for_model(model, 128)
-    model.forward(hi.tensor(np.array(ids[:8], np.int32)), hi.tensor(np.arange(8, dtype=np.int32)), cache)
+    kv = PagedKVCache.for_tokens(model, 128)
+    model.forward(StepInput.single(ids[:8], 0, kv.block_size).to("cpu"), kv)
     for p in range(8, len(ids)):
-        step = model.forward(hi.tensor(np.array([ids[p]], np.int32)), hi.tensor(np.array([p], np.int32)), cache)
+        step = model.forward(StepInput.single([ids[p]], p, kv.block_size).to("cpu"), kv)
         np.testing.assert_allclose(step.numpy()[0], full[p], rtol=1e-4, atol=1e-4)
 
 

@@ -265,10 +265,68 @@ def _sample_cases():
         (lambda: ops.sample(lg, u, temperature=-1.0), HetinferError, r"^sample: need temperature >= 0"),
         (lambda: ops.sample(lg, u, top_p=0.0), HetinferError, r"^sample: need .*0 < top_p <= 1"),
         (lambda: ops.sample(lg, u, out=T((2,), "i64")), DTypeError, r"^sample: out has dtype i64; expected one of i32"),
+        (lambda: ops.sample(lg, u, temperature=T((3,))), ShapeError, r"^sample: temperature has shape \(3,\); expected \(2,\)"),
+        (lambda: ops.sample(lg, u, top_k=T((2,))), DTypeError, r"^sample: top_k has dtype f32; expected one of i32"),
+        (lambda: ops.sample(lg, u, temperature=[0.5, -1.0]), HetinferError, r"^sample: need temperature >= 0.* in every row; got \[0.5, -1.0\]"),
+        (lambda: ops.sample(lg, u, temperature=float("nan")), HetinferError, r"^sample: temperature must be finite"),
     ]
 
 
-NEW_OP_CASES = {"penalties": _penalties_cases, "sample": _sample_cases}
+def _paged_args(**kw):
+    a = dict(q=T((3, 4, 8)), k_pool=T((4, 2, 2, 8)), v_pool=T((4, 2, 2, 8)), query_start=[0, 1, 3],
+             context_lens=[3, 2], block_tables=[[0, 1], [2, 3]])
+    a.update(kw)
+    return a
+
+
+def _paged_attention_cases():
+    pa = ops.paged_attention
+    return [
+        (lambda: pa(**_paged_args(k_pool=T((4, 2, 2, 6)), v_pool=T((4, 2, 2, 6)))), ShapeError,
+         r"^paged_attention: q has shape \(3, 4, 8\), pools \(4, 2, 2, 6\); expected pools \(NB, BS, Hkv, 8\)"),
+        (lambda: pa(**_paged_args(v_pool=T((4, 2, 2, 8), "f16"))), DTypeError,
+         r"^paged_attention: v_pool has dtype f16; expected one of f32"),
+        (lambda: pa(**_paged_args(k_pool=T((8, 2, 8)))), ShapeError, r"^paged_attention: k_pool has shape \(8, 2, 8\) \(3-D\)"),
+        (lambda: pa(**_paged_args(query_start=[0, 1])), ShapeError,
+         r"^paged_attention: query_start has shape \(2,\); expected \(3,\)"),
+        (lambda: pa(**_paged_args(query_start=[0, 2, 1])), ShapeError, r"^paged_attention: query_start must rise from 0 to T=3"),
+        (lambda: pa(**_paged_args(context_lens=[3, 1])), ShapeError,
+         r"^paged_attention: context_lens must be >= each sequence's query rows and <= block_tables' capacity 2 x 2"),
+        (lambda: pa(**_paged_args(context_lens=[5, 2])), ShapeError, r"capacity 2 x 2; got \[5, 2\]"),
+        (lambda: pa(**_paged_args(block_tables=[[0, 9], [2, 3]])), ShapeError,
+         r"^paged_attention: block ids in use must be in \[0, 4\); got 0..9"),
+        (lambda: pa(**_paged_args(block_tables=T((2, 2)))), DTypeError,
+         r"^paged_attention: block_tables has dtype f32; expected one of i32"),
+        (lambda: pa(**_paged_args(out=T((3, 4, 4)))), ShapeError, r"^paged_attention: out has shape \(3, 4, 4\)"),
+    ]
+
+
+def _rope_paged_args(**kw):
+    a = dict(q=T((2, 4, 8)), k=T((2, 2, 8)), v=T((2, 2, 8)), k_pool=T((3, 2, 2, 8)), v_pool=T((3, 2, 2, 8)),
+             positions=[0, 1], slot_mapping=[4, -1], cos=T((8, 4)), sin=T((8, 4)))
+    a.update(kw)
+    return a
+
+
+def _rope_paged_cases():
+    w = ops.rope_paged_kv_write
+    return [
+        (lambda: w(**_rope_paged_args(slot_mapping=[6, 0])), ShapeError,
+         r"^rope_paged_kv_write: slot 6 is beyond the pools \(6 slots\)"),
+        (lambda: w(**_rope_paged_args(slot_mapping=[2, 2])), ShapeError, r"^rope_paged_kv_write: slot_mapping writes a slot twice"),
+        (lambda: w(**_rope_paged_args(slot_mapping=[1, 2, 3])), ShapeError,
+         r"^rope_paged_kv_write: slot_mapping has shape \(3,\); expected \(2,\)"),
+        (lambda: w(**_rope_paged_args(positions=[0, 8])), ShapeError,
+         r"^rope_paged_kv_write: position 8 is beyond the rope table \(8 positions\)"),
+        (lambda: w(**_rope_paged_args(k=T((2, 3, 8)))), ShapeError, r"^rope_paged_kv_write: k has shape \(2, 3, 8\); expected \(2, 2, 8\)"),
+        (lambda: w(**_rope_paged_args(style="x")), ShapeError, r"^rope_paged_kv_write: style must be 'half' or 'interleaved'"),
+        (lambda: w(**_rope_paged_args(v_pool=T((3, 2, 2, 8), "bf16"))), DTypeError,
+         r"^rope_paged_kv_write: v_pool has dtype bf16; expected one of f32"),
+    ]
+
+
+NEW_OP_CASES = {"penalties": _penalties_cases, "sample": _sample_cases, "paged_attention": _paged_attention_cases,
+                "rope_paged_kv_write": _rope_paged_cases}
 
 
 @pytest.mark.parametrize("op", sorted(NEW_OP_CASES))

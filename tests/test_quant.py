@@ -18,7 +18,8 @@ from gguf import GGMLQuantizationType as Q
 import hetinfer as hi
 from hetinfer import quant
 from hetinfer.engine import load
-from hetinfer.kv_cache import KVCache
+from hetinfer.engine.kv_cache import PagedKVCache
+from hetinfer.engine.step import StepInput
 from hetinfer.loaders import load_checkpoint
 from hetinfer.ops import reference as R
 
@@ -48,11 +49,8 @@ def close_logits(a, b, tol=2e-2):
 
 def logits_all(model, ids) -> np.ndarray:
     """(T, V) float32 logits of one teacher-forced forward (as test_model_equivalence.our_logits)."""
-    t = len(ids)
-    cache = KVCache.for_model(model, t + 1)
-    out = model.forward(hi.tensor(np.array(ids, np.int32)), hi.tensor(np.arange(t, dtype=np.int32)), cache,
-                        all_logits=True)
-    return out.numpy()
+    kv = PagedKVCache.for_tokens(model, len(ids))
+    return model.forward(StepInput.single(ids, 0, kv.block_size, all_logits=True).to(model.device), kv).numpy()
 
 
 def nll(logits: np.ndarray, targets) -> np.ndarray:
@@ -254,10 +252,10 @@ def test_model_keeps_int8_and_matches_load_time_quantization(tmp_path):
     rel = np.linalg.norm(a - f, axis=-1) / np.linalg.norm(f, axis=-1)
     assert rel.max() < 0.05, rel
     # prefill (dequantized tiles + BLAS) and decode (GEMV) agree
-    cache = KVCache.for_model(m_dir, 64)
-    m_dir.forward(hi.tensor(np.array(ids[:20], np.int32)), hi.tensor(np.arange(20, dtype=np.int32)), cache)
+    kv = PagedKVCache.for_tokens(m_dir, 64)
+    m_dir.forward(StepInput.single(ids[:20], 0, kv.block_size).to("cpu"), kv)
     for p in range(20, len(ids)):
-        step = m_dir.forward(hi.tensor(np.array([ids[p]], np.int32)), hi.tensor(np.array([p], np.int32)), cache)
+        step = m_dir.forward(StepInput.single([ids[p]], p, kv.block_size).to("cpu"), kv)
         np.testing.assert_allclose(step.numpy()[0], a[p], rtol=2e-4, atol=2e-4)
 
 

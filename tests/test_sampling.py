@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import hetinfer as hi
 from hetinfer import ops
 from hetinfer.ops import reference as R
-from hetinfer.sampling import Sampler, SamplingParams
+from hetinfer.engine.sequence import Sequence
+from hetinfer.sampling import BatchSampler, SamplingParams
 
 DRAWS = 4000
 
@@ -93,19 +94,34 @@ def test_penalties_match_reference(v, seed, rep, pres, freq):
     np.testing.assert_allclose(got, R.penalties(logits, counts, seen, rep, pres, freq), rtol=1e-5, atol=1e-5)
 
 
-def test_sampler_is_reproducible_by_seed_and_penalizes():
-    logits = hi.tensor(np.random.default_rng(0).normal(0, 1, (1, 30)).astype(np.float32))
-    p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
-    a = [Sampler(p, 30, "cpu")(logits) for _ in range(1)]
-    s1, s2 = Sampler(p, 30, "cpu"), Sampler(p, 30, "cpu")
-    seq1, seq2 = [s1(logits) for _ in range(50)], [s2(logits) for _ in range(50)]
-    assert seq1 == seq2 and a[0] == seq1[0]
-    assert len(set(seq1)) > 3
+def _draw(sampler, seqs, logits):
+    sampler.prepare(seqs)
+    sampler.device_step(logits)
+    return sampler.read(len(seqs))
+
+
+def test_batch_sampler_rows_follow_their_own_parameters_and_seeds():
+    """Rows of one call sample with their own settings and seeded streams: each row's
+    tokens equal the tokens it gets sampled alone; penalties act per row."""
+    v = 30
+    base = np.random.default_rng(0).normal(0, 1, v).astype(np.float32)
+    params = [SamplingParams(temperature=1.0, top_p=0.95, seed=1234), SamplingParams(),
+              SamplingParams(temperature=0.7, top_k=5, seed=7), SamplingParams(temperature=1.2, min_p=0.1, seed=9)]
+    seqs = [Sequence(f"r{i}", [1, 2], p, set()) for i, p in enumerate(params)]
+    together = [_draw(BatchSampler(4, v, "cpu"), seqs, hi.tensor(np.repeat(base[None], 4, 0))) for _ in range(40)]
+    for i, p in enumerate(params):
+        alone_seq = Sequence("x", [1, 2], p, set())
+        one = BatchSampler(1, v, "cpu")
+        alone = [_draw(one, [alone_seq], hi.tensor(base[None]))[0] for _ in range(40)]
+        assert [t[i] for t in together] == alone
+    assert len({t[0] for t in together}) > 3 and {t[1] for t in together} == {int(base.argmax())}
     # a huge presence penalty never repeats a token while others remain
-    s = Sampler(SamplingParams(temperature=0.0, presence_penalty=2.0, repetition_penalty=2.0), 30, "cpu")
-    big = hi.tensor(np.linspace(0, 1, 30, dtype=np.float32)[None] * 0.1)
-    seq = [s(big) for _ in range(10)]
-    assert len(set(seq)) == 10
+    s = Sequence("p", [0], SamplingParams(temperature=0.0, presence_penalty=2.0, repetition_penalty=2.0), set())
+    big = hi.tensor(np.linspace(0, 1, v, dtype=np.float32)[None] * 0.1)
+    one = BatchSampler(1, v, "cpu")
+    for _ in range(10):
+        s.token_ids.append(_draw(one, [s], hi.tensor(big.numpy().copy()))[0])
+    assert len(set(s.output_ids)) == 10 and 0 not in s.output_ids
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -10,6 +10,7 @@ that loads the same model quantized to int8 groups (hetinfer.quant) and a summar
 comparing its decode tok/s and peak RSS with the f32 case of the same run.
 
     python tools/bench.py --device cpu [--model PATH] [--prompt-len 256] [--new 64] [--quantize int8]
+    python tools/bench.py --device cpu --batch 1,4,16 [--batch-prompt 128] [--batch-new 32]
 """
 
 from __future__ import annotations
@@ -111,13 +112,41 @@ def case_hf(args):
             "peak_rss_bytes": rss()}
 
 
+def case_batch(args):
+    """Batched decode (issue 11 (d)): B sequences of --batch-prompt tokens (the same text
+    cut at different offsets, so no prefix is shared), --batch-new new tokens each, added
+    at once; aggregate decode tok/s from the step after the last prefill to the end."""
+    from hetinfer.engine import LLMEngine, load
+    from hetinfer.sampling import SamplingParams
+    ctx = args.batch_prompt + args.batch_new + 8
+    model, ckpt = load(args.model, args.device, args.dtype, max_context=ctx, progress=False)
+    text = prompt_ids(ckpt.tokenizer.encode, args.batch_prompt + 64)
+    out = []
+    for b in [int(x) for x in args.batch.split(",")]:
+        eng = LLMEngine(model, ckpt.tokenizer, max_context=ctx, max_num_seqs=max(b, 1))
+        params = SamplingParams(max_tokens=args.batch_new, ignore_eos=True)
+        seqs = [eng.add_request(text[i % 64:i % 64 + args.batch_prompt], params) for i in range(b)]
+        t0 = time.perf_counter()
+        t_dec = None
+        while eng.has_unfinished():
+            eng.step()
+            if t_dec is None and all(s.num_output_tokens >= 1 for s in seqs):
+                t_dec = time.perf_counter()
+        dt = time.perf_counter() - t_dec
+        toks = sum(s.num_output_tokens - 1 for s in seqs)
+        out.append({"batch": b, "decode_tok_s": toks / dt, "prefill_s": t_dec - t0})
+    base = out[0]["decode_tok_s"]
+    return {"case": "batch_decode", "device": args.device, "dtype": args.dtype, "prompt": args.batch_prompt,
+            "new": args.batch_new, "runs": out, "speedup_over_first": [r["decode_tok_s"] / base for r in out]}
+
+
 def case_hetinfer_int8(args):
     args.case_quantize = "int8"
     return case_hetinfer(args)
 
 
 CASES = {"bandwidth": case_bandwidth, "hetinfer": case_hetinfer, "hetinfer_int8": case_hetinfer_int8,
-         "hf": case_hf}
+         "hf": case_hf, "batch": case_batch}
 
 
 def main():
@@ -129,6 +158,9 @@ def main():
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="also run hetinfer with int8 weights and compare with f32")
+    p.add_argument("--batch", default=None, help="only batched decode at these batch sizes, e.g. 1,4,16")
+    p.add_argument("--batch-prompt", type=int, default=128)
+    p.add_argument("--batch-new", type=int, default=32)
     p.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
     p.add_argument("--hf-threads", type=int, default=0, help=argparse.SUPPRESS)
     args, unknown = p.parse_known_args()
@@ -139,6 +171,9 @@ def main():
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.case:
         print(json.dumps(CASES[args.case](args)))
+        return
+    if args.batch:
+        print(json.dumps(case_batch(args)))
         return
     results = {}
     runs = [("bandwidth", []), ("hetinfer", [])] + ([("hetinfer_int8", [])] if args.quantize else [])

@@ -46,6 +46,19 @@ class Allocator(ABC):
         from .errors import DeviceError
         raise DeviceError(f"device {self.device} cannot wrap host memory; copy it with .to()")
 
+    can_capture = False   # True where capture() records device work for replay (CUDA graphs)
+
+    def capture(self, fn):
+        """Record the device work of fn() and return replay(), which runs it again with no
+        host work. Devices that cannot (can_capture False) raise."""
+        from .errors import DeviceError
+        raise DeviceError(f"device {self.device} cannot capture work for replay")
+
+    def memory_info(self) -> tuple[int, int] | None:
+        """(free, total) bytes of device memory, counting memory this allocator caches as
+        free; None where the device does not report it (the CPU)."""
+        return None
+
     def stats(self) -> dict:
         """allocated / reserved / peak bytes, where the backend tracks them."""
         return {}

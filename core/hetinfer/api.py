@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .chat_template import ChatTemplate
-from .engine import Generator, Stats, load
+from .engine import Generator, LLMEngine, Stats, load
 from .errors import InputError
 from .sampling import SamplingParams
 from .streaming import TextStream
@@ -29,11 +29,17 @@ class CompletionOutput:
 
 
 class LLM:
-    def __init__(self, model=None, device: str = "cpu", dtype: str = "f32", max_context: int = 4096,
-                 progress: bool = False, eager: bool = False):
-        self.model, self.checkpoint = load(model, device, dtype, max_context, progress=progress)
+    """engine_options go to LLMEngine: max_num_seqs, max_num_batched_tokens, block_size,
+    kv_cache_memory, gpu_memory_utilization, enable_prefix_caching."""
+
+    def __init__(self, model=None, device: str = "cpu", dtype: str = "f32", max_context: int | None = None,
+                 progress: bool = False, eager: bool = False, quantize: str | None = None, **engine_options):
+        self.model, self.checkpoint = load(model, device, dtype, max_context, progress=progress,
+                                           quantize=quantize)
         self.tokenizer = self.checkpoint.tokenizer
-        self.generator = Generator(self.model, self.tokenizer, max_context, graphs=not eager)
+        self.engine = LLMEngine(self.model, self.tokenizer, max_context=max_context, graphs=not eager,
+                                verbose=progress, **engine_options)
+        self.generator = Generator(self.model, self.tokenizer, engine=self.engine)
         self._template = None
 
     @property
@@ -59,18 +65,47 @@ class LLM:
             raise InputError("the prompt has no tokens")
         return [int(t) for t in prompt]
 
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[CompletionOutput]:
-        """Complete one prompt or a list of them (text or token ids), one after another."""
-        params = params or SamplingParams()
+    def generate(self, prompts, params=None) -> list[CompletionOutput]:
+        """Complete one prompt or a list of them (text or token ids), all at once in one
+        batch; params: one SamplingParams for all, or a list with one per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
+        ids = [self._encode(p) for p in prompts]          # every prompt checked before any runs
+        eng = self.engine
+        for i, (p, sp) in enumerate(zip(ids, params)):
+            eng.scheduler.check(len(p), sp.max_tokens)
+        eos = self.tokenizer.eos_ids
+        streams = [TextStream(self.tokenizer, sp.stop) for sp in params]
+        seqs = [eng.add_request(p, sp) for p, sp in zip(ids, params)]
+        index = {s.request_id: i for i, s in enumerate(seqs)}
+        try:
+            while eng.has_unfinished():
+                for o in eng.step():
+                    i = index.get(o.request_id)
+                    if i is None:
+                        continue
+                    st = streams[i]
+                    for t in o.new_token_ids:
+                        st.tokens.append(t)
+                        if t not in params[i].stop_ids(eos) and not st.stopped:
+                            st.push(t)
+                    if st.stopped and not o.finished:     # a stop string ended it
+                        eng.abort(o.request_id)
+        finally:
+            for s in seqs:
+                if not s.is_finished:
+                    eng.abort(s.request_id)
+            while eng.has_unfinished() and any(not s.is_finished for s in seqs):
+                eng.step()
         outs = []
-        for p in prompts:
-            ids = self._encode(p)
-            out = CompletionOutput("", [], "", ids)
-            for _ in self._run(ids, params, out):
-                pass
-            outs.append(out)
+        for p, s, st in zip(ids, seqs, streams):
+            st.flush()
+            reason = "stop" if st.stopped else ("stop" if s.finish_reason == "abort" else s.finish_reason)
+            outs.append(CompletionOutput(st.text, st.tokens, reason, p))
         return outs
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:

@@ -111,7 +111,7 @@ def cmd_generate(args) -> int:
     model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=True,
                        quantize=args.quantize)
     tok = ckpt.tokenizer
-    gen = Generator(model, tok, args.max_context, graphs=not (args.eager or args.profile))
+    gen = Generator(model, tok, args.max_context, graphs=not (args.eager or args.profile), **engine_options(args))
     params = _params(args, temperature=0.8 if args.story else 0.0, max_tokens=400 if args.story else None)
     if args.story:
         prompt, templated = _story_prompt(args, ckpt)
@@ -145,7 +145,8 @@ def cmd_chat(args) -> int:
     from .engine import Generator, load
     model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=True,
                        quantize=args.quantize)
-    gen = Generator(model, ckpt.tokenizer, args.max_context, graphs=not (args.eager or args.profile))
+    gen = Generator(model, ckpt.tokenizer, args.max_context, graphs=not (args.eager or args.profile),
+                    **engine_options(args))
     session = ChatSession(gen, ChatTemplate.from_checkpoint(ckpt), system=args.system,
                           params=_params(args, temperature=0.7, top_p=0.9, max_tokens=512))
     print("chat: /reset clears the conversation, /exit leaves; Ctrl-C stops an answer", file=sys.stderr)
@@ -194,6 +195,63 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def engine_options(args) -> dict:
+    """LLMEngine keywords from the engine flags (see engine_args)."""
+    return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                enable_prefix_caching=not args.no_prefix_caching, verbose=True)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
+
+def _bytes(text: str) -> int:
+    """BYTES, or with a suffix: 512M, 2G, 1.5GiB."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        v = float(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes like 2G or 512M, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(v)
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {v}")
+    return v
+
+
+def engine_args(s) -> None:
+    """The engine's knobs, shared by generate, chat (and serve)."""
+    g = s.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences per step at most (64)")
+    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+                   help="token rows per step at most; longer prompts are prefilled in chunks (2048)")
+    g.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (16)")
+    g.add_argument("--kv-cache-memory", type=_bytes, default=None,
+                   help="bytes for the KV cache, e.g. 2G (default: 1 GiB on the CPU; on a GPU see "
+                        "--gpu-memory-utilization)")
+    g.add_argument("--gpu-memory-utilization", type=_fraction, default=None,
+                   help="share of the GPU's memory the process may fill; the KV cache takes what the "
+                        "weights leave (default 0.9)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt blocks")
+
+
 def _model_args(s, prompt: str | None) -> None:
     if prompt == "required":
         s.add_argument("prompt")
@@ -223,6 +281,7 @@ def _model_args(s, prompt: str | None) -> None:
     s.add_argument("--profile", action="store_true", help="print time per op kind and per layer")
     s.add_argument("--eager", action="store_true",
                    help="no graph capture of the decode step (on devices that capture, e.g. cuda)")
+    engine_args(s)
 
 
 def build_parser() -> argparse.ArgumentParser:

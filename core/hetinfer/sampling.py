@@ -65,75 +65,94 @@ class SamplingParams:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
-class Sampler:
-    """Picks the next token from logits (1, V) on the device. Buffers are made once."""
+class BatchSampler:
+    """Picks one token per logits row (R, V) on the device, each row with its own
+    parameters held in (R,) device tensors, so one captured graph serves any mix of
+    requests. Rows beyond the real ones (padding) sample greedily and are ignored.
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device):
-        self.p = params
-        self.rng = np.random.default_rng(params.seed)
-        self.out = empty((1,), i32, device)
-        self.uniform = empty((1,), f32, device)
-        self._counts_host = None
-        if params.penalized:
-            self.counts = empty((1, vocab_size), i32, device).fill_(0)
-            self.seen = empty((1, vocab_size), i32, device).fill_(0)
-            self._counts_host = np.zeros(vocab_size, np.int32)
-            self._penalized = None
+    Randomness: each sequence's own seeded generator gives its row's uniform number, so a
+    seeded request samples the same text in any batch. Penalties (repetition, presence,
+    frequency) need per-row token counts: steps with a penalized row upload them and run
+    eagerly (not in a graph)."""
+
+    def __init__(self, rows: int, vocab_size: int, device):
+        self.rows, self.vocab_size, self.device = rows, vocab_size, device
+        self.out = empty((rows,), i32, device)
+        self.uniform = empty((rows,), f32, device)
+        self.temperature = empty((rows,), f32, device)
+        self.top_k = empty((rows,), i32, device)
+        self.top_p = empty((rows,), f32, device)
+        self.min_p = empty((rows,), f32, device)
+        self.greedy = True
+        self.penalized = False
+        self._pen = None
 
     @staticmethod
-    def shape_key(params: SamplingParams) -> tuple:
-        """What a captured step bakes in (kernel arguments): samplers with equal keys can
-        share one captured graph; the seed and the limits are not part of it."""
-        p = params
-        return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-                p.frequency_penalty)
+    def kind(seqs) -> str:
+        """What a captured step bakes in: 'greedy' (argmax only) or 'sample'; penalized
+        steps are never captured ('penalized')."""
+        seqs = [s for s in seqs if s is not None]
+        if any(s.params.penalized for s in seqs):
+            return "penalized"
+        return "greedy" if all(s.params.temperature == 0 for s in seqs) else "sample"
 
-    def reset(self, params: SamplingParams) -> None:
-        """Reuse this sampler (and its buffers, so a graph captured over them) for params of
-        the same shape_key: fresh random stream, penalty counts cleared."""
-        assert self.shape_key(params) == self.shape_key(self.p), "reset needs the same sampling shape"
-        self.p = params
-        self.rng = np.random.default_rng(params.seed)
-        if self._counts_host is not None:
-            self._counts_host[:] = 0
-            self.counts.fill_(0)
-            self.seen.fill_(0)
+    def prepare(self, seqs) -> None:
+        """Host -> device: each row's parameters and uniform number (outside any graph).
+        seqs[i] is row i's sequence, or None for a row that is not sampled (its choice is
+        ignored and it draws no random number)."""
+        r = self.rows
+        live = [s for s in seqs if s is not None]
+        self.greedy = all(s.params.temperature == 0 for s in live)
+        self.penalized = any(s.params.penalized for s in live)
+        if not self.greedy:
+            t = np.zeros(r, np.float32)
+            k = np.zeros(r, np.int32)
+            tp = np.ones(r, np.float32)
+            mp = np.zeros(r, np.float32)
+            u = np.zeros(r, np.float32)
+            for i, s in enumerate(seqs):
+                if s is None:
+                    continue
+                p = s.params
+                t[i], k[i], tp[i], mp[i] = p.temperature, p.top_k, p.top_p, p.min_p
+                if p.temperature:
+                    u[i] = s.rng.random()
+            for dst, src in ((self.temperature, t), (self.top_k, k), (self.top_p, tp), (self.min_p, mp),
+                             (self.uniform, u)):
+                dst.copy_(src)
+        if self.penalized:
+            self._prepare_penalties(seqs)
 
-    def start(self, prompt_ids: list[int]) -> None:
-        """Mark the prompt's tokens as seen (for the repetition penalty)."""
-        if self._counts_host is not None and prompt_ids:
-            mask = np.zeros(self.seen.shape, np.int32)
-            mask[0, np.asarray(prompt_ids)] = 1
-            self.seen.copy_(np.maximum(self.seen.numpy(), mask))
-
-    def prepare(self) -> None:
-        """Host -> device inputs of the next step (the uniform number). Outside any graph."""
-        if self.p.temperature != 0:
-            self.uniform.fill_(self.rng.random())
+    def _prepare_penalties(self, seqs) -> None:
+        r, v = self.rows, self.vocab_size
+        counts = np.zeros((r, v), np.int32)
+        seen = np.zeros((r, v), np.int32)
+        rep, pres, freq = np.ones(r, np.float32), np.zeros(r, np.float32), np.zeros(r, np.float32)
+        for i, s in enumerate(seqs):
+            if s is None or not s.params.penalized:
+                continue
+            p = s.params
+            if not p.penalized:
+                continue
+            out = np.asarray(s.output_ids, np.int64)
+            counts[i] = np.bincount(out, minlength=v)[:v]
+            seen[i, np.asarray(s.token_ids, np.int64)] = 1
+            rep[i], pres[i], freq[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+        dev = self.device
+        from .tensor import tensor
+        self._pen = tuple(tensor(a, d, dev) for a, d in ((counts, i32), (seen, i32), (rep, f32), (pres, f32),
+                                                        (freq, f32)))
 
     def device_step(self, logits: Tensor) -> None:
-        """Penalties and the choice, all on the device into self.out (capturable in a graph)."""
-        p = self.p
-        if self._counts_host is not None:
-            if self._penalized is None:
-                self._penalized = empty(logits.shape, logits.dtype, logits.device)
-            logits = ops.penalties(logits, self.counts, self.seen, p.repetition_penalty,
-                                   p.presence_penalty, p.frequency_penalty, out=self._penalized)
-        if p.temperature == 0:
+        """Penalties and the choice, all on the device into self.out (capturable)."""
+        if self.penalized:
+            counts, seen, rep, pres, freq = self._pen
+            logits = ops.penalties(logits, counts, seen, rep, pres, freq, out=logits)
+        if self.greedy:
             ops.argmax(logits, out=self.out)
         else:
-            ops.sample(logits, self.uniform, p.temperature, p.top_k, p.top_p, p.min_p, out=self.out)
+            ops.sample(logits, self.uniform, self.temperature, self.top_k, self.top_p, self.min_p, out=self.out)
 
-    def read(self) -> int:
-        """The chosen id back on the host (4 bytes); updates the penalty counts."""
-        token = int(self.out.numpy()[0])
-        if self._counts_host is not None:      # one element each, written in place
-            self._counts_host[token] += 1
-            self.counts[0, token:token + 1].fill_(self._counts_host[token])
-            self.seen[0, token:token + 1].fill_(1)
-        return token
-
-    def __call__(self, logits: Tensor) -> int:
-        self.prepare()
-        self.device_step(logits)
-        return self.read()
+    def read(self, n: int) -> list[int]:
+        """The chosen ids of the first n rows back on the host (one small copy)."""
+        return self.out.numpy()[:n].tolist()

@@ -48,7 +48,7 @@ class Layer:
 
 
 class LlamaForCausalLM:
-    """forward(ids, positions, cache) -> logits of the last token (or all tokens)."""
+    """forward(step, kv) -> logits (R, V) of the step's rows that need them."""
 
     def __init__(self, config: ModelConfig, layers: list[Layer], embed: hi.Tensor, norm: hi.Tensor,
                  lm_head: hi.Tensor, device, dtype, max_context: int):
@@ -56,7 +56,7 @@ class LlamaForCausalLM:
         self.device, self.dtype, self.max_context = hi.Device.parse(device), hi.dtype(dtype), max_context
         cos, sin = rope_table(config.head_dim, max_context, config.rope_theta, config.rope_scaling)
         self.cos, self.sin = hi.tensor(cos, hi.f32, self.device), hi.tensor(sin, hi.f32, self.device)
-        self._ws: dict[int, dict[str, hi.Tensor]] = {}
+        self._ws: dict[tuple, dict[str, hi.Tensor]] = {}
 
     # --- loading ----------------------------------------------------------------
     @classmethod
@@ -127,51 +127,57 @@ class LlamaForCausalLM:
         lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in names else put(need("lm_head.weight"))
         return cls(cfg, layers, embed, put(need("model.norm.weight")), lm_head, dev, dt, max_context)
 
-    # --- workspace: decode (T = 1) reuses these, so a decode step allocates nothing --
-    def _workspace(self, t: int) -> dict[str, hi.Tensor]:
-        ws = self._ws.get(t)
+    # --- workspace: a step of up to WS_KEEP rows reuses its buffers (decode steps, and the
+    # captured graphs that read them, allocate nothing); longer prefill steps make their own
+    WS_KEEP = 256
+
+    def _workspace(self, t: int, r: int) -> dict[str, hi.Tensor]:
+        ws = self._ws.get((t, r))
         if ws is None:
             c, dt, dev = self.config, self.dtype, self.device
-            nq, nkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+            hq, hkv, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
             ws = {
                 # the residual stream is f32 whatever the run dtype: bf16 sums of 20-30 layer
                 # outputs lose the top-1 token a few percent of the time
                 "x": hi.empty((t, c.hidden_size), hi.f32, dev),                # (T, D) f32
-                "attn": hi.empty((t, c.num_attention_heads, c.head_dim), dt, dev),  # (T, Hq, Dh)
-                "act": hi.empty((t, c.intermediate_size), dt, dev),         # (T, F) silu(gate) * up
+                "attn": hi.empty((t, hq, dh), dt, dev),                        # (T, Hq, Dh)
+                "act": hi.empty((t, c.intermediate_size), dt, dev),            # (T, F) silu(gate) * up
+                "x_rows": hi.empty((r, c.hidden_size), hi.f32, dev),           # (R, D) rows for logits
                 # logits in f32 whatever the run dtype: bf16 logits (8-bit mantissa) flip near-ties
-                "logits": hi.empty((1, c.vocab_size), hi.f32, dev),          # (1, V)
+                "logits": hi.empty((r, c.vocab_size), hi.f32, dev),            # (R, V)
             }
-            ws["attn_flat"] = ws["attn"].view(t, nq)                         # (T, Hq Dh)
-            ws["x_last"] = ws["x"][t - 1:t]                                   # (1, D)
-            if t == 1:          # prefill workspaces are dropped after use; decode's is kept
-                qkv = ws["qkv"] = hi.empty((1, nq + 2 * nkv), dt, dev)       # (1, (Hq + 2 Hkv) Dh)
-                # views made once (making a view costs tens of microseconds)
-                ws["q"] = qkv[:, :nq].view(1, c.num_attention_heads, c.head_dim)          # (1, Hq, Dh)
-                ws["k"] = qkv[:, nq:nq + nkv].view(1, c.num_key_value_heads, c.head_dim)  # (1, Hkv, Dh)
-                ws["v"] = qkv[:, nq + nkv:].view(1, c.num_key_value_heads, c.head_dim)
-                self._ws[t] = ws
+            ws["attn_flat"] = ws["attn"].view(t, hq * dh)                      # (T, Hq Dh)
+            if t == 1:            # q, k, v as views of one fused qkv product (made once)
+                qkv = ws["qkv"] = hi.empty((1, (hq + 2 * hkv) * dh), dt, dev)  # (1, (Hq + 2 Hkv) Dh)
+                ws["q"] = qkv[:, :hq * dh].view(1, hq, dh)                     # (1, Hq, Dh)
+                ws["k"] = qkv[:, hq * dh:(hq + hkv) * dh].view(1, hkv, dh)     # (1, Hkv, Dh)
+                ws["v"] = qkv[:, (hq + hkv) * dh:].view(1, hkv, dh)
+            else:                 # more rows: three products into contiguous q, k, v
+                ws["q"] = hi.empty((t, hq, dh), dt, dev)
+                ws["k"] = hi.empty((t, hkv, dh), dt, dev)
+                ws["v"] = hi.empty((t, hkv, dh), dt, dev)
+            if t <= self.WS_KEEP:
+                if len(self._ws) >= 32:
+                    self._ws.pop(next(iter(self._ws)))
+                self._ws[(t, r)] = ws
         return ws
 
-    def forward(self, ids: hi.Tensor, positions: hi.Tensor, cache, all_logits: bool = False) -> hi.Tensor:
-        """ids, positions: (T,) i32 on the model's device. Writes K/V at positions into
-        cache. Returns logits (1, V) of the last token, or (T, V) with all_logits.
+    def forward(self, step, kv) -> hi.Tensor:
+        """One engine step (hetinfer.engine.step.StepInput, tensors on the model's device):
+        the token rows of every scheduled sequence, flattened. Writes their K/V into the paged
+        pools kv.k[i], kv.v[i] at step.slot_mapping; attention reads each sequence's blocks
+        by step.block_tables. Returns f32 logits (R, V) of the rows step.logits_rows.
 
         Per layer: four products, each carrying its neighbours: rms_norm into the qkv and
         gate/up products (prologue), swiglu into the gate/up product (epilogue), the
         residual add into the o and down products (epilogue, in place on the f32 stream x)."""
         c = self.config
-        t = ids.shape[0]
-        ws = self._workspace(t)
+        t, r = step.num_tokens, step.logits_rows.shape[0]
+        ws = self._workspace(t, r)
         x, eps = ws["x"], c.rms_norm_eps
+        q, k, v = ws["q"], ws["k"], ws["v"]
         profiler.set_layer("embed")
-        ops.embedding(ids, self.embed, out=x)                                  # (T, D) f32
-        if t == 1:
-            q, k, v = ws["q"], ws["k"], ws["v"]          # views of the fused qkv output
-        else:                                            # prefill: separate contiguous outputs
-            q = hi.empty((t, c.num_attention_heads, c.head_dim), self.dtype, self.device)
-            k = hi.empty((t, c.num_key_value_heads, c.head_dim), self.dtype, self.device)
-            v = hi.empty((t, c.num_key_value_heads, c.head_dim), self.dtype, self.device)
+        ops.embedding(step.input_ids, self.embed, out=x)                       # (T, D) f32
         for i, layer in enumerate(self.layers):
             profiler.set_layer(f"layer {i}")
             if t == 1:
@@ -182,19 +188,18 @@ class LlamaForCausalLM:
                 for w, b, sc, o in zip(layer.split(layer.wqkv, rows), layer.split(layer.bqkv, rows),
                                        layer.split(layer.wqkv_scales, rows), (q, k, v)):
                     ops.matmul(x, w, b, sc, norm_weight=layer.attn_norm, eps=eps, out=o.view(t, -1))
-            # q rotated in place; rotated k and v into the cache rows at positions
-            ops.rope_kv_write(q, k, v, cache.k[i], cache.v[i], positions, self.cos, self.sin, c.rope_style)
-            ops.attention(q, cache.k[i], cache.v[i], positions, out=ws["attn"])  # (T, Hq, Dh)
+            # q rotated in place; rotated k and v into the pools at the slot mapping
+            ops.rope_paged_kv_write(q, k, v, kv.k[i], kv.v[i], step.positions, step.slot_mapping,
+                                    self.cos, self.sin, c.rope_style)
+            ops.paged_attention(q, kv.k[i], kv.v[i], step.query_start, step.context_lens, step.block_tables,
+                                out=ws["attn"])                               # (T, Hq, Dh)
             ops.matmul(ws["attn_flat"], layer.wo, scales=layer.wo_scales, residual=x, out=x)
             ops.matmul(x, layer.w_gate_up, scales=layer.w_gate_up_scales, norm_weight=layer.mlp_norm,
                        eps=eps, act="swiglu", out=ws["act"])                  # (T, F)
             ops.matmul(ws["act"], layer.w_down, scales=layer.w_down_scales, residual=x, out=x)
         profiler.set_layer("head")
-        if all_logits:
-            return ops.matmul(x, self.lm_head, norm_weight=self.norm, eps=eps,
-                              out=hi.empty((t, c.vocab_size), hi.f32, self.device))   # (T, V) f32
-        return ops.matmul(ws["x_last"], self.lm_head, norm_weight=self.norm, eps=eps,
-                          out=ws["logits"])                                   # (1, V)
+        rows = ops.embedding(step.logits_rows, x, out=ws["x_rows"])           # (R, D) gathered rows
+        return ops.matmul(rows, self.lm_head, norm_weight=self.norm, eps=eps, out=ws["logits"])  # (R, V)
 
     @property
     def weight_bytes(self) -> int:

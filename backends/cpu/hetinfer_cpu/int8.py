@@ -11,8 +11,8 @@ The C source below is compiled at first use with the system C compiler (``$CC`` 
 -O3 -march=native -fopenmp, each flag dropped if the compiler refuses it) and loaded through
 ctypes; the shared object is cached under ``$XDG_CACHE_HOME/hetinfer/cpu`` (default
 ~/.cache/hetinfer/cpu), named by a hash of the source, the compiler's version, the flags and the
-CPU's feature flags. Without a compiler (or with HETINFER_CPU_INT8=numpy) a NumPy path that
-widens blocks of rows is used instead, with one warning.
+CPU's feature flags (build_library below, which f32.py shares). Without a compiler (or with
+HETINFER_CPU_INT8=numpy) a NumPy path that widens blocks of rows is used instead, with one warning.
 """
 
 from __future__ import annotations
@@ -175,22 +175,27 @@ def _compiler() -> tuple[str, str] | None:
     return cc, version.splitlines()[0] if version else "?"
 
 
-def _build() -> ctypes.CDLL:
-    """Compile (or reuse the cached) shared object; raises RuntimeError when no compiler works."""
+def build_library(name: str, source: str, declare, flag_sets=_FLAG_SETS) -> ctypes.CDLL:
+    """Compile C `source` (or reuse the cached shared object) and load it through ctypes;
+    `declare(lib)` sets its functions' argtypes. Shared by the CPU kernels in C (this module,
+    f32.py). The flag sets are tried in order, the first that compiles wins. The shared object
+    is cache_dir()/{name}_{key}.so, key a hash of the source, the compiler's path and version,
+    the flags, the machine and the CPU's feature flags: a change of any rebuilds. Raises
+    RuntimeError when no compiler is found or none of the flag sets compiles."""
     found = _compiler()
     if found is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
     cc, version = found
     errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256("\0".join([C_SOURCE, cc, version, " ".join(flags), platform.machine(),
+    for flags in flag_sets:
+        key = hashlib.sha256("\0".join([source, cc, version, " ".join(flags), platform.machine(),
                                         _cpu_flags()]).encode()).hexdigest()[:20]
-        so = cache_dir() / f"int8_{key}.so"
+        so = cache_dir() / f"{name}_{key}.so"
         if not so.exists():
             so.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-                src, out = Path(tmp) / "int8.c", Path(tmp) / "int8.so"
-                src.write_text(C_SOURCE)
+                src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+                src.write_text(source)
                 r = subprocess.run([cc, *flags, "-fPIC", "-shared", str(src), "-o", str(out), "-lm"],
                                    capture_output=True, text=True, timeout=300)
                 if r.returncode != 0:
@@ -201,14 +206,23 @@ def _build() -> ctypes.CDLL:
         # threads, and a spinning worker steals their core (decode was 2-10x slower on 2 loaded cores)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         lib = ctypes.CDLL(str(so))
-        i64, vp = ctypes.c_int64, ctypes.c_void_p
-        lib.hi_i8_gemv.argtypes = [vp, i64, i64, vp, i64, vp, ctypes.c_int, i64, vp]
-        lib.hi_i8_gemv.restype = None
-        lib.hi_i8_dequant.argtypes = [vp, i64, i64, i64, vp, ctypes.c_int, i64, vp]
-        lib.hi_i8_dequant.restype = None
+        declare(lib)
         lib.flags = flags
         return lib
     raise RuntimeError("the C compiler failed: " + " | ".join(errors))
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    lib.hi_i8_gemv.argtypes = [vp, i64, i64, vp, i64, vp, ctypes.c_int, i64, vp]
+    lib.hi_i8_gemv.restype = None
+    lib.hi_i8_dequant.argtypes = [vp, i64, i64, i64, vp, ctypes.c_int, i64, vp]
+    lib.hi_i8_dequant.restype = None
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse the cached) shared object; raises RuntimeError when no compiler works."""
+    return build_library("int8", C_SOURCE, _declare)
 
 
 def library():

@@ -49,21 +49,25 @@ def _rows(weight: np.ndarray, scales: np.ndarray | None, r0: int, r1: int) -> np
 
 
 def matmul(x, weight, bias, scales, out):
+    """f32 weights: the batch-invariant C kernel of f32.py (a row's bits do not depend on the
+    other rows of x; BLAS with HETINFER_CPU_F32=blas or without a compiler), bias included.
+    f16/bf16 (and the int8 fallback's) weights: widened a block of rows at a time, BLAS."""
+    from . import f32 as _f32k                                           # (cached in sys.modules)
     w, o = weight.numpy(), out.numpy()
     k = w.shape[1]
     x2 = _f32(x.numpy()).reshape(-1, k)                                  # (M, K)
     direct = o.dtype == F32 and o.flags.c_contiguous
     o2 = o.reshape(-1, w.shape[0]) if direct else np.empty((x2.shape[0], w.shape[0]), F32)  # (M, N)
-    if w.dtype == F32:
-        np.matmul(x2, w.T, out=o2)
+    if w.dtype == F32 and scales is None:
+        _f32k.product(x2, w, None if bias is None else _f32(bias.numpy()), o2)
     else:   # widen a block of rows at a time: never a float copy of the whole weight
         step = max(1, _CHUNK // k)
         sc = scales.numpy() if scales is not None else None
         for r0 in range(0, w.shape[0], step):
             r1 = min(r0 + step, w.shape[0])
             np.matmul(x2, _rows(w, sc, r0, r1).T, out=o2[:, r0:r1])
-    if bias is not None:
-        o2 += _f32(bias.numpy())
+        if bias is not None:
+            o2 += _f32(bias.numpy())
     if not direct:
         _store(o, o2.reshape(o.shape))
 
@@ -186,6 +190,73 @@ def rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, style):
     kv_cache_write(kr, v, k_cache, v_cache, positions)
 
 
+ATT_KEYS = 128       # paged_attention: keys per block product (a fixed shape; see below)
+
+
+def _rows2(a: np.ndarray):
+    """a (H, M, K) with M >= 2 (a single row is doubled): NumPy sends a one-row product to
+    BLAS gemv, whose rounding differs from gemm's; gemm's rows are the same for any M."""
+    return np.concatenate([a, a], axis=1) if a.shape[1] == 1 else a
+
+
+def paged_attention(q, k_pool, v_pool, query_start, context_lens, block_tables, scale, out):
+    """Per sequence: its keys gathered by its block table, then attention of its query rows.
+
+    Batch invariance: a row's result depends only on its own sequence and position, not on
+    how many rows its chunk has nor on the other sequences. Scores are gemm products
+    (rows doubled when alone); the softmax weights p (zero past a row's position) meet V
+    in fixed chunks of ATT_KEYS keys, zero-padded, each chunk one product of the same shape,
+    summed chunk after chunk: keys a row cannot see add exact zeros. So chunked prefill and
+    a prompt prefilled at once give the same bits."""
+    qn, kp, vp = q.numpy(), k_pool.numpy(), v_pool.numpy()
+    qs, cl, bt = query_start.numpy(), context_lens.numpy(), block_tables.numpy()
+    o = out.numpy()
+    t, hq, d = qn.shape
+    bs, hkv = kp.shape[1], kp.shape[2]
+    g = hq // hkv
+    sc = np.float32(scale)
+    for b in range(len(cl)):
+        r0, r1, length = int(qs[b]), int(qs[b + 1]), int(cl[b])
+        n = r1 - r0
+        if n == 0:
+            continue
+        nch = -(-length // ATT_KEYS)
+        lpad = nch * ATT_KEYS
+        blocks = bt[b, :-(-length // bs)]
+        k = np.zeros((lpad, hkv, d), F32)
+        v = np.zeros((lpad, hkv, d), F32)
+        k[:length] = kp[blocks].reshape(-1, hkv, d)[:length]
+        v[:length] = vp[blocks].reshape(-1, hkv, d)[:length]
+        qh = _f32(qn[r0:r1]).reshape(n, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * n, d)
+        s = np.matmul(_rows2(qh), k.transpose(1, 2, 0))[:, :g * n] * sc            # (Hkv, g n, Lpad)
+        pos = np.tile(np.arange(length - n, length), g)                             # (g n,)
+        s[:, np.arange(lpad)[None, :] > pos[:, None]] = -np.inf
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        pc = s.reshape(hkv, g * n, nch, ATT_KEYS)
+        vc = v.transpose(1, 0, 2).reshape(hkv, nch, ATT_KEYS, d)
+        acc = np.zeros((hkv, g * n, d), F32)
+        tot = np.zeros((hkv, g * n), F32)
+        for c in range(nch):                                                        # in key order
+            acc += np.matmul(_rows2(pc[:, :, c]), vc[:, c])[:, :g * n]
+            tot += pc[:, :, c].sum(axis=-1)
+        acc /= tot[..., None]
+        _store(o[r0:r1], acc.reshape(hkv, g, n, d).transpose(2, 0, 1, 3).reshape(n, hq, d))
+
+
+def rope_paged_kv_write(q, k, v, k_pool, v_pool, positions, slot_mapping, cos, sin, style):
+    rope(q, positions, cos, sin, style, q)
+    kr = np.empty(k.shape, F32)
+    rope(k, positions, cos, sin, style, _Host(kr))
+    slots = slot_mapping.numpy()
+    live = slots >= 0
+    kp, vp = k_pool.numpy(), v_pool.numpy()
+    bs = kp.shape[1]
+    blk, row = slots[live] // bs, slots[live] % bs
+    kp[blk, row] = kr[live]
+    vp[blk, row] = v.numpy()[live]
+
+
 def argmax(x, out):
     out.numpy()[...] = np.argmax(x.numpy(), axis=-1)
 
@@ -196,11 +267,9 @@ def cast(x, out):
 
 def penalties(logits, counts, seen, repetition, presence, frequency, out):
     x, c = _f32(logits.numpy()), counts.numpy()
-    y = np.where(seen.numpy() != 0, np.where(x > 0, x / repetition, x * repetition), x)
-    if presence:
-        y = y - np.float32(presence) * (c > 0)
-    if frequency:
-        y = y - np.float32(frequency) * c
+    rep = repetition.numpy()[:, None]
+    y = np.where(seen.numpy() != 0, np.where(x > 0, x / rep, x * rep), x)
+    y = y - presence.numpy()[:, None] * (c > 0) - frequency.numpy()[:, None] * c
     _store(out.numpy(), y)
 
 
@@ -229,15 +298,20 @@ def _sample_row(z: np.ndarray, u: float, temperature, top_k, top_p, min_p) -> in
 
 
 def sample(logits, uniform, temperature, top_k, top_p, min_p, out):
+    """Each row with its own parameters; greedy rows (temperature 0) are one argmax."""
     x, u, o = logits.numpy(), uniform.numpy(), out.numpy()
-    for b in range(x.shape[0]):
-        o[b] = _sample_row(_f32(x[b]), float(u[b]), temperature, top_k, top_p, min_p)
+    tt, tk, tp, mp = temperature.numpy(), top_k.numpy(), top_p.numpy(), min_p.numpy()
+    greedy = tt == 0
+    if greedy.any():
+        o[greedy] = np.argmax(x[greedy], axis=-1)
+    for b in np.flatnonzero(~greedy):
+        o[b] = _sample_row(_f32(x[b]), float(u[b]), float(tt[b]), int(tk[b]), float(tp[b]), float(mp[b]))
 
 
 KERNELS = [
     ("embedding", FLOATS, embedding),
     ("rms_norm", FLOATS, rms_norm),
-    ("matmul", FLOATS, fused(matmul)),
+    ("matmul", FLOATS, fused(matmul)),          # f32 weights: batch-invariant C kernel (f32.py)
     ("matmul", ("i8",), fused(_int8.matmul)),   # C GEMV / dequantized tiles + BLAS (int8.py)
     ("rope", FLOATS, rope),
     ("add", FLOATS, add),
@@ -246,6 +320,8 @@ KERNELS = [
     ("attention", FLOATS, attention),
     ("kv_cache_write", FLOATS, kv_cache_write),
     ("rope_kv_write", FLOATS, rope_kv_write),
+    ("paged_attention", FLOATS, paged_attention),
+    ("rope_paged_kv_write", FLOATS, rope_paged_kv_write),
     ("argmax", FLOATS, argmax),
     ("cast", FLOATS, cast),
     ("penalties", FLOATS, penalties),

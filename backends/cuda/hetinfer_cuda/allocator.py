@@ -13,7 +13,7 @@ All work goes to the device's one stream, so a block freed while kernels that us
 are still queued can be reused at once: the next user is ordered after them.
 CuPy's allocations are routed here too (cupy_bridge), so there is one pool.
 
-capture(fn) -> replay: CUDA graphs (the engine finds this method by getattr). While fn
+capture(fn) -> replay: CUDA graphs (the Allocator contract's capture). While fn
 is captured, alloc, copy_in, copy_out, synchronize and empty_cache raise DeviceError:
 a captured step must use preallocated buffers and leave host transfers to the caller
 (done on the same stream before the replay).
@@ -56,6 +56,8 @@ class CudaAllocator(Allocator):
         super().__init__(device)
         self.cu = D.get_device(device.index)
         self._cache: dict[int, list[int]] = {}
+        self._graph = None                    # the capture in progress: its blocks
+        self._graph_ptrs: dict[int, dict] = {}  # block -> the live graph that owns it
         self._lock = threading.RLock()   # a Buffer freed by GC inside alloc re-enters
         self.allocated = 0
         self.reserved = 0
@@ -75,17 +77,70 @@ class CudaAllocator(Allocator):
                               "step must use preallocated buffers and no host transfers "
                               "(run it eagerly with graphs=False / --eager to find the culprit)")
 
+    can_capture = True
+
+    def memory_info(self):
+        free, total = self.cu.mem_info()
+        return free + self.cached, total
+
     def capture(self, fn):
         """Capture the device work of fn() into a CUDA graph; returns replay(), which
         launches it on this device's stream (no host sync). Destroyed when replay is
-        garbage collected."""
-        return D.capture_graph(self.cu, fn)
+        garbage collected.
+
+        Temporaries fn allocates come from blocks already cached (an eager run of the same
+        step first leaves them there; a new cuMemAlloc cannot be captured) and belong to the
+        graph from then on: freed during the capture they are reused only by later
+        allocations of the same capture (stream order keeps that safe), and they go back to
+        the cache only when the graph is destroyed."""
+        import weakref
+        g = self._graph = {"owned": [], "free": {}}
+        try:
+            replay = D.capture_graph(self.cu, fn)
+        finally:
+            self._graph = None
+        for ptr, _ in g["owned"]:
+            self._graph_ptrs[ptr] = g
+        weakref.finalize(replay, self._release_graph_blocks, g)
+        return replay
+
+    def _release_graph_blocks(self, g) -> None:
+        """The graph is gone: its freed blocks go back to the cache (one still referenced
+        is freed the usual way when its buffer goes)."""
+        with self._lock:
+            for ptr, _ in g["owned"]:
+                self._graph_ptrs.pop(ptr, None)
+            for size, ptrs in g["free"].items():
+                self._cache.setdefault(size, []).extend(ptrs)
+                self.allocated -= size * len(ptrs)
+                self.cached += size * len(ptrs)
+
+    def _alloc_captured(self, nbytes: int) -> Buffer:
+        size = size_class(nbytes)
+        g = self._graph
+        with self._lock:
+            lst = g["free"].get(size)
+            if lst:
+                ptr = lst.pop()
+            else:
+                lst = self._cache.get(size)
+                if not lst:
+                    self._no_capture(f"allocation of {nbytes} bytes that the cache cannot serve (run the "
+                                     "step eagerly once before capturing it)")
+                ptr = lst.pop()
+                self.cached -= size
+                self.allocated += size
+                self.peak = max(self.peak, self.allocated)
+                g["owned"].append((ptr, size))
+        return Buffer(self.device, nbytes, ptr, self, owned=True)
 
     def alloc(self, nbytes: int) -> Buffer:
-        if self.cu.capturing:
-            self._no_capture(f"allocation of {nbytes} bytes")
         if nbytes < 0:
             raise DeviceError(f"cannot allocate {nbytes} bytes")
+        if self.cu.capturing:
+            if self._graph is None:
+                self._no_capture(f"allocation of {nbytes} bytes")
+            return self._alloc_captured(nbytes)
         size = size_class(nbytes)
         with self._lock:
             lst = self._cache.get(size)
@@ -129,7 +184,16 @@ class CudaAllocator(Allocator):
         if buf.handle is None:
             return
         size = size_class(buf.nbytes)
+        ptr = int(buf.handle)
         with self._lock:
+            g = self._graph
+            if g is not None and any(p == ptr for p, _ in g["owned"]):
+                g["free"].setdefault(size, []).append(ptr)          # reused within this capture only
+                return
+            owner = self._graph_ptrs.get(ptr)
+            if owner is not None:                                   # a graph's: back at its destruction
+                owner["free"].setdefault(size, []).append(ptr)
+                return
             self._cache.setdefault(size, []).append(int(buf.handle))
             self.allocated -= size
             self.cached += size

@@ -208,23 +208,26 @@ def bench_case(name: str, args, read_gbs: float, device="cuda") -> dict:
         runs.append((st.decode_tok_s, steady, st.prefill_s))
     decode = float(np.median([r[0] for r in runs]))
     steady = float(np.median([r[1] for r in runs]))
-    # prefill of a longer prompt: one forward, synchronised
-    p_ids = hi.tensor(rng.integers(0, cfg.vocab_size, args.prefill).astype(np.int32), "i32", device)
-    p_pos = hi.tensor(np.arange(args.prefill, dtype=np.int32), "i32", device)
+    # prefill of a longer prompt: one forward (one sequence, paged), synchronised
+    from hetinfer.engine.kv_cache import PagedKVCache
+    from hetinfer.engine.step import StepInput
+    kv1 = PagedKVCache.for_tokens(model, args.prefill)
+    p_step = StepInput.single(rng.integers(0, cfg.vocab_size, args.prefill).tolist(), 0, kv1.block_size).to(device)
     pt = []
     for _ in range(4):
         alloc.synchronize()
         t = time.perf_counter()
-        model.forward(p_ids, p_pos, gen.cache)
+        model.forward(p_step, kv1)
         alloc.synchronize()
         pt.append(time.perf_counter() - t)
     prefill_ms = float(np.median(pt[1:])) * 1e3
     try:
-        bd = decode_breakdown(model, gen.cache, args.prompt + args.new // 2, device)
+        bd = decode_breakdown(model, kv1, args.prompt + args.new // 2, device)
     except Exception as e:      # noqa: BLE001 - the breakdown is a diagnostic
         bd = {"error": f"{type(e).__name__}: {e}"[:300]}
+    del kv1, p_step
     st = alloc.stats()
-    wb, kvb = model.weight_bytes, gen.cache.nbytes
+    wb, kvb = model.weight_bytes, gen.engine.runner.kv.nbytes
     peak = st["peak"] - before
     res = {"case": name, "engine": "hetinfer-cuda" + ("-eager" if args.eager else "-graphs"),
            "dtype": args.dtype + ("+int8" if args.quantize else ""), "prompt": args.prompt, "new": args.new,
@@ -238,7 +241,7 @@ def bench_case(name: str, args, read_gbs: float, device="cuda") -> dict:
            "step_gpu_us": bd.get("step_gpu_us"),
            "host_us_per_token": round(1e6 / steady - bd["step_gpu_us"], 1) if steady and "step_gpu_us" in bd else None}
     print(json.dumps({"case": "breakdown", "model": name, **bd}), flush=True)
-    del gen, model, p_ids, p_pos
+    del gen, model
     _free_all(device)
     return res
 
@@ -253,32 +256,35 @@ def _graph_us(alloc, ev, fn, reps: int = 20, iters: int = 10) -> float:
     return ev.stop_ms() * 1e3 / (iters * reps)
 
 
-def decode_breakdown(model, cache, position: int, device="cuda") -> dict:
+def decode_breakdown(model, kv, position: int, device="cuda") -> dict:
     """GPU time of the decode step (one captured forward + argmax, replayed) and of each
     op of it with the model's shapes (layer 0; each op captured 20 times in a graph), so
-    the sum over ops x layers shows where a token's time goes."""
+    the sum over ops x layers shows where a token's time goes. kv: pools of one sequence
+    in blocks 0, 1, ... (PagedKVCache.for_tokens), at least position + 1 long."""
     import hetinfer as hi
     from hetinfer import ops
     from hetinfer.device import get_allocator
+    from hetinfer.engine.step import StepInput
     from .kernels import _dev
     alloc = get_allocator(device)
     c = model.config
-    ids = hi.tensor(np.array([5], np.int32), "i32", device)
-    pos = hi.tensor(np.array([position], np.int32), "i32", device)
+    step = StepInput.single([5], position, kv.block_size).to(device)
     tok = hi.empty((1,), "i32", device)
-    logits = model.forward(ids, pos, cache)          # eager once: workspace, kernels loaded
+    logits = model.forward(step, kv)                 # eager once: workspace, kernels loaded
     ops.argmax(logits, out=tok)
     ev = _Events(_dev(logits))
-    step_us = _graph_us(alloc, ev, lambda: ops.argmax(model.forward(ids, pos, cache), out=tok), reps=5, iters=20)
-    ws = model._workspace(1)
+    step_us = _graph_us(alloc, ev, lambda: ops.argmax(model.forward(step, kv), out=tok), reps=5, iters=20)
+    ws = model._workspace(1, 1)
     x, L, eps = ws["x"], model.layers[0], c.rms_norm_eps
-    kc, vc = cache.k[0], cache.v[0]
+    kc, vc = kv.k[0], kv.v[0]
     per_layer = {      # the layer as LlamaForCausalLM.forward runs it (T = 1)
         "matmul_qkv+norm": lambda: ops.matmul(x, L.wqkv, L.bqkv, L.wqkv_scales, norm_weight=L.attn_norm,
                                               eps=eps, out=ws["qkv"]),
-        "rope_kv_write": lambda: ops.rope_kv_write(ws["q"], ws["k"], ws["v"], kc, vc, pos, model.cos, model.sin,
-                                                   c.rope_style),
-        "attention": lambda: ops.attention(ws["q"], kc, vc, pos, out=ws["attn"]),
+        "rope_paged_kv_write": lambda: ops.rope_paged_kv_write(ws["q"], ws["k"], ws["v"], kc, vc, step.positions,
+                                                               step.slot_mapping, model.cos, model.sin,
+                                                               c.rope_style),
+        "paged_attention": lambda: ops.paged_attention(ws["q"], kc, vc, step.query_start, step.context_lens,
+                                                       step.block_tables, out=ws["attn"]),
         "matmul_o+residual": lambda: ops.matmul(ws["attn_flat"], L.wo, scales=L.wo_scales, residual=x, out=x),
         "matmul_gate_up+norm+swiglu": lambda: ops.matmul(x, L.w_gate_up, scales=L.w_gate_up_scales,
                                                          norm_weight=L.mlp_norm, eps=eps, act="swiglu",
@@ -287,8 +293,8 @@ def decode_breakdown(model, cache, position: int, device="cuda") -> dict:
                                                    out=x),
     }
     head = {
-        "embedding": lambda: ops.embedding(ids, model.embed, out=x),
-        "matmul_lm_head+norm": lambda: ops.matmul(ws["x_last"], model.lm_head, norm_weight=model.norm, eps=eps,
+        "embedding": lambda: ops.embedding(step.input_ids, model.embed, out=x),
+        "matmul_lm_head+norm": lambda: ops.matmul(ws["x_rows"], model.lm_head, norm_weight=model.norm, eps=eps,
                                                   out=ws["logits"]),
         "argmax": lambda: ops.argmax(ws["logits"], out=tok),
     }
@@ -307,8 +313,95 @@ def decode_breakdown(model, cache, position: int, device="cuda") -> dict:
             "matmul_GB_s": gbs, "position": position}
 
 
-def run_anchor(path: str, models: list[str], prompt: int, new: int, timeout: int) -> list[dict]:
+def _engine(model, args, max_context, max_num_seqs):
+    from hetinfer.engine import LLMEngine
+    return LLMEngine(model, _NoTokenizer(), max_context=max_context, max_num_seqs=max_num_seqs,
+                     max_num_batched_tokens=args.max_num_batched_tokens, graphs=not args.eager,
+                     gpu_memory_utilization=args.gpu_memory_utilization)
+
+
+def batch_cases(name: str, args, read_gbs: float, device="cuda") -> list[dict]:
+    """Batched decode: B sequences of --batch-prompt random tokens, --batch-new new tokens
+    each, all added at once; aggregate decode tok/s from the step after the last prefill to
+    the end (every step a decode of B rows). Roofline: weights + the K/V read per step."""
+    from hetinfer.sampling import SamplingParams
+    alloc = _free_all(device)
+    batches = [int(b) for b in args.batch.split(",")]
+    ctx = args.batch_prompt + args.batch_new + 16
+    cfg = shape_config(name, max_position=max(4096, ctx))
+    model = random_model(cfg, args.dtype, device, max_context=ctx, quantize=args.quantize)
+    eng = _engine(model, args, ctx, max(batches))
+    rng = np.random.default_rng(1)
+    out = []
+    c = cfg
+    kv_tok = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
+    for b in [batches[0]] + batches:                         # the first is a warm-up
+        params = SamplingParams(max_tokens=args.batch_new, ignore_eos=True)
+        seqs = [eng.add_request(rng.integers(0, c.vocab_size, args.batch_prompt).tolist(), params)
+                for _ in range(b)]
+        t_dec, steps = None, 0
+        while eng.has_unfinished():
+            eng.step()
+            if t_dec is None and all(s.num_output_tokens >= 1 for s in seqs):
+                alloc.synchronize()
+                t_dec = time.perf_counter()
+                steps = 0
+            steps += 1
+        alloc.synchronize()
+        dt = time.perf_counter() - t_dec
+        toks = sum(s.num_output_tokens - 1 for s in seqs)
+        per_step = dt / max(1, steps - 1)
+        mean_ctx = args.batch_prompt + args.batch_new / 2
+        bytes_step = model.weight_bytes + b * mean_ctx * kv_tok
+        out.append({"case": "batch_decode", "model": name, "dtype": args.dtype, "batch": b,
+                    "prompt": args.batch_prompt, "new": args.batch_new, "decode_tok_s": round(toks / dt, 1),
+                    "step_ms": round(per_step * 1e3, 3),
+                    "roofline_pct": round(100 * bytes_step / per_step / (read_gbs * 1e9), 1),
+                    "graph_replays": eng.runner.num_replays, "eager_steps": eng.runner.num_eager,
+                    "capture_errors": eng.runner.capture_errors[:2]})
+    out = out[1:]
+    for r in out:
+        print(json.dumps(r), flush=True)
+    del eng, model
+    _free_all(device)
+    return out
+
+
+def throughput_case(name: str, args, device="cuda") -> dict:
+    """Offline throughput as nano-vllm measures it: N requests, prompt and output lengths
+    uniform in 100..1024 (random ids, ignore_eos), all added at once; output tok/s."""
+    from hetinfer.sampling import SamplingParams
+    alloc = _free_all(device)
+    cfg = shape_config(name, max_position=4096)
+    model = random_model(cfg, args.dtype, device, max_context=2048 + 16)
+    eng = _engine(model, args, 2048 + 16, args.throughput_seqs)
+    rng = np.random.default_rng(0)
+    n = args.throughput
+    lens = rng.integers(100, 1025, size=(n, 2))
+    eng.generate([rng.integers(0, cfg.vocab_size, 16).tolist()], SamplingParams(max_tokens=4, ignore_eos=True))
+    alloc.synchronize()
+    t = time.perf_counter()
+    seqs = eng.generate([rng.integers(0, cfg.vocab_size, int(p)).tolist() for p, _ in lens],
+                        [SamplingParams(max_tokens=int(o), ignore_eos=True) for _, o in lens])
+    alloc.synchronize()
+    dt = time.perf_counter() - t
+    toks = sum(s.num_output_tokens for s in seqs)
+    res = {"case": "throughput", "model": name, "dtype": args.dtype, "requests": n, "output_tokens": toks,
+           "seconds": round(dt, 2), "output_tok_s": round(toks / dt, 1),
+           "prompt_tokens": int(lens[:, 0].sum()), "preemptions": eng.scheduler.num_preemptions,
+           "kv_blocks": eng.blocks.num_blocks, "steps": eng.num_steps, "graph_replays": eng.runner.num_replays,
+           "eager_steps": eng.runner.num_eager, "captures": eng.runner.num_captures}
+    print(json.dumps(res), flush=True)
+    del eng, model
+    _free_all(device)
+    return res
+
+
+def run_anchor(path: str, models: list[str], prompt: int, new: int, timeout: int,
+               batch: str | None = None) -> list[dict]:
     cmd = [sys.executable, path, "--models", ",".join(models), "--prompt", str(prompt), "--new", str(new)]
+    if batch:
+        cmd += ["--batch", batch]
     got = []
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -345,6 +438,16 @@ def main(argv=None) -> int:
                    help="int8 linear weights (per-group f16 scales); the anchor stays f16")
     p.add_argument("--anchor", default=None, help="path of torch_anchor.py, run after our cases")
     p.add_argument("--anchor-timeout", type=int, default=420)
+    p.add_argument("--batch", default=None, help="batched decode at these batch sizes, e.g. 1,4,16,64")
+    p.add_argument("--batch-prompt", type=int, default=128)
+    p.add_argument("--batch-new", type=int, default=128)
+    p.add_argument("--batch-models", default="tinyllama-1.1b,qwen2.5-0.5b")
+    p.add_argument("--throughput", type=int, default=0, help="offline throughput over this many requests")
+    p.add_argument("--throughput-seqs", type=int, default=256, help="max_num_seqs of the throughput case")
+    p.add_argument("--throughput-model", default="qwen2.5-0.5b")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    p.add_argument("--skip-single", action="store_true", help="no batch-1 cases (only --batch/--throughput)")
     # options of the CPU bench that may be passed through
     p.add_argument("--model", default=None)
     p.add_argument("--prompt-len", type=int, default=None)
@@ -354,7 +457,7 @@ def main(argv=None) -> int:
     print(json.dumps(bw), flush=True)
     _free_all(args.device)
     ours = {}
-    for name in models:
+    for name in ([] if args.skip_single else models):
         try:
             r = bench_case(name, args, bw["read_GB_s"], args.device)
         except Exception as e:      # noqa: BLE001 - report and go on with the next case
@@ -362,7 +465,33 @@ def main(argv=None) -> int:
             _free_all(args.device)
         ours[name] = r
         print(json.dumps(r), flush=True)
-    if args.anchor:
+    batched = {}
+    if args.batch:
+        for name in [m for m in args.batch_models.split(",") if m]:
+            try:
+                batched[name] = batch_cases(name, args, bw["read_GB_s"], args.device)
+            except Exception as e:      # noqa: BLE001
+                print(json.dumps({"case": "batch_decode", "model": name, "error": f"{type(e).__name__}: {e}"[:500]}),
+                      flush=True)
+                _free_all(args.device)
+    if args.throughput:
+        try:
+            throughput_case(args.throughput_model, args, args.device)
+        except Exception as e:      # noqa: BLE001
+            print(json.dumps({"case": "throughput", "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
+            _free_all(args.device)
+    if args.anchor and args.batch:
+        _free_all(args.device)
+        bms = [m for m in args.batch_models.split(",") if m]
+        anchor_b = run_anchor(args.anchor, bms, args.batch_prompt, args.batch_new, args.anchor_timeout, args.batch)
+        for a in anchor_b:
+            mine = {r["batch"]: r for r in batched.get(a.get("model"), []) if "batch" in r}
+            o = mine.get(a.get("batch"))
+            if o and "decode_tok_s" in a:
+                print(json.dumps({"case": "batch_ratio", "model": a["model"], "batch": a["batch"],
+                                  "ours_tok_s": o["decode_tok_s"], "anchor_tok_s": a["decode_tok_s"],
+                                  "ours_over_anchor": round(o["decode_tok_s"] / a["decode_tok_s"], 2)}), flush=True)
+    if args.anchor and not args.skip_single:
         _free_all(args.device)
         anchor = {a["model"]: a for a in run_anchor(args.anchor, models, args.prompt, args.new,
                                                     args.anchor_timeout) if "decode_tok_s" in a}

@@ -85,24 +85,64 @@ def stream(idx: int, handle: int):
 _alpha_beta = np.array([1.0, 0.0], np.float32)
 
 
+def _libcublas():
+    """libcublas as CuPy loaded it, called directly through ctypes: CuPy's wrappers refuse
+    to run while a stream is being captured, cuBLAS itself can be captured into a graph
+    (with a workspace set beforehand, so it allocates nothing then)."""
+    lib = _state.get("libcublas")
+    if lib is None:
+        import ctypes
+        from cupy_backends.cuda.libs import cublas  # noqa: F401  (loads libcublas into the process)
+        path = None
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    name = line.split()[-1]
+                    if "/libcublas.so" in name:
+                        path = name
+                        break
+        except OSError:
+            pass
+        lib = ctypes.CDLL(path or "libcublas.so")
+        vp, i32 = ctypes.c_void_p, ctypes.c_int
+        lib.cublasSetStream_v2.argtypes = [vp, vp]
+        lib.cublasSetPointerMode_v2.argtypes = [vp, i32]
+        lib.cublasSetWorkspace_v2.argtypes = [vp, vp, ctypes.c_size_t]
+        lib.cublasGemmEx.argtypes = [vp, i32, i32, i32, i32, i32, vp, vp, i32, i32, vp, i32, i32, vp, vp, i32,
+                                     i32, i32, i32]
+        _state["libcublas"] = lib
+    return lib
+
+
+CUBLAS_WORKSPACE = 32 << 20
+_workspaces: dict = {}
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        from hetinfer.errors import DeviceError
+        raise DeviceError(f"{what} failed: cuBLAS status {status}")
+
+
 def gemm(dev, dtype_name: str, x_ptr: int, w_ptr: int, out_ptr: int, M: int, N: int, K: int,
          out_dtype: str | None = None) -> None:
     """out (M, N) = x (M, K) @ w (N, K)^T, row-major, x and w of one dtype, out of that dtype
     or out_dtype (f32), f32 accumulation, on dev's stream. Column-major view:
-    out^T (N, M) = w (N, K) . x^T (K, M)."""
+    out^T (N, M) = w (N, K) . x^T (K, M). Capturable in a CUDA graph."""
     cp = _state["cupy"]
-    from cupy_backends.cuda.libs import cublas
+    lib = _libcublas()
     with cp.cuda.Device(dev.index):
         handle = cp.cuda.device.get_cublas_handle()
-        stream(dev.index, dev.stream_handle).use()
-        cublas.setStream(handle, dev.stream_handle)
-        cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
+        if dev.index not in _workspaces:            # made eagerly, before any capture
+            _workspaces[dev.index] = ws = _allocators[dev.index].alloc(CUBLAS_WORKSPACE)
+            _check(lib.cublasSetWorkspace_v2(handle, int(ws.handle), CUBLAS_WORKSPACE), "cublasSetWorkspace")
+        _check(lib.cublasSetStream_v2(handle, dev.stream_handle), "cublasSetStream")
+        _check(lib.cublasSetPointerMode_v2(handle, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode")
         t = _CUDA_TYPE[dtype_name]
         a = _alpha_beta.ctypes.data
-        cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K,
-                      a, w_ptr, t, K, x_ptr, t, K,
-                      a + 4, out_ptr, _CUDA_TYPE[out_dtype or dtype_name], N, CUBLAS_COMPUTE_32F,
-                      CUBLAS_GEMM_DEFAULT)
+        _check(lib.cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, a, w_ptr, t, K, x_ptr, t, K,
+                                a + 4, out_ptr, _CUDA_TYPE[out_dtype or dtype_name], N, CUBLAS_COMPUTE_32F,
+                                CUBLAS_GEMM_DEFAULT), "cublasGemmEx")
 
 
 def gemm_or_disable(dev, dtype_name, x_ptr, w_ptr, out_ptr, M, N, K, out_dtype=None) -> bool:
@@ -112,6 +152,9 @@ def gemm_or_disable(dev, dtype_name, x_ptr, w_ptr, out_ptr, M, N, K, out_dtype=N
         gemm(dev, dtype_name, x_ptr, w_ptr, out_ptr, M, N, K, out_dtype)
         return True
     except Exception as e:
+        if dev.capturing:            # a graph that cannot hold this call: the capture fails, CuPy stays
+            from hetinfer.errors import DeviceError
+            raise DeviceError(f"cuBLAS through CuPy could not be captured: {type(e).__name__}: {e}") from e
         _state["cupy"] = None
         _state["reason"] = f"cuBLAS through CuPy failed: {type(e).__name__}: {e}"
         warnings.warn(f"hetinfer-cuda: {_state['reason']}; using the built-in GEMM kernel", RuntimeWarning)

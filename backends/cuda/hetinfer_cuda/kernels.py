@@ -30,6 +30,7 @@ FLOATS = ("f32", "f16", "bf16")
 GEMV_MAX_M = 8          # rows of x up to which matmul uses the GEMV kernel
 ATT_MAXD = 256          # head dim limit of the attention kernels
 ADEC_SPLITS = 128       # decode attention: splits along the sequence at most
+PADEC_MIN, PADEC_SPLITS = 64, 64   # paged decode rows: keys per split at least, splits at most (ops.cu)
 _GEMV_WARPS = 8
 # int8 decode GEMV by dp4a against x in 16-bit fixed point (f16/bf16 runs); "0": the float kernel
 DP4A = os.environ.get("HETINFER_CUDA_DP4A", "1") != "0"
@@ -251,6 +252,39 @@ def _gemv_dp4a(dev, key, x, x32, weight, sc, G, b, nw, eps, pro, swi, r, r32, o,
             shared=K * 9 // 4, pdl=PDL and dev.capturing)
 
 
+# Batch invariance: with HETINFER_CUDA_BATCH_INVARIANT=1 every f16/bf16-weight matmul (any M,
+# decode and prefill) runs the gemm_bi tensor-core kernels (ops.cu), whose arithmetic for an
+# output element depends on K alone, so a row's result is bit-identical whatever the batch
+# size or its position in the batch (the GEMV and cuBLAS round differently, and cuBLAS picks
+# split-K by M). Prologue (rms_norm into a temporary) and epilogue kernels are per row too.
+BATCH_INVARIANT = os.environ.get("HETINFER_CUDA_BATCH_INVARIANT", "0") not in ("", "0")
+_BI_LDS, _BI_SMEM = 72, 110592                    # as BI_LDS, BI_SMEM in ops.cu
+_BI_BN = (128, 64, 32, 16)                        # instantiated tile widths (GEMM_BI_KERNEL)
+
+
+def _gemm_bi_tile(dev, M: int, N: int) -> tuple[int, int]:
+    """(BM, BN) of the gemm_bi kernel for an (M, N) product: BM the smallest of 16/32/64
+    holding M (64 covers a decode batch, so each CTA reads its W tile once), BN the widest
+    that still gives a CTA per multiprocessor. The choice changes no result bit."""
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    mt = -(-M // bm)
+    for bn in _BI_BN:
+        if -(-N // bn) * mt >= dev.sm_count:
+            break
+    return bm, bn
+
+
+def _gemm_bi(dev, key, a, w, y, y32, M, N, K):
+    """y (M, N) = a (M, K) @ w (N, K)^T by gemm_bi (a, w of dtype key; y key or f32: y32)."""
+    bm, bn = _gemm_bi_tile(dev, M, N)
+    vec = int(K % 8 == 0 and _aligned(a, w))
+    stage = (bm + bn) * _BI_LDS * 2
+    shared = min(8, _BI_SMEM // stage) * stage       # the kernel's STAGES tiles
+    _launch(dev, key, f"gemm_bi_{bm}_{bn}", (-(-M // bm), -(-N // bn)), ((2 if bn == 16 else 4) * 32,),
+            [Arg.ptr(_p(a)), Arg.ptr(_p(w)), Arg.ptr(_p(y)), Arg.i32(y32), Arg.i32(M), Arg.i32(N),
+             Arg.i32(K), Arg.i32(vec)], shared=shared)
+
+
 def matmul(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, residual=None):
     """out = residual + act(pro(x) @ weight^T + bias) (see hetinfer.ops.matmul). A few rows
     of x: one fused GEMV kernel (norm on the fly, epilogue on the sums; with swiglu a warp
@@ -274,6 +308,23 @@ def matmul(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, r
     nw = _as(norm_weight, key)
     pro = int(norm_weight is not None)
     swi = int(act == "swiglu")
+    if BATCH_INVARIANT and key in ("f16", "bf16") and weight.dtype.name == key:
+        # every M: norm kernel into a key-typed (M, K) operand, gemm_bi, epilogue kernel
+        a = xk
+        if pro:
+            a = empty((M, K), key, x.device)
+            _rms_norm_into(key, xk, nw, a, eps)
+        elif x32:
+            a = _as(xk, key)
+        direct = b is None and rk is None and not swi
+        y = o if direct else empty((M, N), key, out.device)
+        _gemm_bi(dev, key, a, weight, y, o32 if direct else 0, M, N, K)
+        if not direct:
+            _launch(dev, key, "matmul_epilogue", (_grid_1d(dev, M * No),), (256,),
+                    [Arg.ptr(_p(y)), Arg.ptr(_p(b)), Arg.i32(swi), Arg.ptr(_p(rk)), Arg.i32(r32), Arg.ptr(_p(o)),
+                     Arg.i32(o32), Arg.i32(M), Arg.i32(N)])
+        _finish(o, out)
+        return
     sc = scales
     if quant and sc.dtype not in (DT.f16, DT.f32):
         sc = _as(sc, "f32")
@@ -452,6 +503,63 @@ def rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, style):
         _cast_into(qk, q)
 
 
+def _att_suffix(Dh: int) -> str:
+    return "_d64" if Dh <= 64 else ("_d128" if Dh <= 128 else "_d256")
+
+
+def paged_attention(q, k_pool, v_pool, query_start, context_lens, block_tables, scale, out):
+    """Decode rows (a sequence of one query row): split along its keys (paged_decode);
+    longer chunks: 32-row tiles (paged_prefill). Both over the whole batch, grids from
+    shapes alone (the index tensors are read on the device only, so a captured graph
+    replays with new ones); each row's result is batch invariant. See csrc/ops.cu."""
+    key = q.dtype.name
+    dev = _dev(q)
+    ntok, Hq, Dh = q.shape
+    NB, BS, Hkv, _ = k_pool.shape
+    B, MB = block_tables.shape
+    if Dh > ATT_MAXD:
+        raise ShapeError(f"paged_attention on cuda: head dim {Dh} > {ATT_MAXD} is not supported yet")
+    if ntok == 0:
+        return
+    o = _target(out, key)
+    idx = [Arg.ptr(_p(query_start)), Arg.ptr(_p(context_lens)), Arg.ptr(_p(block_tables)), Arg.ptr(_p(o))]
+    # splits of PADEC_MIN keys or more, as many as the longest possible sequence (MB x BS) needs
+    nsplit = max(1, min(PADEC_SPLITS, -(-MB * BS // PADEC_MIN)))
+    part, count = _attention_scratch(q, B * Hq * nsplit * (Dh + 2), B * Hq)
+    _launch(dev, key, "paged_decode" + _att_suffix(Dh), (Hq, nsplit, B), (256,),
+            [Arg.ptr(_p(q)), Arg.ptr(_p(k_pool)), Arg.ptr(_p(v_pool))] + idx +
+            [Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(MB), Arg.i32(BS), Arg.f32(scale),
+             Arg.ptr(part), Arg.ptr(count)], pdl=PDL and dev.capturing)
+    if ntok >= 2:
+        # a chunk of n >= 2 rows takes ceil(n / 32) <= n / 32 + 1 and <= n / 2 tiles
+        tiles = min(ntok // 2, -(-ntok // 32) + B)
+        smem = 4 * (3 * 32 * (Dh + 1) + 32 * 33)
+        _launch(dev, key, "paged_prefill" + _att_suffix(Dh), (Hq, tiles), (128,),
+                [Arg.ptr(_p(q)), Arg.ptr(_p(k_pool)), Arg.ptr(_p(v_pool))] + idx +
+                [Arg.i32(B), Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(MB), Arg.i32(BS), Arg.f32(scale)],
+                shared=smem)
+    _finish(o, out)
+
+
+def rope_paged_kv_write(q, k, v, k_pool, v_pool, positions, slot_mapping, cos, sin, style):
+    """rope_kv_write into pools (NB, BS, Hkv, D) at slot_mapping[t] (< 0: not written)."""
+    key = k_pool.dtype.name
+    dev = _dev(k_pool)
+    qk = _as(q, key)                                # q of another dtype: rotated in a copy
+    kk, vv = _as(k, key), _as(v, key)
+    ntok, Hq, Dh = q.shape
+    NB, BS, Hkv, _ = k_pool.shape
+    total = ntok * (Hq + Hkv) * (Dh // 2) + ntok * Hkv * Dh
+    _launch(dev, key, "rope_paged_kv_write", (_grid_1d(dev, total),), (256,),
+            [Arg.ptr(_p(qk)), Arg.ptr(_p(kk)), Arg.ptr(_p(vv)), Arg.ptr(_p(k_pool)), Arg.ptr(_p(v_pool)),
+             Arg.ptr(_p(positions)), Arg.i32(positions.dtype == DT.i64), Arg.ptr(_p(slot_mapping)),
+             Arg.ptr(_p(cos)), Arg.ptr(_p(sin)),
+             Arg.i32(ntok), Arg.i32(Hq), Arg.i32(Hkv), Arg.i32(Dh), Arg.i32(cos.shape[0]), Arg.i32(NB * BS),
+             Arg.i32(style == "interleaved")], pdl=PDL and dev.capturing)
+    if qk is not q:
+        _cast_into(qk, q)
+
+
 # ---------------------------------------------------------------- scratch
 # Zeroed device buffers per GPU for the split kernels: argmax over long rows (partial
 # bests and self-resetting counters) and split decode attention (partials and
@@ -514,28 +622,27 @@ def cast(x, out):
 
 
 def penalties(logits, counts, seen, repetition, presence, frequency, out):
+    """Grid (blocks, B): each row reads its own repetition, presence, frequency ((B,) f32)."""
     key = logits.dtype.name
     dev = _dev(logits)
     o = _target(out, key)
-    n = logits.numel
-    _launch(dev, key, "penalties", (_grid_1d(dev, n),), (256,),
-            [Arg.ptr(_p(logits)), Arg.ptr(_p(counts)), Arg.ptr(_p(seen)), Arg.ptr(_p(o)), Arg.i64(n),
-             Arg.f32(repetition), Arg.f32(presence), Arg.f32(frequency)])
+    B, V = logits.shape
+    _launch(dev, key, "penalties", (_grid_1d(dev, V), B), (256,),
+            [Arg.ptr(_p(logits)), Arg.ptr(_p(counts)), Arg.ptr(_p(seen)), Arg.ptr(_p(o)), Arg.i32(V),
+             Arg.ptr(_p(repetition)), Arg.ptr(_p(presence)), Arg.ptr(_p(frequency))])
     _finish(o, out)
 
 
 def sample(logits, uniform, temperature, top_k, top_p, min_p, out):
-    """One block per row (see csrc/ops.cu `sample`); temperature 0 is argmax."""
-    if temperature == 0:
-        argmax(logits, out)
-        return
+    """One block per row (see csrc/ops.cu `sample`), with its own parameters ((B,) device
+    tensors, never read here); a row of temperature 0 is argmax in the same launch."""
     key = logits.dtype.name
     dev = _dev(logits)
     B, V = logits.shape
     threads = 1024 if V >= 16384 else 256
     _launch(dev, key, "sample", (B,), (threads,),
             [Arg.ptr(_p(logits)), Arg.ptr(_p(uniform)), Arg.ptr(_p(out)), Arg.i32(V),
-             Arg.f32(1.0 / temperature), Arg.i32(top_k), Arg.f32(top_p), Arg.f32(min_p)])
+             Arg.ptr(_p(temperature)), Arg.ptr(_p(top_k)), Arg.ptr(_p(top_p)), Arg.ptr(_p(min_p))])
 
 
 def fill_uniform(t, lo: float, hi: float, seed: int = 0) -> None:
@@ -559,6 +666,8 @@ KERNELS = [
     ("attention", _strided(attention, _OUT)),
     ("kv_cache_write", _strided(kv_cache_write, ("k_cache", "v_cache"))),
     ("rope_kv_write", _strided(rope_kv_write, ("q", "k_cache", "v_cache"))),
+    ("paged_attention", _strided(paged_attention, _OUT)),
+    ("rope_paged_kv_write", _strided(rope_paged_kv_write, ("q", "k_pool", "v_pool"))),
     ("argmax", _strided(argmax, _OUT)),
     ("cast", _strided(cast, _OUT)),
     ("penalties", _strided(penalties, _OUT)),

@@ -28,10 +28,14 @@ OPS: dict[str, tuple[str, str]] = {
     "attention": ("q", "causal attention by position over a KV cache, grouped-query heads"),
     "kv_cache_write": ("k_cache", "k_cache[positions[t]] = k[t]; v likewise"),
     "rope_kv_write": ("k_cache", "rope on q in place; rope(k) and v into rows positions[t] of the caches"),
+    "paged_attention": ("q", "causal attention of B sequences' query rows over block-paged K/V pools, GQA"),
+    "rope_paged_kv_write": ("k_pool", "rope on q in place; rope(k) and v into pool slots slot_mapping[t] "
+                                      "(block slot // BS, row slot % BS; a slot < 0 is not written)"),
     "argmax": ("x", "index of the largest value over the last axis (first on ties)"),
     "cast": ("x", "convert to out's dtype"),
-    "penalties": ("logits", "repetition (seen tokens), presence and frequency (output counts) penalties"),
-    "sample": ("logits", "draw a token: temperature, top-k, top-p, min-p, by a given uniform number"),
+    "penalties": ("logits", "per-row repetition (seen tokens), presence and frequency (output counts) penalties"),
+    "sample": ("logits", "draw a token per row: per-row temperature (0 = argmax), top-k, top-p, min-p, "
+                         "by a given uniform number"),
 }
 
 
@@ -323,6 +327,99 @@ def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Ten
               v_cache=v_cache, positions=positions, cos=cos, sin=sin, style=style)
 
 
+def _index(op, name, t, device, shape=None, ndim=1) -> Tensor:
+    """An i32 index tensor (a host list or array is put on device)."""
+    if not isinstance(t, Tensor):
+        a = np.asarray(t, np.int32)
+        t = tensor(a.reshape(shape) if shape is not None and a.size == int(np.prod(shape)) else a, D.i32, device)
+    _t(op, name, t, (D.i32,), ndim)
+    if shape is not None:
+        _shape(op, name, t, shape)
+    return t
+
+
+def _check_pool(op, k_pool, v_pool, dtypes):
+    _t(op, "k_pool", k_pool, dtypes, 4)
+    _t(op, "v_pool", v_pool, (k_pool.dtype,), 4)
+    _shape(op, "v_pool", v_pool, k_pool.shape)
+
+
+def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, query_start, context_lens, block_tables,
+                    scale: float | None = None, out: Tensor | None = None) -> Tensor:
+    """Attention of a flattened batch over paged caches, prefill chunks and decode rows mixed.
+
+    q (T, Hq, D): rows query_start[b] .. query_start[b + 1] belong to sequence b (B + 1
+    offsets, query_start[0] = 0, query_start[B] = T). Pools (NB, BS, Hkv, D): key position p
+    of sequence b is at block block_tables[b, p // BS], row p % BS; block_tables (B, MB) i32.
+    context_lens (B,): keys of sequence b, this step's included; its n query rows are its
+    last n positions, so row j sees keys 0 .. context_lens[b] - n + j (causal). GQA: query
+    head h reads kv head h // (Hq // Hkv)."""
+    op = "paged_attention"
+    _t(op, "q", q, D.FLOATS, 3)
+    _check_pool(op, k_pool, v_pool, (q.dtype,))
+    t, hq, d = q.shape
+    nb, bs, hkv, dk = k_pool.shape
+    if dk != d or hq % hkv:
+        raise ShapeError(f"{op}: q has shape {q.shape}, pools {k_pool.shape}; expected pools "
+                         f"(NB, BS, Hkv, {d}) with Hkv dividing Hq={hq}")
+    block_tables = _index(op, "block_tables", block_tables, q.device, ndim=2)
+    b, mb = block_tables.shape
+    query_start = _index(op, "query_start", query_start, q.device, (b + 1,))
+    context_lens = _index(op, "context_lens", context_lens, q.device, (b,))
+    if query_start._host and context_lens._host and block_tables._host:
+        qs, cl, bt = query_start.numpy(), context_lens.numpy(), block_tables.numpy()
+        n = np.diff(qs.astype(np.int64))
+        if qs[0] != 0 or qs[-1] != t or (n < 0).any():
+            raise ShapeError(f"{op}: query_start must rise from 0 to T={t}; got {qs.tolist()[:8]}")
+        if (cl < n).any() or (cl > mb * bs).any():
+            raise ShapeError(f"{op}: context_lens must be >= each sequence's query rows and <= "
+                             f"block_tables' capacity {mb} x {bs}; got {cl.tolist()[:8]}")
+        used = np.arange(mb)[None, :] < -(-cl[:, None] // bs)                 # (B, MB) blocks in use
+        if used.any() and (bt[used].min() < 0 or bt[used].max() >= nb):
+            raise ShapeError(f"{op}: block ids in use must be in [0, {nb}); got {bt[used].min()}..{bt[used].max()}")
+    _same_device(op, q=q, k_pool=k_pool, v_pool=v_pool, query_start=query_start, context_lens=context_lens,
+                 block_tables=block_tables, out=out)
+    out = _out(op, out, q.shape, q.dtype, q.device, D.FLOATS)
+    scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(d))
+    _dispatch(op, q.dtype, q.device, ("out",), q=q, k_pool=k_pool, v_pool=v_pool, query_start=query_start,
+              context_lens=context_lens, block_tables=block_tables, scale=scale, out=out)
+    return out
+
+
+def rope_paged_kv_write(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, positions,
+                        slot_mapping, cos: Tensor, sin: Tensor, style: str = "half") -> None:
+    """rope_kv_write into paged pools: q (T, Hq, D) rotated in place at positions (T,); k
+    (T, Hkv, D) rotated and written, with v, at slot_mapping[t] of the pools (NB, BS, Hkv, D):
+    block slot // BS, row slot % BS. A slot < 0 (a padding row) writes nothing."""
+    op = "rope_paged_kv_write"
+    _check_style(op, style)
+    _check_pool(op, k_pool, v_pool, D.FLOATS)
+    _t(op, "q", q, D.FLOATS, 3)
+    _t(op, "k", k, D.FLOATS, 3)
+    _t(op, "v", v, D.FLOATS, 3)
+    t, d = k.shape[0], k_pool.shape[3]
+    _shape(op, "k", k, (t,) + k_pool.shape[2:])
+    _shape(op, "v", v, k.shape)
+    _shape(op, "q", q, (t, q.shape[1], d))
+    positions = _rope_inputs(op, positions, cos, sin, k.device, t, d)
+    slot_mapping = _index(op, "slot_mapping", slot_mapping, k.device, (t,))
+    if positions._host and t and int(positions.numpy().max()) >= cos.shape[0]:
+        raise ShapeError(f"{op}: position {int(positions.numpy().max())} is beyond the rope table "
+                         f"({cos.shape[0]} positions)")
+    if slot_mapping._host and t:
+        slots = slot_mapping.numpy()
+        cap = k_pool.shape[0] * k_pool.shape[1]
+        if int(slots.max()) >= cap:
+            raise ShapeError(f"{op}: slot {int(slots.max())} is beyond the pools ({cap} slots)")
+        live = slots[slots >= 0]
+        if len(np.unique(live)) != len(live):
+            raise ShapeError(f"{op}: slot_mapping writes a slot twice")
+    _same_device(op, q=q, k=k, v=v, k_pool=k_pool, v_pool=v_pool, positions=positions,
+                 slot_mapping=slot_mapping, cos=cos, sin=sin)
+    _dispatch(op, k_pool.dtype, k.device, ("q", "k_pool", "v_pool"), q=q, k=k, v=v, k_pool=k_pool,
+              v_pool=v_pool, positions=positions, slot_mapping=slot_mapping, cos=cos, sin=sin, style=style)
+
+
 def argmax(x: Tensor, out: Tensor | None = None) -> Tensor:
     """x (N,) or (B, N) -> i32 () or (B,)."""
     op = "argmax"
@@ -347,40 +444,76 @@ def cast(x: Tensor, dtype=None, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def penalties(logits: Tensor, counts: Tensor, seen: Tensor, repetition: float = 1.0,
-              presence: float = 0.0, frequency: float = 0.0, out: Tensor | None = None) -> Tensor:
+def _per_row(op, name, value, b, dtype, device) -> Tensor:
+    """A per-row parameter as a (B,) tensor: a Tensor as given (checked), or a number or
+    sequence of B numbers put on the device."""
+    if isinstance(value, Tensor):
+        _t(op, name, value, (dtype,), 1)
+        _shape(op, name, value, (b,))
+        return value
+    arr = np.broadcast_to(np.asarray(value, dtype.np), (b,))
+    if not np.isfinite(arr.astype(np.float64)).all():
+        raise ShapeError(f"{op}: {name} must be finite, got {value!r}")
+    return tensor(np.ascontiguousarray(arr), dtype, device)
+
+
+def _host_rows(t: Tensor):
+    return t.numpy() if t._host else None
+
+
+def penalties(logits: Tensor, counts: Tensor, seen: Tensor, repetition=1.0, presence=0.0, frequency=0.0,
+              out: Tensor | None = None) -> Tensor:
     """logits (B, V); counts (B, V) i32 of output tokens; seen (B, V) i32, nonzero for
-    tokens of the prompt or output. out may be logits."""
+    tokens of the prompt or output. repetition, presence, frequency: a number for every row
+    or (B,) f32 tensors (one value per row). out may be logits."""
     op = "penalties"
     _t(op, "logits", logits, D.FLOATS, 2)
     _t(op, "counts", counts, (D.i32,), 2)
     _t(op, "seen", seen, (D.i32,), 2)
     _shape(op, "counts", counts, logits.shape)
     _shape(op, "seen", seen, logits.shape)
-    if not repetition > 0:
-        raise ShapeError(f"{op}: repetition penalty must be > 0, got {repetition}")
-    _same_device(op, logits=logits, counts=counts, seen=seen, out=out)
-    out = _out(op, out, logits.shape, logits.dtype, logits.device, D.FLOATS)
-    _dispatch(op, logits.dtype, logits.device, ("out",), logits=logits, counts=counts, seen=seen,
-              repetition=float(repetition), presence=float(presence), frequency=float(frequency), out=out)
+    b, dev = logits.shape[0], logits.device
+    repetition = _per_row(op, "repetition", repetition, b, D.f32, dev)
+    presence = _per_row(op, "presence", presence, b, D.f32, dev)
+    frequency = _per_row(op, "frequency", frequency, b, D.f32, dev)
+    rep = _host_rows(repetition)
+    if rep is not None and not (rep > 0).all():
+        raise ShapeError(f"{op}: repetition penalty must be > 0, got {rep.min()}")
+    _same_device(op, logits=logits, counts=counts, seen=seen, repetition=repetition, presence=presence,
+                 frequency=frequency, out=out)
+    out = _out(op, out, logits.shape, logits.dtype, dev, D.FLOATS)
+    _dispatch(op, logits.dtype, dev, ("out",), logits=logits, counts=counts, seen=seen,
+              repetition=repetition, presence=presence, frequency=frequency, out=out)
     return out
 
 
-def sample(logits: Tensor, uniform: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           min_p: float = 0.0, out: Tensor | None = None) -> Tensor:
-    """logits (B, V), uniform (B,) f32 in [0, 1) -> token ids (B,) i32 (see reference.sample)."""
+def sample(logits: Tensor, uniform: Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+           out: Tensor | None = None) -> Tensor:
+    """logits (B, V), uniform (B,) f32 in [0, 1) -> token ids (B,) i32 (see reference.sample).
+    temperature (0 = argmax), top_k (0 = off), top_p, min_p: a number for every row, or (B,)
+    tensors (f32; top_k i32), so rows of one call sample with their own settings."""
     op = "sample"
     _t(op, "logits", logits, D.FLOATS, 2)
     _t(op, "uniform", uniform, (D.f32,), 1)
     _shape(op, "uniform", uniform, logits.shape[:1])
-    if temperature < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1 or top_k < 0:
-        raise ShapeError(f"{op}: need temperature >= 0, 0 < top_p <= 1, 0 <= min_p <= 1, top_k >= 0; "
-                         f"got {temperature}, {top_p}, {min_p}, {top_k}")
-    _same_device(op, logits=logits, uniform=uniform, out=out)
-    out = _out(op, out, logits.shape[:1], D.i32, logits.device, (D.i32,))
-    _dispatch(op, logits.dtype, logits.device, ("out",), logits=logits, uniform=uniform,
-              temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
-              out=out)
+    b, dev = logits.shape[0], logits.device
+    temperature = _per_row(op, "temperature", temperature, b, D.f32, dev)
+    top_k = _per_row(op, "top_k", top_k, b, D.i32, dev)
+    top_p = _per_row(op, "top_p", top_p, b, D.f32, dev)
+    min_p = _per_row(op, "min_p", min_p, b, D.f32, dev)
+    rows = [_host_rows(x) for x in (temperature, top_k, top_p, min_p)]
+    if all(r is not None for r in rows):
+        tt, tk, tp, mp = rows
+        if (tt < 0).any() or not ((tp > 0) & (tp <= 1)).all() or not ((mp >= 0) & (mp <= 1)).all() \
+                or (tk < 0).any():
+            raise ShapeError(f"{op}: need temperature >= 0, 0 < top_p <= 1, 0 <= min_p <= 1, top_k >= 0 "
+                             f"in every row; got {tt.tolist()[:4]}, {tp.tolist()[:4]}, {mp.tolist()[:4]}, "
+                             f"{tk.tolist()[:4]}")
+    _same_device(op, logits=logits, uniform=uniform, temperature=temperature, top_k=top_k, top_p=top_p,
+                 min_p=min_p, out=out)
+    out = _out(op, out, logits.shape[:1], D.i32, dev, (D.i32,))
+    _dispatch(op, logits.dtype, dev, ("out",), logits=logits, uniform=uniform, temperature=temperature,
+              top_k=top_k, top_p=top_p, min_p=min_p, out=out)
     return out
 
 

@@ -97,6 +97,41 @@ def rope_kv_write(q, k, v, k_cache, v_cache, positions, cos, sin, style):
     return rope(q, positions, cos, sin, style), kc, vc
 
 
+def paged_gather(pool, block_table, length):
+    """Rows 0..length-1 of one sequence's cache out of a pool (NB, BS, H, D) -> (length, H, D)."""
+    bs = pool.shape[1]
+    slots = np.arange(length)
+    return f64(pool)[np.asarray(block_table)[slots // bs], slots % bs]
+
+
+def paged_attention(q, k_pool, v_pool, query_start, context_lens, block_tables, scale):
+    """Each sequence b: its query rows query_start[b]..query_start[b+1] are its last n
+    positions of context_lens[b]; attention over its keys gathered by its block table."""
+    q = f64(q)                                               # (T, Hq, D)
+    qs, cl = np.asarray(query_start), np.asarray(context_lens)
+    out = np.zeros_like(q)
+    for b in range(len(cl)):
+        r0, r1, length = int(qs[b]), int(qs[b + 1]), int(cl[b])
+        if r1 == r0:
+            continue
+        k = paged_gather(k_pool, block_tables[b], length)   # (L, Hkv, D)
+        v = paged_gather(v_pool, block_tables[b], length)
+        pos = np.arange(length - (r1 - r0), length)
+        out[r0:r1] = attention(q[r0:r1], k, v, pos, scale)
+    return out
+
+
+def rope_paged_kv_write(q, k, v, k_pool, v_pool, positions, slot_mapping, cos, sin, style):
+    kp, vp = f64(k_pool).copy(), f64(v_pool).copy()          # (NB, BS, Hkv, D)
+    bs = kp.shape[1]
+    kr = rope(k, positions, cos, sin, style)
+    for t, s in enumerate(np.asarray(slot_mapping)):
+        if s >= 0:
+            kp[s // bs, s % bs] = kr[t]
+            vp[s // bs, s % bs] = f64(v)[t]
+    return rope(q, positions, cos, sin, style), kp, vp
+
+
 def argmax(x):
     return np.argmax(f64(x), axis=-1)
 
@@ -105,12 +140,19 @@ def cast(x, np_dtype):
     return f64(x).astype(np_dtype)
 
 
+def _rows(value, b):
+    return np.broadcast_to(np.asarray(value, np.float64), (b,))
+
+
 def penalties(logits, counts, seen, repetition, presence, frequency):
     """Repetition penalty (HF/CTRL) on every seen token (prompt and output); presence and
-    frequency penalties (OpenAI) from output counts. (B, V) -> (B, V)."""
+    frequency penalties (OpenAI) from output counts. (B, V) -> (B, V); the three penalties
+    are numbers or one value per row (B,)."""
     x, c, s = f64(logits), f64(counts), np.asarray(seen) != 0
-    x = np.where(s, np.where(x > 0, x / repetition, x * repetition), x)
-    return x - presence * (c > 0) - frequency * c
+    b = x.shape[0]
+    rep, pres, freq = (_rows(a, b)[:, None] for a in (repetition, presence, frequency))
+    x = np.where(s, np.where(x > 0, x / rep, x * rep), x)
+    return x - pres * (c > 0) - freq * c
 
 
 def _renorm(p):
@@ -120,9 +162,14 @@ def _renorm(p):
 def sample_probs(logits, temperature, top_k, top_p, min_p):
     """The distribution `sample` draws from, (B, V): temperature, then top-k, then top-p
     (smallest set of most likely tokens whose mass reaches top_p), then min-p (tokens at
-    least min_p x the most likely); each filter renormalises. Temperature 0: argmax."""
+    least min_p x the most likely); each filter renormalises. Temperature 0: argmax.
+    Each parameter is a number or one value per row."""
     x = f64(logits)
     b, v = x.shape
+    if np.ndim(temperature) or np.ndim(top_k) or np.ndim(top_p) or np.ndim(min_p):
+        rows = [_rows(a, b) for a in (temperature, top_k, top_p, min_p)]
+        return np.concatenate([sample_probs(x[i:i + 1], rows[0][i], int(rows[1][i]), rows[2][i], rows[3][i])
+                               for i in range(b)]) if b else np.zeros_like(x)
     if temperature == 0:
         p = np.zeros_like(x)
         p[np.arange(b), x.argmax(-1)] = 1.0

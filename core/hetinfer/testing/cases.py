@@ -304,6 +304,107 @@ def rope_kv_write(case: Case):
     case.expect_exact("v_cache", vc_t, ev)
 
 
+# --- paged_attention -----------------------------------------------------------------
+PAGED_MAX_LEN = 2048
+
+
+def _block_tables(case: Case, lengths, bs: int, share: bool):
+    """Random non-contiguous block tables for sequences of these lengths: distinct blocks in
+    a shuffled pool, sequence i > 0 sometimes starting with sequence 0's blocks (a shared
+    prefix); every unused entry and one spare block point at a block no sequence owns."""
+    need = [-(-n // bs) for n in lengths]
+    shared = [0] * len(lengths)
+    if share:
+        for i in range(1, len(lengths)):
+            shared[i] = case.draw(st.integers(0, min(need[0], need[i])), f"shared_blocks[{i}]")
+    nb = need[0] + sum(n - s for n, s in zip(need[1:], shared[1:])) + 1 + case.draw(st.integers(0, 3), "spare")
+    ids = case.rng.permutation(nb)
+    spare, ids = int(ids[0]), iter(ids[1:].tolist())
+    mb = max(need) + case.draw(st.integers(0, 2), "table.extra")
+    table = np.full((len(lengths), mb), spare, np.int32)
+    for i, n in enumerate(need):
+        for j in range(n):
+            table[i, j] = table[0, j] if j < shared[i] else next(ids)
+    return nb, table
+
+
+def _pool(case: Case, nb, bs, hkv, d, table, lengths):
+    """A pool with random values in every slot some sequence uses, NaN (poison) elsewhere:
+    a kernel reading past a sequence's length gets NaN into its output."""
+    pool = np.full((nb, bs, hkv, d), np.nan, np.float64)
+    for row, n in zip(table, lengths):
+        slots = np.arange(n)
+        pool[row[slots // bs], slots % bs] = case.normal((n, hkv, d), case.dtype)
+    return pool.astype(case.dtype.np)
+
+
+@builder("paged_attention")
+def paged_attention(case: Case):
+    hkv = case.draw(st.integers(1, 4), "kv_heads")
+    hq = hkv * case.draw(st.integers(1, 8), "gqa_ratio")
+    d = case.draw(head_dim(), "head_dim")
+    bs = case.draw(st.sampled_from([1, 2, 8, 16, 32]), "block_size")
+    b = case.draw(st.integers(1, 6), "sequences")
+    per_seq = max(1, ATTN_BUDGET // (hq * d * b))
+    lengths, rows = [], []
+    for i in range(b):
+        decode = case.draw(st.booleans(), f"seq[{i}].decode?")
+        n = 1 if decode else case.draw(st.integers(1, 48), f"seq[{i}].query_rows")
+        top = max(n, min(PAGED_MAX_LEN, per_seq // n))
+        lengths.append(case.draw(st.integers(n, top), f"seq[{i}].context_len"))
+        rows.append(n)
+    nb, table = _block_tables(case, lengths, bs, case.draw(st.booleans(), "shared prefix?"))
+    qs = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
+    t = int(qs[-1])
+    scale = case.draw(st.one_of(st.none(), st.floats(0.01, 1.0)), "scale")
+    q = case.normal((t, hq, d), case.dtype)
+    kp = _pool(case, nb, bs, hkv, d, table, lengths)
+    vp = _pool(case, nb, bs, hkv, d, table, lengths)
+    cl = np.asarray(lengths, np.int32)
+    q_t, kp_t, vp_t = case.input("q", q), case.input("k_pool", kp), case.input("v_pool", vp)
+    qs_t = case.input("query_start", qs, "i32", layout=False)
+    cl_t = case.input("context_lens", cl, "i32", layout=False)
+    bt_t = case.input("block_tables", table, "i32", layout=False)
+    out = case.output("out", q.shape, case.other_float("out.dtype"))
+    case.call = lambda: hetinfer.ops.paged_attention(q_t, kp_t, vp_t, qs_t, cl_t, bt_t, scale=scale, out=out)
+    sc = scale if scale is not None else 1.0 / np.sqrt(d)
+    case.expect_close("out", out, R.paged_attention(q, kp, vp, qs, cl, table, sc))
+
+
+# --- rope_paged_kv_write -------------------------------------------------------------
+@builder("rope_paged_kv_write")
+def rope_paged_kv_write(case: Case):
+    hkv = case.draw(st.integers(1, 8), "kv_heads")
+    d = case.draw(head_dim(), "head_dim")
+    hq = hkv * case.draw(st.integers(1, 4), "gqa_ratio")
+    bs = case.draw(st.sampled_from([1, 4, 16]), "block_size")
+    nb = case.draw(st.integers(1, max(1, min(64, 65536 // (hkv * d * bs)))), "blocks")
+    t = case.draw(st.integers(1, min(nb * bs, 64)), "tokens")
+    slots = case.rng.permutation(nb * bs)[:t].astype(np.int32)       # distinct slots, any order
+    slots[case.rng.random(t) < case.draw(st.sampled_from([0.0, 0.3]), "padding share")] = -1
+    style = case.draw(st.sampled_from(["half", "interleaved"]), "style")
+    n_pos = case.draw(st.integers(1, MAX_SEQ), "table.positions")
+    cos, sin = rope_tables(n_pos, d, 10000.0)
+    pos = case.rng.integers(0, n_pos, size=t)
+    q = case.normal((t, hq, d), case.dtype)
+    k = case.normal((t, hkv, d), case.other_float("k.dtype"))
+    v = case.normal((t, hkv, d), case.other_float("v.dtype"))
+    kp = case.normal((nb, bs, hkv, d), case.dtype)
+    vp = case.normal((nb, bs, hkv, d), case.dtype)
+    pos_t = _positions(case, "positions", pos)
+    slot_t = case.input("slot_mapping", slots, "i32", layout=False)
+    q_t = case.inout("q", q)
+    k_t, v_t = case.input("k", k), case.input("v", v)
+    cos_t, sin_t = case.input("cos", cos), case.input("sin", sin)
+    kp_t, vp_t = case.inout("k_pool", kp), case.inout("v_pool", vp)
+    case.call = lambda: hetinfer.ops.rope_paged_kv_write(q_t, k_t, v_t, kp_t, vp_t, pos_t, slot_t,
+                                                         cos_t, sin_t, style)
+    eq, ek, ev = R.rope_paged_kv_write(q, k, v, kp, vp, pos, slots, cos, sin, style)
+    case.expect_close("q (rotated in place)", q_t, eq)
+    case.expect_close("k_pool", kp_t, ek)
+    case.expect_exact("v_pool", vp_t, ev)
+
+
 # --- argmax --------------------------------------------------------------------------
 @builder("argmax")
 def argmax(case: Case):
@@ -342,21 +443,31 @@ def cast(case: Case):
 
 
 # --- penalties -----------------------------------------------------------------------
+def _row_params(case: Case, name: str, choices, b: int, dtype: str):
+    """One value for every row (a number), or one per row (a (B,) tensor), drawn."""
+    if case.draw(st.booleans(), f"{name} per row?"):
+        vals = np.asarray([case.draw(st.sampled_from(choices), f"{name}[{r}]") for r in range(b)])
+        return case.input(name, vals.astype(D.dtype(dtype).np), dtype, layout=False), vals
+    v = case.draw(st.sampled_from(choices), name)
+    return v, np.full(b, v)
+
+
 @builder("penalties")
 def penalties(case: Case):
     v = case.draw(hidden(1, 2048), "vocab")
     b = case.draw(st.integers(1, 4), "batch")
-    repetition = case.draw(st.sampled_from([1.0, 1.1, 1.3, 0.8]), "repetition")
-    presence = case.draw(st.sampled_from([0.0, 0.5, -0.25]), "presence")
-    frequency = case.draw(st.sampled_from([0.0, 0.2]), "frequency")
+    rep_arg, rep = _row_params(case, "repetition", [1.0, 1.1, 1.3, 0.8], b, "f32")
+    pres_arg, pres = _row_params(case, "presence", [0.0, 0.5, -0.25], b, "f32")
+    freq_arg, freq = _row_params(case, "frequency", [0.0, 0.2], b, "f32")
     logits = case.normal((b, v), case.dtype, case.draw(st.sampled_from([1.0, 5.0]), "logits.scale"))
     counts = case.rng.integers(0, 4, size=(b, v)).astype(np.int32) * (case.rng.random((b, v)) < 0.2)
     seen = ((counts > 0) | (case.rng.random((b, v)) < 0.1)).astype(np.int32) * \
         case.rng.choice(np.array([1, 2, -1], np.int32), size=(b, v))          # "nonzero" means seen
     counts_t = case.input("counts", counts.astype(np.int32), "i32")
     seen_t = case.input("seen", seen, "i32")
-    expected = R.penalties(logits, counts, seen, repetition, presence, frequency)
-    kw = dict(repetition=repetition, presence=presence, frequency=frequency)
+    f32 = np.float32
+    expected = R.penalties(logits, counts, seen, rep.astype(f32), pres.astype(f32), freq.astype(f32))
+    kw = dict(repetition=rep_arg, presence=pres_arg, frequency=freq_arg)
     if case.draw(st.booleans(), "out is logits?"):
         l_t = case.inout("logits", logits)
         case.call = lambda: hetinfer.ops.penalties(l_t, counts_t, seen_t, out=l_t, **kw)
@@ -375,16 +486,21 @@ SAMPLE_SLACK = 1e-4   # a kernel may round its softmax / cumulative sums: thresh
 
 def sample_candidates(logits, uniform, temperature, top_k, top_p, min_p, slack=SAMPLE_SLACK):
     """For each row, the tokens reference.sample gives with uniform, top_p and min_p moved
-    by up to `slack` (so tokens at a rounding boundary are accepted either way)."""
-    us = [uniform, np.clip(uniform - slack, 0.0, None), np.clip(uniform + slack, None, 1 - 1e-12)]
-    tps = [top_p] + ([top_p - slack, min(1.0, top_p + slack)] if top_p < 1.0 else [])
-    mps = [min_p] + ([min_p * (1 - slack * 10), min_p * (1 + slack * 10)] if min_p > 0 else [])
-    ok = [set() for _ in range(logits.shape[0])]
-    for u in us:
-        for tp in tps:
-            for mp in mps:
-                for row, tok in enumerate(R.sample(logits, u, temperature, top_k, tp, mp)):
-                    ok[row].add(int(tok))
+    by up to `slack` (so tokens at a rounding boundary are accepted either way). The
+    parameters are numbers or one value per row."""
+    b = logits.shape[0]
+    rows = [np.broadcast_to(np.asarray(a, np.float64), (b,)) for a in (temperature, top_k, top_p, min_p)]
+    ok = [set() for _ in range(b)]
+    for r in range(b):
+        t, k, tp, mp = float(rows[0][r]), int(rows[1][r]), float(rows[2][r]), float(rows[3][r])
+        u = float(uniform[r])
+        us = [u, max(u - slack, 0.0), min(u + slack, 1 - 1e-12)]
+        tps = [tp] + ([tp - slack, min(1.0, tp + slack)] if tp < 1.0 else [])
+        mps = [mp] + ([mp * (1 - slack * 10), mp * (1 + slack * 10)] if mp > 0 else [])
+        for uu in us:
+            for tpp in tps:
+                for mpp in mps:
+                    ok[r].add(int(R.sample(logits[r:r + 1], np.array([uu]), t, k, tpp, mpp)[0]))
     return ok
 
 
@@ -392,26 +508,25 @@ def sample_candidates(logits, uniform, temperature, top_k, top_p, min_p, slack=S
 def sample(case: Case):
     v = case.draw(hidden(1, 2048), "vocab")
     b = case.draw(st.integers(1, 4), "batch")
-    temperature = case.draw(st.sampled_from([0.0, 0.7, 1.0, 1.5]), "temperature")
-    top_k = case.draw(st.sampled_from([0, 1, 5, 40, v]), "top_k")
-    top_p = case.draw(st.sampled_from([1.0, 0.95, 0.5]), "top_p")
-    min_p = case.draw(st.sampled_from([0.0, 0.05, 0.3]), "min_p")
+    t_arg, temperature = _row_params(case, "temperature", [0.0, 0.7, 1.0, 1.5], b, "f32")
+    k_arg, top_k = _row_params(case, "top_k", [0, 1, 5, 40, v], b, "i32")
+    p_arg, top_p = _row_params(case, "top_p", [1.0, 0.95, 0.5], b, "f32")
+    m_arg, min_p = _row_params(case, "min_p", [0.0, 0.05, 0.3], b, "f32")
     logits = case.normal((b, v), case.dtype, case.draw(st.sampled_from([1.0, 3.0]), "logits.scale"))
-    if temperature == 0:                                       # greedy: plant ties, first one wins
-        row_max = logits.max(axis=-1)
-        for r in range(b):
+    row_max = logits.max(axis=-1)
+    for r in range(b):
+        if temperature[r] == 0:                                # greedy: plant ties, first one wins
             logits[r, case.rng.integers(0, v, size=2)] = row_max[r]
     uniform = case.rng.random(b).astype(np.float32)
     l_t = case.input("logits", logits)
     u_t = case.input("uniform", uniform, "f32")
     out = case.output("out", (b,), "i32")
-    case.call = lambda: hetinfer.ops.sample(l_t, u_t, temperature=temperature, top_k=top_k,
-                                            top_p=top_p, min_p=min_p, out=out)
-    if temperature == 0:
-        case.expect_exact("out", out, R.sample(logits, uniform, 0.0, top_k, top_p, min_p).astype(np.int32))
-    else:
-        case.expect_member("out", out, sample_candidates(logits, uniform.astype(np.float64), temperature,
-                                                         top_k, top_p, min_p))
+    case.call = lambda: hetinfer.ops.sample(l_t, u_t, temperature=t_arg, top_k=k_arg, top_p=p_arg,
+                                            min_p=m_arg, out=out)
+    f32 = np.float32
+    case.expect_member("out", out, sample_candidates(logits, uniform.astype(np.float64),
+                                                     temperature.astype(f32), top_k, top_p.astype(f32),
+                                                     min_p.astype(f32)))
 
 
 __all__ = ["CASES", "builder", "MAX_HIDDEN"]

@@ -148,9 +148,8 @@ __device__ __forceinline__ bool better(float a, int ia, float b, int ib) {
     return ia < ib;
 }
 
-extern "C" __global__ void argmax(const T* __restrict__ x, int* __restrict__ out, int N) {
-    const size_t row = blockIdx.x;
-    const T* xr = x + row * N;
+// argmax of xr[0..N) by the whole block (blockDim.x a multiple of 32); thread 0 gets it
+__device__ __forceinline__ int block_argmax(const T* __restrict__ xr, int N) {
     float best = -HI_INF;
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < N; i += blockDim.x) {
@@ -177,8 +176,14 @@ extern "C" __global__ void argmax(const T* __restrict__ x, int* __restrict__ out
             const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
             if (better(ov, oi, best, bi)) { best = ov; bi = oi; }
         }
-        if (lane == 0) out[row] = bi == 0x7fffffff ? 0 : bi;
     }
+    return bi == 0x7fffffff ? 0 : bi;
+}
+
+extern "C" __global__ void argmax(const T* __restrict__ x, int* __restrict__ out, int N) {
+    const size_t row = blockIdx.x;
+    const int a = block_argmax(x + row * N, N);
+    if (threadIdx.x == 0) out[row] = a;
 }
 
 // ---------------------------------------------------------------- cast
@@ -257,11 +262,23 @@ extern "C" __global__ void kv_cache_write(const T* __restrict__ k, const T* __re
 // rotated into k_cache rows positions[t]; v (T, Hkv, D) copied into v_cache rows. A
 // thread per rotated pair of q or k, or per element of v. A position outside the rope
 // table makes q NaN (as rope); outside the cache, k and v are not written (as kv_cache_write).
-extern "C" __global__ void rope_kv_write(T* q, const T* __restrict__ k, const T* __restrict__ v,
-                                         T* __restrict__ kc, T* __restrict__ vc,
-                                         const void* __restrict__ pos, int pos64,
-                                         const float* __restrict__ cosv, const float* __restrict__ sinv,
-                                         int ntok, int Hq, int Hkv, int D, int P, int S, int interleaved) {
+// PAGED (rope_paged_kv_write): token t's row is slots[t] of the pools (NB, BS, Hkv, D) seen
+// as S = NB BS rows of Hkv D (block slot / BS, row slot % BS); a slot < 0 writes nothing.
+
+// the cache row of token t's k and v: its position, or (PAGED) its slot; -1 outside [0, S)
+template <bool PAGED>
+__device__ __forceinline__ i64 kv_row(const void* __restrict__ pos, int pos64, const int* __restrict__ slots,
+                                      int t, int S) {
+    const i64 r = PAGED ? (i64)slots[t] : load_index(pos, pos64, t);
+    return r >= 0 && r < S ? r : -1;
+}
+
+template <bool PAGED>
+__device__ __forceinline__ void rope_kv_write_body(
+        T* q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ kc, T* __restrict__ vc,
+        const void* __restrict__ pos, int pos64, const int* __restrict__ slots,
+        const float* __restrict__ cosv, const float* __restrict__ sinv,
+        int ntok, int Hq, int Hkv, int D, int P, int S, int interleaved) {
     pdl_trigger();
     pdl_wait();
     const int half = D / 2;
@@ -273,8 +290,8 @@ extern "C" __global__ void rope_kv_write(T* q, const T* __restrict__ k, const T*
         if (idx >= nq + nk) {                                   // v element
             const long long e = idx - nq - nk;
             const int t = (int)(e / rowlen);
-            const i64 p = load_index(pos, pos64, t);
-            if (p >= 0 && p < S) vc[(size_t)p * rowlen + e % rowlen] = v[e];
+            const i64 dst = kv_row<PAGED>(pos, pos64, slots, t, S);
+            if (dst >= 0) vc[(size_t)dst * rowlen + e % rowlen] = v[e];
             continue;
         }
         const bool isq = idx < nq;
@@ -293,12 +310,36 @@ extern "C" __global__ void rope_kv_write(T* q, const T* __restrict__ k, const T*
         if (isq) {
             q[base + r.j1] = r1;
             q[base + r.j2] = r2;
-        } else if (p < S) {
-            const size_t o = (size_t)p * rowlen + (size_t)(r.th % H) * D;
-            kc[o + r.j1] = r1;
-            kc[o + r.j2] = r2;
+        } else {
+            const i64 dst = kv_row<PAGED>(pos, pos64, slots, r.t, S);
+            if (dst >= 0) {
+                const size_t o = (size_t)dst * rowlen + (size_t)(r.th % H) * D;
+                kc[o + r.j1] = r1;
+                kc[o + r.j2] = r2;
+            }
         }
     }
+}
+
+// caches (S, Hkv, D)
+extern "C" __global__ void rope_kv_write(T* q, const T* __restrict__ k, const T* __restrict__ v,
+                                         T* __restrict__ kc, T* __restrict__ vc,
+                                         const void* __restrict__ pos, int pos64,
+                                         const float* __restrict__ cosv, const float* __restrict__ sinv,
+                                         int ntok, int Hq, int Hkv, int D, int P, int S, int interleaved) {
+    rope_kv_write_body<false>(q, k, v, kc, vc, pos, pos64, nullptr, cosv, sinv, ntok, Hq, Hkv, D, P, S,
+                              interleaved);
+}
+
+// pools (NB, BS, Hkv, D), S = NB BS slots; slots (T,) i32
+extern "C" __global__ void rope_paged_kv_write(T* q, const T* __restrict__ k, const T* __restrict__ v,
+                                               T* __restrict__ kp, T* __restrict__ vp,
+                                               const void* __restrict__ pos, int pos64,
+                                               const int* __restrict__ slots,
+                                               const float* __restrict__ cosv, const float* __restrict__ sinv,
+                                               int ntok, int Hq, int Hkv, int D, int P, int S, int interleaved) {
+    rope_kv_write_body<true>(q, k, v, kp, vp, pos, pos64, slots, cosv, sinv, ntok, Hq, Hkv, D, P, S,
+                             interleaved);
 }
 
 // ---------------------------------------------------------------- attention (decode)
@@ -313,24 +354,37 @@ extern "C" __global__ void rope_kv_write(T* q, const T* __restrict__ k, const T*
 // (max, sum, acc) over its rows; the warps are merged through shared memory.
 // With one split the block writes the result. Otherwise it writes its partial (max,
 // sum, acc[D]) to `part`, and the last block of the head (a counter, reset by that
-// block) merges the splits. Splits past L exit at once.
+// block) merges the splits, in split order. Splits past L exit at once.
 #define ADEC_WARPS 8
 #define ADEC_MAXD 256
-template <int DPL, int NB>
+
+// Where key j of the keys attended to is, as an element offset from the cache's start
+// (its kv head's column): j rows of Hkv D apart (a contiguous cache), or position j of one
+// sequence in block-paged pools (NB, BS, Hkv, D): block table[j / BS], row j % BS.
+struct KvRows {
+    size_t kstride;
+    __device__ __forceinline__ size_t row(int j) const { return (size_t)j * kstride; }
+};
+struct KvPaged {
+    const int* table;
+    int BS;
+    size_t kstride;
+    __device__ __forceinline__ size_t row(int j) const {
+        return ((size_t)table[j / BS] * BS + j % BS) * kstride;
+    }
+};
+
+// Block (s = blockIdx.y) of one query row and head: qh, op that head of q and out; kc, vc
+// at its kv head; keys 0..L-1 in splits of C; pg the head's partials (nsplit (D + 2)) and
+// cnt its counter.
+template <int DPL, int NB, class KV>
 __device__ __forceinline__ void attention_decode_body(
-        const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-        const void* __restrict__ pos, int pos64, T* __restrict__ out,
-        int Hq, int Hkv, int D, int S, float scale, int C, float* __restrict__ part, int* __restrict__ count) {
+        const T* __restrict__ qh, const T* __restrict__ kc, const T* __restrict__ vc, KV rows,
+        T* __restrict__ op, int D, int L, float scale, int C, float* __restrict__ pg, int* __restrict__ cnt) {
     __shared__ float s_m[ADEC_WARPS], s_l[ADEC_WARPS], s_acc[ADEC_WARPS][32 * DPL];
     __shared__ int s_last;
-    pdl_trigger();                                 // the o product may start its weight loads
-    pdl_wait();                                    // q, k, v: the previous kernel's output
-    const int hq = blockIdx.x, s = blockIdx.y, nsplit = gridDim.y;
-    const int h = hq / (Hq / Hkv), tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const i64 p = load_index(pos, pos64, 0);
-    const int L = p < 0 ? 0 : (int)(p >= S ? S : p + 1);
+    const int s = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int active = (L + C - 1) / C;            // splits holding at least one key
-    T* op = out + (size_t)hq * D;
     if (L == 0) {                                   // nothing to attend to: NaN, as the reference
         if (s == 0)
             for (int d = tid; d < D; d += blockDim.x) op[d] = from_f32<T>(HI_NAN);
@@ -338,14 +392,11 @@ __device__ __forceinline__ void attention_decode_body(
     }
     if (s >= active) return;
     const int j0 = s * C, n = min(C, L - j0);
-    const size_t kstride = (size_t)Hkv * D;
-    const T* kb = kc + (size_t)j0 * kstride + (size_t)h * D;
-    const T* vb = vc + (size_t)j0 * kstride + (size_t)h * D;
     float qr[DPL], acc[DPL];
 #pragma unroll
     for (int i = 0; i < DPL; ++i) {
         const int d = lane + 32 * i;
-        qr[i] = d < D ? to_f32(q[(size_t)hq * D + d]) * scale : 0.f;
+        qr[i] = d < D ? to_f32(qh[d]) * scale : 0.f;
         acc[i] = 0.f;
     }
     float m = -HI_INF, l = 0.f;
@@ -354,13 +405,13 @@ __device__ __forceinline__ void attention_decode_body(
 #pragma unroll
         for (int u = 0; u < NB; ++u) {
             const int jj = jb + u * ADEC_WARPS;
-            const size_t off = (size_t)jj * kstride;
+            const size_t off = jj < n ? rows.row(j0 + jj) : 0;      // keys past L: never read
 #pragma unroll
             for (int i = 0; i < DPL; ++i) {
                 const int d = lane + 32 * i;
                 const bool ok = jj < n && d < D;
-                kv[u][i] = ok ? to_f32(kb[off + d]) : 0.f;
-                vv[u][i] = ok ? to_f32(vb[off + d]) : 0.f;
+                kv[u][i] = ok ? to_f32(kc[off + d]) : 0.f;
+                vv[u][i] = ok ? to_f32(vc[off + d]) : 0.f;
             }
         }
         float sc[NB];
@@ -418,8 +469,8 @@ __device__ __forceinline__ void attention_decode_body(
         }
         return;
     }
-    // partials: part[(hq nsplit + s) (D + 2) + {0: max, 1: sum, 2..: acc}]
-    float* pp = part + ((size_t)hq * nsplit + s) * (D + 2);
+    // partials: pg[s (D + 2) + {0: max, 1: sum, 2..: acc}]
+    float* pp = pg + (size_t)s * (D + 2);
     for (int d = tid; d < D; d += blockDim.x) {
         float a = 0.f;
 #pragma unroll
@@ -429,11 +480,10 @@ __device__ __forceinline__ void attention_decode_body(
     if (tid == 0) { pp[0] = M; pp[1] = Ls; }
     __threadfence();
     __syncthreads();
-    if (tid == 0) s_last = atomicAdd(count + hq, 1) == active - 1;
+    if (tid == 0) s_last = atomicAdd(cnt, 1) == active - 1;
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    const float* pg = part + (size_t)hq * nsplit * (D + 2);
     float PM = -HI_INF;
     for (int k = 0; k < active; ++k) PM = fmaxf(PM, __ldcg(pg + (size_t)k * (D + 2)));
     float PL = 0.f;
@@ -449,7 +499,23 @@ __device__ __forceinline__ void attention_decode_body(
         }
         op[d] = from_f32<T>(a / PL);
     }
-    if (tid == 0) count[hq] = 0;         // ready for the next call
+    if (tid == 0) *cnt = 0;              // ready for the next call
+}
+
+// attention_decode: block (hq, s); part (Hq, nsplit, D + 2), count (Hq,)
+template <int DPL, int NB>
+__device__ __forceinline__ void attention_decode_cache(
+        const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+        const void* __restrict__ pos, int pos64, T* __restrict__ out,
+        int Hq, int Hkv, int D, int S, float scale, int C, float* __restrict__ part, int* __restrict__ count) {
+    pdl_trigger();                                 // the o product may start its weight loads
+    pdl_wait();                                    // q, k, v: the previous kernel's output
+    const int hq = blockIdx.x, h = hq / (Hq / Hkv);
+    const i64 p = load_index(pos, pos64, 0);
+    const int L = p < 0 ? 0 : (int)(p >= S ? S : p + 1);
+    attention_decode_body<DPL, NB>(q + (size_t)hq * D, kc + (size_t)h * D, vc + (size_t)h * D,
+                                   KvRows{(size_t)Hkv * D}, out + (size_t)hq * D, D, L, scale, C,
+                                   part + (size_t)hq * gridDim.y * (D + 2), count + hq);
 }
 
 // head dims up to 64, 128, 256 (d per lane 2, 4, 8; rows per batch 8, 8, 4)
@@ -458,7 +524,7 @@ __device__ __forceinline__ void attention_decode_body(
     NAME(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,              \
          const void* __restrict__ pos, int pos64, T* __restrict__ out, int Hq, int Hkv, int D, int S, \
          float scale, int C, float* __restrict__ part, int* __restrict__ count) {                  \
-        attention_decode_body<DPL, NB>(q, kc, vc, pos, pos64, out, Hq, Hkv, D, S, scale, C, part, count); \
+        attention_decode_cache<DPL, NB>(q, kc, vc, pos, pos64, out, Hq, Hkv, D, S, scale, C, part, count); \
     }
 ADEC_KERNEL(attention_decode_d64, 2, 8)
 ADEC_KERNEL(attention_decode_d128, 4, 8)
@@ -472,37 +538,32 @@ ADEC_KERNEL(attention_decode_d256, 8, 4)
 // queries. Thread t: query row r = t / 4, sub = t % 4: scores of keys sub, sub+4, ...
 // (8 independent dot products, d outer) and output columns sub, sub+4, ... of its row
 // (DQ of them); a row's four threads share a warp. Tiles are read with 16-byte loads,
-// a few in flight per thread before any is stored.
+// a few in flight per thread before any is stored. A row's keys past its position are
+// masked: exact zeros in its sums and no change to its running max, so its result does
+// not depend on the other rows of its tile.
 #define APF_Q 32
 #define APF_K 32
-template <int DQ>
+
+// One tile of nq <= 32 query rows of one head: q0, out0 its first row's head, rows qstride
+// apart; kc, vc at its kv head; thread tid < 32 passes rowpos, the position of row tid
+// (-1: none; it sees keys 0..rowpos).
+template <int DQ, class KV>
 __device__ __forceinline__ void attention_prefill_body(
-        const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-        const void* __restrict__ pos, int pos64, T* __restrict__ out,
-        int ntok, int Hq, int Hkv, int D, int S, float scale) {
+        const T* __restrict__ q0, int qstride, const T* __restrict__ kc, const T* __restrict__ vc, KV rows,
+        T* __restrict__ out0, int nq, int rowpos, int D, float scale) {
     extern __shared__ float sm[];
     const int Dp = D + 1;                          // padded rows: no bank conflicts
     float* qs = sm;                                // (32, Dp)
     float* ks = qs + APF_Q * Dp;                   // (32, Dp)
     float* vs = ks + APF_K * Dp;                   // (32, Dp)
     float* ps = vs + APF_K * Dp;                   // (32, 33)
-    const int h = blockIdx.x, t0 = blockIdx.y * APF_Q;
-    const int kvh = h / (Hq / Hkv);
     const int tid = threadIdx.x, r = tid >> 2, sub = tid & 3;
-    const size_t kstride = (size_t)Hkv * D;
     __shared__ int s_pos[APF_Q];
     __shared__ int s_maxp;
-    if (tid < APF_Q) {
-        int pr = -1;
-        if (t0 + tid < ntok) {
-            const i64 pp = load_index(pos, pos64, t0 + tid);
-            pr = pp < 0 ? -1 : (int)(pp >= S ? S - 1 : pp);
-        }
-        s_pos[tid] = pr;
-    }
+    if (tid < APF_Q) s_pos[tid] = rowpos;
     for (int i = tid; i < APF_Q * D; i += blockDim.x) {
         const int rr = i / D, d = i % D;
-        qs[rr * Dp + d] = t0 + rr < ntok ? to_f32(q[((size_t)(t0 + rr) * Hq + h) * D + d]) * scale : 0.f;
+        qs[rr * Dp + d] = rr < nq ? to_f32(q0[(size_t)rr * qstride + d]) * scale : 0.f;
     }
     __syncthreads();
     if (tid == 0) {
@@ -512,7 +573,7 @@ __device__ __forceinline__ void attention_prefill_body(
     }
     __syncthreads();
     const int my = s_pos[r], maxp = s_maxp;
-    const int vec = (D % VEC == 0) && ((((size_t)kc) | ((size_t)vc) | (kstride * sizeof(T))) % 16 == 0);
+    const int vec = (D % VEC == 0) && ((((size_t)kc) | ((size_t)vc) | (rows.kstride * sizeof(T))) % 16 == 0);
     const int cpr = D / VEC;                       // 16-byte chunks per row
     float m = -HI_INF, l = 0.f;
     float acc[DQ];
@@ -520,8 +581,6 @@ __device__ __forceinline__ void attention_prefill_body(
     for (int i = 0; i < DQ; ++i) acc[i] = 0.f;
 
     for (int j0 = 0; j0 <= maxp; j0 += APF_K) {
-        const T* kt = kc + (size_t)j0 * kstride + (size_t)kvh * D;
-        const T* vt = vc + (size_t)j0 * kstride + (size_t)kvh * D;
         if (vec) {
             for (int i0 = tid; i0 < APF_K * cpr; i0 += 4 * blockDim.x) {
                 Vec16<T> kb[4], vb[4];
@@ -529,9 +588,9 @@ __device__ __forceinline__ void attention_prefill_body(
                 for (int u = 0; u < 4; ++u) {
                     const int i = i0 + u * blockDim.x, jj = i / cpr;
                     if (i < APF_K * cpr && j0 + jj <= maxp) {
-                        const size_t off = (size_t)jj * kstride + (i % cpr) * VEC;
-                        kb[u] = load16_nc(kt + off);
-                        vb[u] = load16_nc(vt + off);
+                        const size_t off = rows.row(j0 + jj) + (i % cpr) * VEC;
+                        kb[u] = load16_nc(kc + off);
+                        vb[u] = load16_nc(vc + off);
                     }
                 }
 #pragma unroll
@@ -551,8 +610,9 @@ __device__ __forceinline__ void attention_prefill_body(
             for (int i = tid; i < APF_K * D; i += blockDim.x) {
                 const int jj = i / D, d = i % D;
                 const bool ok = j0 + jj <= maxp;
-                ks[jj * Dp + d] = ok ? to_f32(kt[(size_t)jj * kstride + d]) : 0.f;
-                vs[jj * Dp + d] = ok ? to_f32(vt[(size_t)jj * kstride + d]) : 0.f;
+                const size_t off = ok ? rows.row(j0 + jj) + d : 0;
+                ks[jj * Dp + d] = ok ? to_f32(kc[off]) : 0.f;
+                vs[jj * Dp + d] = ok ? to_f32(vc[off]) : 0.f;
             }
         }
         __syncthreads();
@@ -600,9 +660,9 @@ __device__ __forceinline__ void attention_prefill_body(
         }
         __syncthreads();                           // before the next tile overwrites ks, vs
     }
-    if (t0 + r < ntok) {
+    if (r < nq) {
         const float inv = (my >= 0 && l > 0.f) ? 1.f / l : HI_NAN;
-        T* op = out + ((size_t)(t0 + r) * Hq + h) * D;
+        T* op = out0 + (size_t)r * qstride;
 #pragma unroll
         for (int i = 0; i < DQ; ++i) {
             const int d = sub + 4 * i;
@@ -611,17 +671,146 @@ __device__ __forceinline__ void attention_prefill_body(
     }
 }
 
+// attention_prefill: block (h, tile of 32 tokens)
+template <int DQ>
+__device__ __forceinline__ void attention_prefill_cache(
+        const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+        const void* __restrict__ pos, int pos64, T* __restrict__ out,
+        int ntok, int Hq, int Hkv, int D, int S, float scale) {
+    const int h = blockIdx.x, t0 = blockIdx.y * APF_Q, kvh = h / (Hq / Hkv), tid = threadIdx.x;
+    int pr = -1;
+    if (tid < APF_Q && t0 + tid < ntok) {
+        const i64 pp = load_index(pos, pos64, t0 + tid);
+        pr = pp < 0 ? -1 : (int)(pp >= S ? S - 1 : pp);
+    }
+    const size_t o = ((size_t)t0 * Hq + h) * D;
+    attention_prefill_body<DQ>(q + o, Hq * D, kc + (size_t)kvh * D, vc + (size_t)kvh * D,
+                               KvRows{(size_t)Hkv * D}, out + o, min(APF_Q, ntok - t0), pr, D, scale);
+}
+
 // head dims up to 64, 128, 256 (DQ = output columns per thread: 16, 32, 64)
 #define APF_KERNEL(NAME, DQ)                                                                       \
     extern "C" __global__ void __launch_bounds__(128)                                              \
     NAME(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,              \
          const void* __restrict__ pos, int pos64, T* __restrict__ out,                             \
          int ntok, int Hq, int Hkv, int D, int S, float scale) {                                   \
-        attention_prefill_body<DQ>(q, kc, vc, pos, pos64, out, ntok, Hq, Hkv, D, S, scale);        \
+        attention_prefill_cache<DQ>(q, kc, vc, pos, pos64, out, ntok, Hq, Hkv, D, S, scale);       \
     }
 APF_KERNEL(attention_prefill_d64, 16)
 APF_KERNEL(attention_prefill_d128, 32)
 APF_KERNEL(attention_prefill_d256, 64)
+
+// ---------------------------------------------------------------- paged attention
+// q (T, Hq, D): rows qs[b] .. qs[b + 1] of sequence b; pools (NB, BS, Hkv, D): key j of
+// sequence b at block bt[b, j / BS] (bt (B, MB)), row j % BS; its n rows are the last n of
+// its L = cl[b] positions. Two kernels, each launched over the whole batch with a grid
+// from shapes alone (T, B, MB BS: the index tensors are read on the device only, so a
+// captured graph replays with new ones); a block whose sequence is not its kernel's kind
+// returns at once:
+// - paged_decode: sequences of one query row (decode), split along their keys as in
+//   attention_decode: grid (Hq, nsplit, B), nsplit = min(PADEC_SPLITS, ceil(MB BS /
+//   PADEC_MIN)); splits of C = max(PADEC_MIN, ceil(L / PADEC_SPLITS)) keys, so at most
+//   PADEC_SPLITS of them hold keys; the others return.
+// - paged_prefill: sequences of more rows (prefill chunks), in tiles of 32 rows as in
+//   attention_prefill: grid (Hq, tiles), tiles >= the sum of ceil(n / 32) over them;
+//   block y finds its sequence and tile.
+// Keys at or past a sequence's length are never read, nor its table entries past them.
+// Batch invariance: every row is computed in an order fixed by its own sequence alone (its
+// row count, length and keys, and its position): a decode row's split size, and so its
+// splits and their merge order, come from L; a prefill row walks 32-key tiles from key 0
+// with the keys past its position masked (exact zeros, whichever rows share its tile).
+// Nothing depends on B, on the other sequences or on where the rows sit in q, so a request
+// gives the same bits alone or in a batch of any size.
+#define PADEC_MIN 64
+#define PADEC_SPLITS 64
+template <int DPL, int NB>
+__device__ __forceinline__ void paged_decode_body(
+        const T* __restrict__ q, const T* __restrict__ kp, const T* __restrict__ vp,
+        const int* __restrict__ qs, const int* __restrict__ cl, const int* __restrict__ bt, T* __restrict__ out,
+        int Hq, int Hkv, int D, int MB, int BS, float scale, float* __restrict__ part, int* __restrict__ count) {
+    pdl_trigger();
+    pdl_wait();
+    const int hq = blockIdx.x, b = blockIdx.z;
+    const int r0 = qs[b];
+    if (qs[b + 1] - r0 != 1) return;               // not a decode row: paged_prefill's
+    const int L = max(0, min(cl[b], MB * BS));
+    const int C = max(PADEC_MIN, (L + PADEC_SPLITS - 1) / PADEC_SPLITS);
+    const int h = hq / (Hq / Hkv);
+    const size_t o = ((size_t)r0 * Hq + hq) * D, rh = (size_t)b * Hq + hq;
+    // part (B, Hq, nsplit, D + 2), count (B, Hq)
+    attention_decode_body<DPL, NB>(q + o, kp + (size_t)h * D, vp + (size_t)h * D,
+                                   KvPaged{bt + (size_t)b * MB, BS, (size_t)Hkv * D}, out + o, D, L, scale, C,
+                                   part + rh * gridDim.y * (D + 2), count + rh);
+}
+
+template <int DQ>
+__device__ __forceinline__ void paged_prefill_body(
+        const T* __restrict__ q, const T* __restrict__ kp, const T* __restrict__ vp,
+        const int* __restrict__ qs, const int* __restrict__ cl, const int* __restrict__ bt, T* __restrict__ out,
+        int B, int Hq, int Hkv, int D, int MB, int BS, float scale) {
+    __shared__ int s_b, s_tile;
+    const int tid = threadIdx.x, lane = tid & 31;
+    if (tid < 32) {            // warp 0: block y is tile g of the sequences of >= 2 rows, in order
+        int g = blockIdx.y, fb = -1, ft = 0;
+        for (int base = 0; base < B; base += 32) {
+            const int b = base + lane;
+            const int n = b < B ? qs[b + 1] - qs[b] : 0;
+            const int tiles = n >= 2 ? (n + APF_Q - 1) / APF_Q : 0;
+            int inc = tiles;                       // inclusive scan of the tiles over the lanes
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o) inc += v;
+            }
+            const int total = __shfl_sync(0xffffffffu, inc, 31);
+            if (g < total) {
+                const int first = __ffs(__ballot_sync(0xffffffffu, inc > g)) - 1;
+                fb = base + first;
+                ft = g - __shfl_sync(0xffffffffu, inc - tiles, first);
+                break;
+            }
+            g -= total;
+        }
+        if (lane == 0) { s_b = fb; s_tile = ft; }
+    }
+    __syncthreads();
+    const int b = s_b;
+    if (b < 0) return;                             // past the last tile
+    const int r0 = qs[b], n = qs[b + 1] - r0, i0 = s_tile * APF_Q;
+    const int L = max(0, min(cl[b], MB * BS));
+    const int h = blockIdx.x, kvh = h / (Hq / Hkv);
+    int pr = -1;
+    if (tid < APF_Q && i0 + tid < n) pr = max(-1, L - n + i0 + tid);
+    const size_t o = ((size_t)(r0 + i0) * Hq + h) * D;
+    attention_prefill_body<DQ>(q + o, Hq * D, kp + (size_t)kvh * D, vp + (size_t)kvh * D,
+                               KvPaged{bt + (size_t)b * MB, BS, (size_t)Hkv * D}, out + o,
+                               min(APF_Q, n - i0), pr, D, scale);
+}
+
+// head dims up to 64, 128, 256, as attention_decode and attention_prefill
+#define PADEC_KERNEL(NAME, DPL, NB)                                                                \
+    extern "C" __global__ void __launch_bounds__(ADEC_WARPS * 32)                                  \
+    NAME(const T* __restrict__ q, const T* __restrict__ kp, const T* __restrict__ vp,              \
+         const int* __restrict__ qs, const int* __restrict__ cl, const int* __restrict__ bt,       \
+         T* __restrict__ out, int Hq, int Hkv, int D, int MB, int BS, float scale,                 \
+         float* __restrict__ part, int* __restrict__ count) {                                      \
+        paged_decode_body<DPL, NB>(q, kp, vp, qs, cl, bt, out, Hq, Hkv, D, MB, BS, scale, part, count); \
+    }
+PADEC_KERNEL(paged_decode_d64, 2, 8)
+PADEC_KERNEL(paged_decode_d128, 4, 8)
+PADEC_KERNEL(paged_decode_d256, 8, 4)
+
+#define PAPF_KERNEL(NAME, DQ)                                                                      \
+    extern "C" __global__ void __launch_bounds__(128)                                              \
+    NAME(const T* __restrict__ q, const T* __restrict__ kp, const T* __restrict__ vp,              \
+         const int* __restrict__ qs, const int* __restrict__ cl, const int* __restrict__ bt,       \
+         T* __restrict__ out, int B, int Hq, int Hkv, int D, int MB, int BS, float scale) {        \
+        paged_prefill_body<DQ>(q, kp, vp, qs, cl, bt, out, B, Hq, Hkv, D, MB, BS, scale);          \
+    }
+PAPF_KERNEL(paged_prefill_d64, 16)
+PAPF_KERNEL(paged_prefill_d128, 32)
+PAPF_KERNEL(paged_prefill_d256, 64)
+
 
 // ---------------------------------------------------------------- matmul (decode GEMV)
 // out = residual + act(pro(x) @ w^T + bias) for a few rows of x (M <= GEMV_MAXM).
@@ -1103,16 +1292,20 @@ STRIDED_COPY(strided_copy_8, unsigned long long)
 
 // ---------------------------------------------------------------- penalties
 // Repetition penalty on seen tokens (HF/CTRL), presence and frequency penalties from
-// output counts (OpenAI). Elementwise; out may be logits.
+// output counts (OpenAI), each row (B, V) with its own values of the three (B,) tensors.
+// Grid (blocks, B): blockIdx.y is the row. Elementwise; out may be logits.
 extern "C" __global__ void penalties(const T* logits, const int* __restrict__ counts,
-                                     const int* __restrict__ seen, T* out, long long n,
-                                     float repetition, float presence, float frequency) {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+                                     const int* __restrict__ seen, T* out, int V,
+                                     const float* __restrict__ repetition, const float* __restrict__ presence,
+                                     const float* __restrict__ frequency) {
+    const size_t row = blockIdx.y, base = row * V;
+    const float rp = repetition[row], pr = presence[row], fr = frequency[row];
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < V; j += gridDim.x * blockDim.x) {
+        const size_t i = base + j;
         float x = to_f32(logits[i]);
-        if (seen[i] != 0) x = x > 0.f ? x / repetition : x * repetition;
+        if (seen[i] != 0) x = x > 0.f ? x / rp : x * rp;
         const int c = counts[i];
-        x -= presence * (float)(c > 0) + frequency * (float)c;
+        x -= pr * (float)(c > 0) + fr * (float)c;
         out[i] = from_f32<T>(x);
     }
 }
@@ -1120,7 +1313,9 @@ extern "C" __global__ void penalties(const T* logits, const int* __restrict__ co
 // ---------------------------------------------------------------- sample
 // One block per row of logits (B, V): temperature, top-k, top-p, min-p, then the
 // inverse CDF in token-id order over the kept set, driven by uniform[row] (as
-// reference.sample). Temperature 0 is argmax (the host launches `argmax` instead).
+// reference.sample). Each row reads its own parameters from the (B,) tensors (on the
+// device: a captured graph replays with new ones); a row of temperature 0 is argmax
+// (block_argmax: the first index on ties), in the same launch.
 //
 // e_i = exp((x_i - max x) / T) in f32 (the largest is exactly 1). Masses are summed
 // as 64-bit fixed point (e * 2^40), so every sum is exact and the result does not
@@ -1181,11 +1376,20 @@ template <typename V> __device__ V block_exclusive_scan(V v, V* total) {
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
-sample(const T* __restrict__ logits, const float* __restrict__ uniform, int* __restrict__ out,
-       int V, float invT, int top_k, float top_p, float min_p) {
+sample(const T* __restrict__ logits, const float* __restrict__ uniform, int* __restrict__ out, int V,
+       const float* __restrict__ temperature, const int* __restrict__ top_ks, const float* __restrict__ top_ps,
+       const float* __restrict__ min_ps) {
     const size_t row = blockIdx.x;
     const T* x = logits + row * (size_t)V;
     const int tid = threadIdx.x, nt = blockDim.x;
+    const float temp = temperature[row];
+    if (!(temp > 0.f)) {                           // greedy row (uniform across the block)
+        const int a = block_argmax(x, V);
+        if (tid == 0) out[row] = a;
+        return;
+    }
+    const float invT = 1.f / temp, top_p = top_ps[row], min_p = min_ps[row];
+    const int top_k = top_ks[row];
     __shared__ u32 hcnt[256];
     __shared__ u64 hmass[256];
     __shared__ u32 s_prefix, s_remaining;
@@ -1420,3 +1624,174 @@ extern "C" __global__ void argmax_split(const T* __restrict__ x, int* __restrict
     }
 }
 
+
+// ---------------------------------------------------------------- batch-invariant GEMM
+// out (M, N) = x (M, K) @ w (N, K)^T on the tensor cores (mma.sync m16n8k16, f16/bf16
+// inputs, f32 accumulators), for HETINFER_CUDA_BATCH_INVARIANT=1 (kernels.matmul). Every
+// output element gets one f32 accumulator that takes the 16-wide chunks of K in order,
+// from k = 0 up to the last BI_BK step (zeros past K, for every M the same): its arithmetic
+// depends on K alone -- not on M, the tile shape, or where its row sits in a tile (mma
+// computes each element from its own row and column). No split-K. A CTA owns a BM x BN
+// tile: its warps split BN, each warp covers all BM rows (WN columns); K walks in BI_BK
+// steps through a cp.async ring of STAGES tiles in shared memory (as many as fit in
+// BI_SMEM bytes, at most 8; rows padded to 144 bytes, conflict-free ldmatrix). Rows past M and columns past N/K load as zeros. vec: K % 8 == 0
+// and x, w 16-byte aligned (16-byte cp.async); else element loads of the same values.
+// Writes T, or f32 with o32 (bias / swiglu / residual are the epilogue kernel's).
+#if HI_DTYPE != 0
+#define BI_BK 64
+#define BI_LDS (BI_BK + 8)
+#define BI_SMEM 110592                   // shared bytes a CTA may use (two CTAs per SM)
+
+__device__ __forceinline__ u32 bi_smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 8 elements (16 bytes) of row `row` (of `rows`, row length K) from column k into shared dst;
+// zeros where out of range.
+__device__ __forceinline__ void bi_chunk(T* dst, const T* __restrict__ src, int row, int rows, int k,
+                                         int K, int vec) {
+    if (vec) {
+        const bool ok = row < rows && k < K;          // K % 8 == 0: a chunk is all in or all out
+        const T* s = ok ? src + (size_t)row * K + k : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                     :: "r"(bi_smem_addr(dst)), "l"(s), "r"(ok ? 16 : 0) : "memory");
+    } else {
+        Vec16<T> v;
+        v.u.x = v.u.y = v.u.z = v.u.w = 0u;
+        if (row < rows) {
+            const T* s = src + (size_t)row * K;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                if (k + j < K) v.e[j] = s[k + j];
+        }
+        *reinterpret_cast<uint4*>(dst) = v.u;
+    }
+}
+
+__device__ __forceinline__ void bi_mma(float* c, const u32* a, u32 b0, u32 b1) {
+#if HI_DTYPE == 1
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#endif
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int BM, int BN, int WARPS>
+__device__ __forceinline__ void gemm_bi_body(const T* __restrict__ x, const T* __restrict__ w,
+                                             void* __restrict__ out, int o32, int M, int N, int K, int vec) {
+    constexpr int WN = BN / WARPS, MT = BM / 16, NT = WN / 8, THREADS = WARPS * 32;
+    constexpr int CPR = BI_BK / 8;                          // 16-byte chunks per tile row
+    constexpr int STAGE = (BM + BN) * BI_LDS;               // elements per stage
+    constexpr int STAGES = BI_SMEM / (STAGE * 2) < 8 ? BI_SMEM / (STAGE * 2) : 8;
+    static_assert(WN % 8 == 0 && BM % 16 == 0, "tile shape");
+    extern __shared__ __align__(16) unsigned char dsm[];
+    T* sm = reinterpret_cast<T*>(dsm);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const T* xs = x + (size_t)m0 * K;                       // this tile's first row
+    const T* ws = w + (size_t)n0 * K;
+    const int mrows = M - m0, nrows = N - n0;
+    const int ktiles = (K + BI_BK - 1) / BI_BK;
+
+    auto load_stage = [&](int slot, int kt) {
+        T* sa = sm + slot * STAGE;
+        T* sb = sa + BM * BI_LDS;
+        const int k0 = kt * BI_BK;
+#pragma unroll
+        for (int c = tid; c < (BM + BN) * CPR; c += THREADS) {
+            const int r = c / CPR, kc = (c % CPR) * 8;
+            if (r < BM) bi_chunk(sa + r * BI_LDS + kc, xs, r, mrows, k0 + kc, K, vec);
+            else bi_chunk(sb + (r - BM) * BI_LDS + kc, ws, r - BM, nrows, k0 + kc, K, vec);
+        }
+    };
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ktiles) load_stage(s, s);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    // ldmatrix lane addresses (elements within a stage): A x4 -> rows (lane & 15), k + (lane >> 4) * 8;
+    // B x4 (two n8 tiles) -> n (lane & 7) + (lane >> 4) * 8, k + ((lane >> 3) & 1) * 8
+    const int a_off = (lane & 15) * BI_LDS + (lane >> 4) * 8;
+    const int bl = NT == 1 ? (lane & 15) : lane;           // x2 (one n8 tile): lanes 0-15
+    const int b_off = BM * BI_LDS + (warp * WN + (bl & 7) + (bl >> 4) * 8) * BI_LDS + ((bl >> 3) & 1) * 8;
+    for (int kt = 0; kt < ktiles; ++kt) {
+        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");
+        __syncthreads();                                    // stage kt landed; stage kt - 1 is free
+        const int nk = kt + STAGES - 1;
+        if (nk < ktiles) load_stage(nk % STAGES, nk);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        const T* st = sm + (kt % STAGES) * STAGE;
+#pragma unroll
+        for (int kk = 0; kk < BI_BK; kk += 16) {
+            u32 a[MT][4], b[NT][2];
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(a[i][0]), "=r"(a[i][1]), "=r"(a[i][2]), "=r"(a[i][3])
+                             : "r"(bi_smem_addr(st + a_off + i * 16 * BI_LDS + kk)));
+#pragma unroll
+            for (int j = 0; j + 1 < NT; j += 2)
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(b[j][0]), "=r"(b[j][1]), "=r"(b[j + 1][0]), "=r"(b[j + 1][1])
+                             : "r"(bi_smem_addr(st + b_off + j * 8 * BI_LDS + kk)));
+            if (NT & 1)                                     // lanes 0-15 give the addresses
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+                             : "=r"(b[NT - 1][0]), "=r"(b[NT - 1][1])
+                             : "r"(bi_smem_addr(st + b_off + (NT - 1) * 8 * BI_LDS + kk)));
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int j = 0; j < NT; ++j) bi_mma(acc[i][j], a[i], b[j][0], b[j][1]);
+        }
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    // c0, c1: row g, columns 2t, 2t + 1; c2, c3: row g + 8
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int m = m0 + i * 16 + g + (q >> 1) * 8;
+                const int n = n0 + warp * WN + j * 8 + 2 * t + (q & 1);
+                if (m < M && n < N) stf(out, o32, (size_t)m * N + n, acc[i][j][q]);
+            }
+}
+
+// gemm_bi_<BM>_<BN>: WARPS warps (BN / WARPS columns each); dynamic shared memory
+// STAGES * (BM + BN) * BI_LDS * sizeof(T) bytes (kernels._gemm_bi computes the same);
+// grid (ceil(M / BM), ceil(N / BN)): CTAs of one W tile run side by side (prefill).
+#define GEMM_BI_KERNEL(BM, BN, WARPS)                                                                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                         \
+    gemm_bi_##BM##_##BN(const T* __restrict__ x, const T* __restrict__ w, void* __restrict__ out,    \
+                        int o32, int M, int N, int K, int vec) {                                      \
+        gemm_bi_body<BM, BN, WARPS>(x, w, out, o32, M, N, K, vec);                                    \
+    }
+GEMM_BI_KERNEL(16, 16, 2)
+GEMM_BI_KERNEL(16, 32, 4)
+GEMM_BI_KERNEL(16, 64, 4)
+GEMM_BI_KERNEL(16, 128, 4)
+GEMM_BI_KERNEL(32, 16, 2)
+GEMM_BI_KERNEL(32, 32, 4)
+GEMM_BI_KERNEL(32, 64, 4)
+GEMM_BI_KERNEL(32, 128, 4)
+GEMM_BI_KERNEL(64, 16, 2)
+GEMM_BI_KERNEL(64, 32, 4)
+GEMM_BI_KERNEL(64, 64, 4)
+GEMM_BI_KERNEL(64, 128, 4)
+#endif

@@ -1,0 +1,103 @@
+"""The paged KV cache: per layer a K pool and a V pool of (num_blocks, block_size, Hkv, Dh),
+and how many blocks a device's memory budget allows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..device import get_allocator
+from ..errors import ConfigError, OutOfMemoryError
+from ..tensor import empty
+
+CPU_DEFAULT_BYTES = 1 << 30          # CPU: 1 GiB of K/V unless told otherwise
+GPU_DEFAULT_UTILIZATION = 0.9
+
+
+def _fmt(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def bytes_per_block(config, dtype, block_size: int) -> int:
+    """K and V of one block over all layers."""
+    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
+@dataclass
+class KVBudget:
+    num_blocks: int
+    block_size: int
+    block_bytes: int
+    max_context: int
+
+    @property
+    def tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    def line(self) -> str:
+        fit = self.tokens // self.max_context
+        return (f"KV cache: {self.num_blocks} blocks of {self.block_size} tokens = {self.tokens} tokens, "
+                f"{_fmt(self.nbytes)}; {fit} sequence(s) of the full context ({self.max_context}) fit")
+
+
+def plan_budget(model, block_size: int, max_context: int, kv_cache_memory: int | None = None,
+                gpu_memory_utilization: float | None = None) -> KVBudget:
+    """Blocks for a byte budget: kv_cache_memory bytes; or on a device that reports its
+    memory, gpu_memory_utilization x total minus what is in use now (after the weights and a
+    warm-up step, as vLLM measures); on the CPU 1 GiB. Refuses a budget below one
+    full-context sequence, with the numbers."""
+    per = bytes_per_block(model.config, model.dtype, block_size)
+    if kv_cache_memory is not None and gpu_memory_utilization is not None:
+        raise ConfigError("give --kv-cache-memory or --gpu-memory-utilization, not both")
+    if kv_cache_memory is not None:
+        if not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+        budget = kv_cache_memory
+    else:
+        info = get_allocator(model.device).memory_info()
+        if info is None:
+            budget = CPU_DEFAULT_BYTES
+            if gpu_memory_utilization is not None:
+                raise ConfigError(f"--gpu-memory-utilization needs a device that reports its memory; "
+                                  f"{model.device} does not: give --kv-cache-memory BYTES")
+        else:
+            util = GPU_DEFAULT_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
+            if not 0 < util <= 1:
+                raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
+            free, total = info
+            budget = int(util * total) - (total - free)
+    num_blocks = max(0, budget // per)
+    need = -(-max_context // block_size)
+    if num_blocks < need:
+        raise OutOfMemoryError(
+            f"the KV cache budget ({_fmt(max(budget, 0))}) holds {num_blocks} blocks of {block_size} "
+            f"tokens ({_fmt(per)} each over {model.config.num_hidden_layers} layers); one sequence of "
+            f"the full context ({max_context} tokens) needs {need}. Raise --kv-cache-memory / "
+            "--gpu-memory-utilization or lower --max-context")
+    return KVBudget(num_blocks, block_size, per, max_context)
+
+
+class PagedKVCache:
+    def __init__(self, config, budget: KVBudget, dtype, device):
+        shape = (budget.num_blocks, budget.block_size, config.num_key_value_heads, config.head_dim)
+        self.budget, self.block_size = budget, budget.block_size
+        self.k = [empty(shape, dtype, device) for _ in range(config.num_hidden_layers)]   # (NB, BS, Hkv, Dh)
+        self.v = [empty(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k + self.v)
+
+    @classmethod
+    def for_tokens(cls, model, num_tokens: int, block_size: int = 16) -> "PagedKVCache":
+        """Pools for one sequence of num_tokens in blocks 0, 1, ... (StepInput.single)."""
+        from .kv_cache import bytes_per_block
+        nb = max(1, -(-num_tokens // block_size))
+        budget = KVBudget(nb, block_size, bytes_per_block(model.config, model.dtype, block_size), num_tokens)
+        return cls(model.config, budget, model.dtype, model.device)
