@@ -31,7 +31,7 @@ def __getattr__(name):
 
 def devices():
     """Every registered device type, available or not (see DeviceType.reason)."""
-    from .plugins import device_types
+    from .device import device_types
     return list(device_types().values())
 
 

@@ -10,7 +10,7 @@ from .errors import HetinferError
 
 def cmd_devices(args) -> int:
     from . import plugins
-    from .plugins import device_types
+    from .device import device_types
     types = device_types()
     if not types:
         print("no device types registered: install a backend, e.g. pip install hetinfer-cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import plugins
 from .errors import DeviceError
 
 
@@ -46,11 +47,27 @@ class DeviceType:
 
 
 _allocators: dict[Device, object] = {}
+_allocators_reloads = 0
 
 
 def device_types() -> dict[str, DeviceType]:
-    from . import plugins
-    return plugins.device_types()
+    """Every registered device type by name, available or not (register_devices hooks)."""
+    def build():
+        out: dict[str, DeviceType] = {}
+
+        def make_register(source):
+            def register(dt: DeviceType):
+                if not isinstance(dt, DeviceType):
+                    raise TypeError(f"register_devices expects DeviceType, got {type(dt).__name__}")
+                if dt.name in out and out[dt.name].available:
+                    plugins.report(source, f"device type {dt.name!r} already registered by {out[dt.name].source}")
+                    return
+                dt.source = dt.source or source
+                out[dt.name] = dt
+            return register
+        plugins.collect("register_devices", make_register)
+        return out
+    return plugins.cached("devices", build)
 
 
 def get_device_type(device: Device) -> DeviceType:
@@ -67,8 +84,13 @@ def get_device_type(device: Device) -> DeviceType:
 
 
 def get_allocator(device) -> object:
-    """The allocator of a device (one per device, made on first use)."""
+    """The allocator of a device (one per device, made on first use; made anew after the
+    plugins were reloaded)."""
+    global _allocators_reloads
     device = Device.parse(device)
+    if plugins.reloads != _allocators_reloads:
+        _allocators.clear()
+        _allocators_reloads = plugins.reloads
     alloc = _allocators.get(device)
     if alloc is None:
         dt = get_device_type(device)
@@ -77,6 +99,3 @@ def get_allocator(device) -> object:
         alloc = _allocators[device] = dt.make_allocator(device)
     return alloc
 
-
-def _forget_allocators() -> None:
-    _allocators.clear()

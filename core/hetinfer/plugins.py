@@ -14,7 +14,6 @@ from importlib.metadata import entry_points
 import pluggy
 
 from . import hookspecs
-from .device import DeviceType, _forget_allocators
 from .errors import RegistrationError
 
 GROUP = "hetinfer"
@@ -41,6 +40,13 @@ pm.add_hookspecs(hookspecs)
 _loaded = False
 errors: dict[str, str] = {}          # plugin name -> why it was skipped
 _cache: dict[str, tuple[int, object]] = {}
+reloads = 0                          # reload_plugins() calls: device allocators are made anew after one
+
+
+def generation() -> int:
+    """Changes whenever a plugin is registered or unregistered: caches built from hooks
+    (the device table, the kernel registry) rebuild when it moved. Cheap (no loading)."""
+    return _PluginManager.generation
 
 
 def allowlist() -> set[str] | None:
@@ -50,7 +56,8 @@ def allowlist() -> set[str] | None:
     return {p.strip() for p in raw.split(",") if p.strip()}
 
 
-def _report(name: str, why: str) -> None:
+def report(name: str, why: str) -> None:
+    """Say once that a plugin is skipped, and why."""
     if name not in errors:
         errors[name] = why
         warnings.warn(f"hetinfer plugin {name!r} skipped: {why}", RuntimeWarning, stacklevel=3)
@@ -72,22 +79,22 @@ def load_plugins() -> None:
             mod = ep.load()
             pm.register(mod, name=ep.name)
         except Exception as e:  # a broken plugin must not stop start-up
-            _report(ep.name, f"{type(e).__name__}: {e}")
+            report(ep.name, f"{type(e).__name__}: {e}")
 
 
 def reload_plugins() -> None:
     """Forget entry-point plugins and load them again (after HETINFER_PLUGINS changed)."""
-    global _loaded
+    global _loaded, reloads
     for name, plugin in list(pm.list_name_plugin()):
         if plugin is not None and any(ep.name == name for ep in entry_points(group=GROUP)):
             pm.unregister(name=name)
     errors.clear()
-    _forget_allocators()
+    reloads += 1
     _loaded = False
     load_plugins()
 
 
-def _collect(hook_name: str, make_register):
+def collect(hook_name: str, make_register):
     """Call one hook on every plugin separately, so one failing plugin is skipped."""
     load_plugins()
     hook = getattr(pm.hook, hook_name)
@@ -99,10 +106,11 @@ def _collect(hook_name: str, make_register):
         except RegistrationError:
             raise
         except Exception as e:
-            _report(name, f"{hook_name} raised {type(e).__name__}: {e}")
+            report(name, f"{hook_name} raised {type(e).__name__}: {e}")
 
 
-def _cached(key: str, build):
+def cached(key: str, build):
+    """build() once per plugin generation."""
     load_plugins()
     hit = _cache.get(key)
     if hit is not None and hit[0] == _PluginManager.generation:
@@ -110,26 +118,6 @@ def _cached(key: str, build):
     value = build()
     _cache[key] = (_PluginManager.generation, value)
     return value
-
-
-def device_types() -> dict[str, DeviceType]:
-    """Every registered device type by name, available or not."""
-    def build():
-        out: dict[str, DeviceType] = {}
-
-        def make_register(source):
-            def register(dt: DeviceType):
-                if not isinstance(dt, DeviceType):
-                    raise TypeError(f"register_devices expects DeviceType, got {type(dt).__name__}")
-                if dt.name in out and out[dt.name].available:
-                    _report(source, f"device type {dt.name!r} already registered by {out[dt.name].source}")
-                    return
-                dt.source = dt.source or source
-                out[dt.name] = dt
-            return register
-        _collect("register_devices", make_register)
-        return out
-    return _cached("devices", build)
 
 
 def models() -> dict[str, object]:
@@ -144,25 +132,9 @@ def models() -> dict[str, object]:
                                             f"(second time by plugin {source!r})")
                 out[name] = cls
             return register
-        _collect("register_models", make_register)
+        collect("register_models", make_register)
         return out
-    return _cached("models", build)
-
-
-def plugin_kernels() -> list:
-    """KernelEntry objects from every plugin's register_kernels hook."""
-    from .registry import KernelEntry
-
-    def build():
-        out: list = []
-
-        def make_register(source):
-            def register(op, device_type, dtype, fn, priority=0, contiguous=False):
-                out.append(KernelEntry.make(op, device_type, dtype, fn, priority, source, contiguous))
-            return register
-        _collect("register_kernels", make_register)
-        return out
-    return _cached("kernels", build)
+    return cached("models", build)
 
 
 def plugin_names() -> list[str]:

@@ -26,7 +26,7 @@ class KernelEntry:
 
     @classmethod
     def make(cls, op, device_type, dtype, fn, priority=0, source="user", contiguous=False):
-        from .ops import OPS
+        from .op_names import OPS
         if op not in OPS:
             raise RegistrationError(f"cannot register a kernel for unknown op {op!r} "
                                     f"(from {source}); known ops: {', '.join(sorted(OPS))}")
@@ -44,15 +44,29 @@ _user_gen = 0
 _table_cache: tuple | None = None
 
 
+def plugin_kernels() -> list[KernelEntry]:
+    """KernelEntry objects from every plugin's register_kernels hook."""
+    def build():
+        out: list = []
+
+        def make_register(source):
+            def register(op, device_type, dtype, fn, priority=0, contiguous=False):
+                out.append(KernelEntry.make(op, device_type, dtype, fn, priority, source, contiguous))
+            return register
+        plugins.collect("register_kernels", make_register)
+        return out
+    return plugins.cached("kernels", build)
+
+
 def _entries() -> list[KernelEntry]:
-    return plugins.plugin_kernels() + _user
+    return plugin_kernels() + _user
 
 
 def _table() -> dict[tuple, list[KernelEntry]]:
     """key -> entries sorted by priority, highest first (cached)."""
     global _table_cache
     entries = _entries()   # may bump the generation by loading plugins
-    gen = (plugins._PluginManager.generation, _user_gen)
+    gen = (plugins.generation(), _user_gen)
     if _table_cache is not None and _table_cache[0] == gen:
         return _table_cache[1]
     table: dict[tuple, list[KernelEntry]] = {}
@@ -79,7 +93,7 @@ def lookup(op: str, device_type: str, dtype) -> KernelEntry:
     global _winners_gen
     if not plugins._loaded:
         plugins.load_plugins()
-    gen = (plugins._PluginManager.generation, _user_gen)
+    gen = (plugins.generation(), _user_gen)
     if gen != _winners_gen:
         _winners.clear()
         _winners_gen = gen
