@@ -356,7 +356,9 @@ def test_llama2c_v2_keeps_its_groups(tmp_path):
     ids = list(range(3, 30))
     same_int8_weights(m8, m_lt)
     f32 = logits_all(load(tmp_path / "model.bin", progress=False)[0], ids)   # the same int8 values dequantized
-    close_logits(logits_all(m_lt, ids), f32, 1e-5)
+    # the same values, products in different f32 orders (dequantized tiles + BLAS against the
+    # f32 kernel's fixed-order lanes)
+    close_logits(logits_all(m_lt, ids), f32, 3e-5)
     close_logits(logits_all(m8, ids), f32)
 
 

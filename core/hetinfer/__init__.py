@@ -5,7 +5,15 @@
     y = hetinfer.ops.rms_norm(x, hetinfer.tensor([1.0, 1.0]))
 """
 
-from . import ops
+import os as _os
+
+# OpenBLAS's idle worker threads spin for a while after each call and take the second core
+# from the CPU backend's own OpenMP kernels (a 3.8 ms f32 product took 9-10 ms right after a
+# small BLAS call); with this they sleep at once. Read when NumPy first loads OpenBLAS, so it
+# acts when hetinfer is imported before NumPy (the CLI); a value set by the user wins.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from . import ops  # noqa: E402
 from .device import Device, DeviceType
 from .dtypes import DType, bf16, dtype, f16, f32, i8, i32, i64
 from .errors import (ConfigError, DeviceError, DTypeError, HetinferError, InputError,
