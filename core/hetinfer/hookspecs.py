@@ -20,3 +20,8 @@ def register_kernels(register):
 @hookspec
 def register_models(register):
     """Register model architectures: register("LlamaForCausalLM", model_class)."""
+
+
+@hookspec
+def register_commands(register):
+    """Add `hetinfer` verbs: register(name, configure, run, help="") with configure(argparse parser) and run(args) -> exit code."""

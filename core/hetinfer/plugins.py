@@ -140,3 +140,20 @@ def models() -> dict[str, object]:
 def plugin_names() -> list[str]:
     load_plugins()
     return [name for name, p in pm.list_name_plugin() if p is not None]
+
+
+def commands() -> dict[str, tuple]:
+    """CLI verbs from every plugin's register_commands hook: name -> (configure, run, help)."""
+    def build():
+        out: dict[str, tuple] = {}
+
+        def make_register(source):
+            def register(name: str, configure, run, help: str = ""):
+                if name in out:
+                    report(source, f"command {name!r} already registered")
+                    return
+                out[name] = (configure, run, help)
+            return register
+        collect("register_commands", make_register)
+        return out
+    return cached("commands", build)

@@ -33,6 +33,7 @@ PRE_TOKENIZER_SPLITS = {
     "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT,
     "dbrx": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT,
 }
+IGNORE_MERGES_PRE = ("llama3", "llama-v3", "llama-bpe")
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
 
 
@@ -266,7 +267,7 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: dict, path="<gguf>") -> "Tokenizer":
         """Build from GGUF ``tokenizer.ggml.*`` metadata (parsed values)."""
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
         from tokenizers import Tokenizer as HFTok
 
         model = meta.get("tokenizer.ggml.model")
@@ -280,8 +281,11 @@ class Tokenizer:
             vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
                      for i, t in enumerate(tokens)}
             merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+            # llama.cpp's LLAMA3 pre-type (and Llama 3's tokenizer.json) sets ignore_merges: a
+            # pre-token that is itself in the vocabulary is one token, whatever the merges say
+            ignore = meta.get("tokenizer.ggml.pre") in IGNORE_MERGES_PRE
             tok = HFTok(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                   end_of_word_suffix="", fuse_unk=False))
+                                   end_of_word_suffix="", fuse_unk=False, ignore_merges=ignore))
             split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
             if split is None:
                 tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -300,8 +304,14 @@ class Tokenizer:
                 scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
                 merges = generate_merges(vocab, dict(zip(tokens, scores)))
             tok = HFTok(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
-            tok.normalizer = None
-            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+            # SentencePiece's dummy prefix: "▁" before every text run (llama.cpp: at the start and
+            # after each special token, add_space_prefix), even one that starts with a space
+            # (" Hello" -> "▁▁Hello" -> [29871, 15043]); Metaspace's prepend_scheme skips that case
+            steps = [normalizers.Replace(" ", "▁")]
+            if meta.get("tokenizer.ggml.add_space_prefix", True):
+                steps.insert(0, normalizers.Prepend("▁"))
+            tok.normalizer = normalizers.Sequence(steps)
+            tok.pre_tokenizer = None
             tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                              decoders.Strip(content=" ", left=1, right=0)])
             control_ok = lambda t: True  # noqa: E731

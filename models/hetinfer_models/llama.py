@@ -2,7 +2,9 @@
 runs on every backend.
 
 Llama 2: multi-head attention. Llama 3.x: grouped-query attention, "llama3"
-rope scaling, tied embeddings (3.2). Qwen2: q/k/v biases, tied or untied output.
+rope scaling, tied embeddings (3.2). Llama with attention_bias (q/k/v/o biases) and
+mlp_bias (gate/up/down biases). Qwen2: q/k/v biases, tied or untied output.
+RoPE: hetinfer.rope (linear, llama3, yarn, dynamic, GGUF freq factors).
 Weights arrive in HF layout; q/k/v and gate/up are fused into one product each."""
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class Layer:
     # row counts of the fused qkv weight, for prefill, which multiplies by row-slices so
     # that q, k, v come out as separate contiguous tensors
     qkv_rows: tuple = ()     # (Hq Dh, Hkv Dh, Hkv Dh)
+    # biases of Llama's attention_bias (o_proj) and mlp_bias (gate/up fused, down); None without
+    bo: hi.Tensor | None = None          # (D,)
+    b_gate_up: hi.Tensor | None = None   # (2 F,)
+    b_down: hi.Tensor | None = None      # (D,)
 
     @staticmethod
     def split(w, rows):
@@ -54,7 +60,8 @@ class LlamaForCausalLM:
                  lm_head: hi.Tensor, device, dtype, max_context: int):
         self.config, self.layers, self.embed, self.norm, self.lm_head = config, layers, embed, norm, lm_head
         self.device, self.dtype, self.max_context = hi.Device.parse(device), hi.dtype(dtype), max_context
-        cos, sin = rope_table(config.head_dim, max_context, config.rope_theta, config.rope_scaling)
+        cos, sin = rope_table(config.head_dim, max_context, config.rope_theta, config.rope_scaling,
+                              config.max_position_embeddings)
         self.cos, self.sin = hi.tensor(cos, hi.f32, self.device), hi.tensor(sin, hi.f32, self.device)
         self._ws: dict[tuple, dict[str, hi.Tensor]] = {}
 
@@ -66,7 +73,8 @@ class LlamaForCausalLM:
         dt = hi.dtype(dtype)
         if dt not in (hi.f32, hi.f16, hi.bf16):
             raise ConfigError(f"unsupported run dtype {dt}; expected f32, f16 or bf16")
-        max_context = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        limit = cfg.context_limit      # max_position_embeddings, or what yarn / dynamic rope extends it to
+        max_context = min(max_context or limit, limit)
         from hetinfer.loaders.base import progress_bar
         from hetinfer.quant import check_int8, quantized_names
         qnames = quantized_names(ckpt)        # int8 Linear weights: kept as (int8, scales), never widened
@@ -113,15 +121,21 @@ class LlamaForCausalLM:
                 bqkv = put(np.concatenate([need(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
             attn_norm = put(need(p + "input_layernorm.weight"))
             wo, so = linear(p + "self_attn.o_proj.weight")
+            bo = put(need(p + "self_attn.o_proj.bias")) if cfg.attention_out_bias else None
             mlp_norm = put(need(p + "post_attention_layernorm.weight"))
             w_gate_up, sgu = linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
             w_down, sd = linear(p + "mlp.down_proj.weight")
+            b_gate_up = b_down = None
+            if cfg.mlp_bias:
+                b_gate_up = put(np.concatenate([need(p + "mlp.gate_proj.bias"), need(p + "mlp.up_proj.bias")]))
+                b_down = put(need(p + "mlp.down_proj.bias"))
             layers.append(Layer(
                 attn_norm=attn_norm, wqkv=wqkv, bqkv=bqkv, wo=wo, mlp_norm=mlp_norm,
                 w_gate_up=w_gate_up, w_down=w_down,
                 wqkv_scales=sqkv, wo_scales=so, w_gate_up_scales=sgu, w_down_scales=sd,
                 qkv_rows=(cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
                           cfg.num_key_value_heads * cfg.head_dim),
+                bo=bo, b_gate_up=b_gate_up, b_down=b_down,
             ))
         embed = put(need("model.embed_tokens.weight"))
         lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in names else put(need("lm_head.weight"))
@@ -193,10 +207,10 @@ class LlamaForCausalLM:
                                     self.cos, self.sin, c.rope_style)
             ops.paged_attention(q, kv.k[i], kv.v[i], step.query_start, step.context_lens, step.block_tables,
                                 out=ws["attn"])                               # (T, Hq, Dh)
-            ops.matmul(ws["attn_flat"], layer.wo, scales=layer.wo_scales, residual=x, out=x)
-            ops.matmul(x, layer.w_gate_up, scales=layer.w_gate_up_scales, norm_weight=layer.mlp_norm,
+            ops.matmul(ws["attn_flat"], layer.wo, layer.bo, layer.wo_scales, residual=x, out=x)
+            ops.matmul(x, layer.w_gate_up, layer.b_gate_up, layer.w_gate_up_scales, norm_weight=layer.mlp_norm,
                        eps=eps, act="swiglu", out=ws["act"])                  # (T, F)
-            ops.matmul(ws["act"], layer.w_down, scales=layer.w_down_scales, residual=x, out=x)
+            ops.matmul(ws["act"], layer.w_down, layer.b_down, layer.w_down_scales, residual=x, out=x)
         profiler.set_layer("head")
         rows = ops.embedding(step.logits_rows, x, out=ws["x_rows"])           # (R, D) gathered rows
         return ops.matmul(rows, self.lm_head, norm_weight=self.norm, eps=eps, out=ws["logits"])  # (R, V)
@@ -205,7 +219,7 @@ class LlamaForCausalLM:
     def weight_bytes(self) -> int:
         ts = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for l in self.layers:
-            ts += [l.attn_norm, l.wqkv, l.bqkv, l.wo, l.mlp_norm, l.w_gate_up, l.w_down,
+            ts += [l.attn_norm, l.wqkv, l.bqkv, l.wo, l.mlp_norm, l.w_gate_up, l.w_down, l.bo, l.b_gate_up, l.b_down,
                    l.wqkv_scales, l.wo_scales, l.w_gate_up_scales, l.w_down_scales]
         return sum(t.nbytes for t in ts if t is not None)
 

@@ -69,17 +69,22 @@ class ModelRunner:
         """Run one scheduled step; the sampled token of each sequence that needed logits."""
         seqs = [s.seq for s in out.scheduled if s.needs_logits]
         kind = BatchSampler.kind(seqs)
-        if self.capture is not None and kind != "penalized":
+        wants_logprobs = any(s.num_logprobs is not None for s in seqs)     # such steps run eagerly
+        if self.capture is not None and kind != "penalized" and not wants_logprobs:
             return self._run_graph(out, kind)
         self.num_eager += 1
         step = StepInput.build(out.scheduled, self.block_size).to(self.device)
         logits = self.model.forward(step, self.kv)                         # (R, V)
         if not seqs:
             return []
+        rows = logits.numpy() if wants_logprobs else None                  # before penalties (in place)
         sampler = self._sampler(len(seqs))
         sampler.prepare(seqs)
         sampler.device_step(logits)
-        return sampler.read(len(seqs))
+        tokens = sampler.read(len(seqs))
+        if rows is not None:
+            attach_logprobs(seqs, rows, tokens)
+        return tokens
 
     def _run_graph(self, out: SchedulerOutput, kind: str) -> list[int]:
         t, b = out.num_tokens, len(out.scheduled)
@@ -133,3 +138,23 @@ class ModelRunner:
     def _tokens(g: _Graph, out: SchedulerOutput) -> list[int]:
         got = g.sampler.read(len(out.scheduled))
         return [tok for tok, s in zip(got, out.scheduled) if s.needs_logits]
+
+
+# --- logprobs: only for sequences whose num_logprobs is set --------------------------------
+def attach_logprobs(seqs, rows, tokens) -> None:
+    """Append (logprob of the sampled token, top-k [(id, logprob)]) to each asking sequence,
+    from its row of the raw logits (host array (R, V)), log-softmax in float64."""
+    import numpy as np
+    for seq, row, tok in zip(seqs, rows, tokens):
+        k = seq.num_logprobs
+        if k is None:
+            continue
+        x = row.astype(np.float64)
+        m = x.max()
+        lp = x - (m + np.log(np.exp(x - m).sum()))
+        top = []
+        if k > 0:
+            idx = np.argpartition(-lp, min(k, lp.size - 1))[:k]
+            idx = idx[np.argsort(-lp[idx], kind="stable")]
+            top = [(int(i), float(lp[i])) for i in idx]
+        seq.logprobs.append((float(lp[tok]), top))

@@ -37,6 +37,11 @@ class Sequence:
         self.num_preemptions = 0
         # one seeded stream per request: its sampled text does not depend on its batch
         self.rng = np.random.default_rng(params.seed)
+        # logprobs, only for a request that asks (set num_logprobs after add_request): per
+        # sampled token (its logprob, [(id, logprob)] of the num_logprobs most likely), from
+        # the model's raw logits, computed on the host (runner.attach_logprobs)
+        self.num_logprobs: int | None = None
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
 
     def __len__(self) -> int:
         return len(self.token_ids)

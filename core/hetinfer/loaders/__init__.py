@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from ..errors import LoadError
@@ -52,5 +53,11 @@ def load_checkpoint(path, progress: bool = True, tokenizer_path=None) -> Checkpo
             from .llama2c import Llama2cCheckpoint
             ckpt = Llama2cCheckpoint(p, tokenizer_path=tokenizer_path, progress=progress)
     ckpt.validate()
+    ckpt.notices = ckpt.check_unused()
+    unknown = ckpt.config.extra.get("unknown_config_keys")
+    if unknown:
+        ckpt.notices.append(f"config.json keys not known to hetinfer, ignored: {', '.join(unknown)}")
+    for note in ckpt.notices:
+        print(f"hetinfer: notice: {note}", file=sys.stderr)
     report_mapped(ckpt, progress)
     return ckpt

@@ -56,10 +56,16 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             out[p + "self_attn.k_proj.bias"] = (kv,)
             out[p + "self_attn.v_proj.bias"] = (kv,)
         out[p + "self_attn.o_proj.weight"] = (H, q)
+        if cfg.attention_out_bias:
+            out[p + "self_attn.o_proj.bias"] = (H,)
         out[p + "post_attention_layernorm.weight"] = (H,)
         out[p + "mlp.gate_proj.weight"] = (I, H)
         out[p + "mlp.up_proj.weight"] = (I, H)
         out[p + "mlp.down_proj.weight"] = (H, I)
+        if cfg.mlp_bias:
+            out[p + "mlp.gate_proj.bias"] = (I,)
+            out[p + "mlp.up_proj.bias"] = (I,)
+            out[p + "mlp.down_proj.bias"] = (H,)
     out["model.norm.weight"] = (H,)
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (V, H)
@@ -99,6 +105,7 @@ class Checkpoint:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.mapped_bytes = int(mapped_bytes)
+        self.notices: list[str] = []     # set by load_checkpoint: tensors skipped on purpose, unknown keys
         self._expected = expected_shapes(config)
 
     # ---- to implement per format -------------------------------------------------------
@@ -181,6 +188,40 @@ class Checkpoint:
                 raise LoadError(f"{self.path}: tensor {name!r} has shape {got} but the config implies "
                                 f"{want}")
 
+    def _consumed_names(self) -> set[str]:
+        """Stored tensors a format reads besides the names() (int8 scales, GGUF rope_freqs)."""
+        return set()
+
+    def _other_stored_names(self) -> set[str]:
+        """Stored tensors outside the HF-name view (a GGUF tensor with no HF name), by file name."""
+        return set()
+
+    def check_unused(self) -> list[str]:
+        """Stored tensors the model would not read: LoadError naming them, unless every one is
+        skipped on purpose (SKIPPED_ON_PURPOSE); returns the notice lines for those."""
+        cfg = self.config
+        extra = (self._stored_names() - set(self._expected) - self._consumed_names()) | self._other_stored_names()
+        skipped, bad = [], []
+        for name in sorted(extra):
+            why = skip_reason(name, cfg)
+            (skipped if why else bad).append((name, why))
+        if bad:
+            names = [n for n, _ in bad]
+            shown = ", ".join(repr(n) for n in names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+            raise LoadError(
+                f"{self.path}: the checkpoint holds {len(names)} tensor(s) that the {cfg.architecture} forward "
+                f"pass does not use: {shown}. The model would run without them and give wrong results, so "
+                "loading stops (is the config missing a flag such as attention_bias / mlp_bias, or is this "
+                "a different architecture?)")
+        notices = []
+        by_reason: dict[str, list[str]] = {}
+        for n, why in skipped:
+            by_reason.setdefault(why, []).append(n)
+        for why, names in by_reason.items():
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            notices.append(f"skipped {len(names)} tensor(s) on purpose ({why}): {shown}")
+        return notices
+
     def summary(self) -> str:
         """Multi-line description: format, config, then one line per tensor (name, shape, stored type)."""
         lines = [f"format: {self.format}", f"path: {self.path}",
@@ -200,6 +241,17 @@ class Checkpoint:
         c = self.config
         return (f"<Checkpoint {self.format} {self.path.name}: {c.architecture} L={c.num_hidden_layers} "
                 f"H={c.hidden_size} V={c.vocab_size}>")
+
+
+def skip_reason(name: str, cfg: ModelConfig) -> str | None:
+    """Why a stored tensor the model does not read is skipped on purpose, or None (an error)."""
+    if name.endswith("rotary_emb.inv_freq") or name.endswith(".attn_rot_embd"):
+        return "rotary inv_freq buffers: hetinfer computes the RoPE table from the config"
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return "tie_word_embeddings is true: the output layer is the embedding, as transformers ties it"
+    if name in ("output.weight",) and cfg.tie_word_embeddings:
+        return "tie_word_embeddings: the output layer is the embedding"
+    return None
 
 
 def report_mapped(ckpt: Checkpoint, progress: bool) -> None:

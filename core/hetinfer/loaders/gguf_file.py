@@ -13,6 +13,7 @@ HF layout. qwen2-arch files are not permuted.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -41,11 +42,14 @@ _LAYER_MAP = {  # GGUF per-layer suffix -> HF per-layer suffix
     "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate.bias": "mlp.gate_proj.bias", "ffn_up.bias": "mlp.up_proj.bias", "ffn_down.bias": "mlp.down_proj.bias",
 }
+# tensors read into the config rather than the model: Llama 3.x's per-frequency RoPE factors
+ROPE_FREQS = "rope_freqs.weight"
 _GLOBAL_MAP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                "output.weight": "lm_head.weight"}
 
@@ -179,7 +183,51 @@ def read_gguf(path: Path):
     return meta, tensors, mm
 
 
-def _arch_config(meta: dict, tensors: dict, path: Path) -> ModelConfig:
+def _rope_scaling(meta: dict, arch: str, path: Path, freq_factors, head_dim: int) -> dict | None:
+    """GGUF rope metadata -> an HF-style rope_scaling dict.
+
+    rope_freqs.weight (convert_hf_to_gguf writes Llama 3.x's llama3 scaling this way) ->
+    {"rope_type": "freq_factors", "factors": [...]}: the inverse frequencies are divided by them,
+    as llama.cpp's ggml_rope_ext does. {arch}.rope.scaling.type linear / yarn (with
+    rope.scaling.factor, rope.scaling.original_context_length) -> transformers' linear / yarn."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if freq_factors is not None:
+        if kind not in (None, "none") and factor not in (None, 0, 1, 1.0):
+            raise ConfigError(f"{path}: the file carries both rope_freqs.weight and rope.scaling.type {kind!r}; "
+                              "combining them is not supported")
+        f = np.asarray(freq_factors, dtype=np.float64).reshape(-1)
+        if f.size != head_dim // 2:
+            raise LoadError(f"{path}: rope_freqs.weight has {f.size} values; head dim {head_dim} needs {head_dim // 2}")
+        return {"rope_type": "freq_factors", "factors": f.tolist()}
+    if kind in (None, "none") or (factor in (None, 0, 1, 1.0) and kind != "yarn"):
+        return None
+    if factor is None:
+        raise ConfigError(f"{path}: rope.scaling.type {kind!r} without rope.scaling.factor")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        orig = meta.get(f"{arch}.rope.scaling.original_context_length")
+        out = {"rope_type": "yarn", "factor": float(factor)}
+        if orig:
+            out["original_max_position_embeddings"] = int(orig)
+        for key, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if meta.get(f"{arch}.rope.scaling.{key}") is not None:
+                out[hf] = float(meta[f"{arch}.rope.scaling.{key}"])
+        ext = meta.get(f"{arch}.rope.scaling.yarn_ext_factor")
+        if ext not in (None, -1, -1.0, 1, 1.0):
+            raise ConfigError(f"{path}: rope.scaling.yarn_ext_factor {ext} is not supported (1.0 only)")
+        attn = meta.get(f"{arch}.rope.scaling.attn_factor")
+        if attn not in (None, 1, 1.0):
+            # llama.cpp multiplies its yarn mscale (0.1 ln(factor) + 1) by attn_factor
+            f = float(factor)
+            out["attention_factor"] = float(attn) * (1.0 if f <= 1 else 0.1 * math.log(f) + 1.0)
+        return out
+    raise ConfigError(f"{path}: GGUF rope.scaling.type {kind!r} is not supported; supported: linear, yarn "
+                      "(and rope_freqs.weight factors)")
+
+
+def _arch_config(meta: dict, tensors: dict, path: Path, freq_factors=None) -> ModelConfig:
     """GGUF metadata -> ModelConfig (rope_style 'half': q/k come back in HF layout)."""
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHS:
@@ -202,6 +250,14 @@ def _arch_config(meta: dict, tensors: dict, path: Path) -> ModelConfig:
     heads = int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", None, False) or get("rope.dimension_count", None, False)
                    or hidden // heads)
+    rot = get("rope.dimension_count", None, False)
+    if rot is not None and int(rot) != head_dim:
+        raise ConfigError(f"{path}: rope.dimension_count {rot} differs from the head dim {head_dim}; partial "
+                          "rotary embeddings are not supported")
+    vdim = get("attention.value_length", None, False)
+    if vdim is not None and int(vdim) != head_dim:
+        raise ConfigError(f"{path}: attention.value_length {vdim} differs from attention.key_length {head_dim}; "
+                          "not supported")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     extra = {"gguf_architecture": arch, "file_type": meta.get("general.file_type")}
     if meta.get("tokenizer.ggml.eot_token_id") is not None:
@@ -217,11 +273,13 @@ def _arch_config(meta: dict, tensors: dict, path: Path) -> ModelConfig:
         head_dim=head_dim,
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=None,
+        rope_scaling=_rope_scaling(meta, arch, path, freq_factors, head_dim),
         rope_style="half",
         max_position_embeddings=int(get("context_length", 2048)),
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensors,
+        attention_out_bias="blk.0.attn_output.bias" in tensors,
+        mlp_bias="blk.0.ffn_gate.bias" in tensors,
         bos_token_id=None if meta.get("tokenizer.ggml.bos_token_id") is None
         else int(meta["tokenizer.ggml.bos_token_id"]),
         eos_token_ids=[] if eos is None else [int(eos)],
@@ -239,11 +297,20 @@ class GGUFCheckpoint(Checkpoint):
         self.metadata = meta
         self._mm = mm
         self._by_hf = {}
+        self._unmapped = set()
         for gname, info in progress_bar(tensors.items(), len(tensors), f"checking {path.name}", progress):
             hf = gguf_to_hf_name(gname)
             if hf is not None:
                 self._by_hf[hf] = (gname, *info)
-        cfg = _arch_config(meta, tensors, path)
+            elif gname != ROPE_FREQS:
+                self._unmapped.add(gname)
+        freq_factors = None
+        if ROPE_FREQS in tensors:
+            qt, dims, start, nbytes = tensors[ROPE_FREQS]
+            if qt.name not in ("F32", "F16"):
+                raise LoadError(f"{path}: {ROPE_FREQS} is stored as {qt.name}; expected F32")
+            freq_factors = mm[start:start + nbytes].view(np.float32 if qt.name == "F32" else np.float16)
+        cfg = _arch_config(meta, tensors, path, freq_factors)
         self._permuted = meta.get("general.architecture") == "llama"
         from ..tokenizer import Tokenizer
         tok = Tokenizer.from_gguf_metadata(meta, path) if "tokenizer.ggml.tokens" in meta else None
@@ -256,6 +323,9 @@ class GGUFCheckpoint(Checkpoint):
 
     def _stored_names(self):
         return set(self._by_hf)
+
+    def _other_stored_names(self):
+        return set(self._unmapped)
 
     def _info(self, name):
         if name not in self._by_hf:

