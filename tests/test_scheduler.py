@@ -251,3 +251,31 @@ def test_requests_that_could_never_fit_are_refused_when_added():
         sched.add(_seq("empty", [], max_tokens=1))
     with pytest.raises(ConfigError, match="at least one block"):
         BlockManager(0, BS)
+
+
+def test_step_input_rows_slots_and_padding():
+    """The arrays a step hands the model (as a captured graph's fixed shapes need them):
+    slots through the block table, one logits row per sequence, padding rows never written."""
+    import numpy as np
+    from hetinfer.engine.scheduler import ScheduledSeq
+    from hetinfer.engine.step import StepInput
+    a, b = _seq("a", [11, 12, 13, 14, 15, 16]), _seq("b", [21, 22, 23])
+    a.block_table, b.block_table = [7, 2], [5]
+    a.num_computed_tokens = 4                            # a: decode-like chunk of 2 at positions 4, 5
+    plan = [ScheduledSeq(a, 2), ScheduledSeq(b, 3)]
+    st = StepInput.build(plan, 4, pad_seqs=2, pad_tokens=3, max_blocks=3, all_rows=True)
+    assert st.input_ids.tolist() == [15, 16, 21, 22, 23, 0, 0, 0]
+    assert st.positions.tolist() == [4, 5, 0, 1, 2, 0, 1, 0]
+    assert st.slot_mapping.tolist() == [2 * 4 + 0, 2 * 4 + 1, 20, 21, 22, -1, -1, -1]
+    assert st.query_start.tolist() == [0, 2, 5, 7, 8] and st.context_lens.tolist() == [6, 3, 2, 1]
+    assert st.block_tables.tolist() == [[7, 2, 0], [5, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert st.logits_rows.tolist() == [1, 4, 6, 7] and st.num_seqs == 2
+    only = StepInput.build(plan, 4)                      # eager: rows that sample only
+    assert only.logits_rows.tolist() == [1, 4] and only.block_tables.shape == (2, 2)
+    packed = st.packed()
+    assert packed.dtype == np.int32 and packed.size == 8 * 3 + 5 + 4 + 12 + 4
+    dev = st.to("cpu")
+    assert dev.block_tables.shape == (4, 3) and dev.block_tables.numpy().tolist() == st.block_tables.tolist()
+    other = StepInput.build(plan[::-1], 4, pad_seqs=2, pad_tokens=3, max_blocks=3, all_rows=True)
+    other.copy_into(dev)                                 # one copy into the same views
+    assert dev.input_ids.numpy().tolist() == [21, 22, 23, 15, 16, 0, 0, 0]

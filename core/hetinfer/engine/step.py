@@ -42,36 +42,41 @@ class StepInput:
         """Host arrays for the scheduled chunks. For a captured graph's fixed shapes:
         pad_seqs padding sequences holding pad_tokens rows (>= pad_seqs) between them, and
         all_rows: a logits row for every sequence (its last), sampled or not."""
+        bs = block_size
         ids, pos, slots, qs, cl, rows, tables = [], [], [], [0], [], [], []
-        for s in scheduled:
+        for s in scheduled:                 # plain lists: a decode row costs a few appends
             seq, n = s.seq, s.num_tokens
             start = seq.num_computed_tokens
-            p = np.arange(start, start + n)
-            ids.append(np.asarray(seq.token_ids[start:start + n], np.int32))
-            pos.append(p)
-            table = np.asarray(seq.block_table, np.int32)
-            slots.append(table[p // block_size] * block_size + p % block_size)
+            end = start + n
+            table = seq.block_table
+            ids.extend(seq.token_ids[start:end])
+            if n == 1:
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                p = np.arange(start, end)
+                pos.extend(p.tolist())
+                slots.extend((np.asarray(table)[p // bs] * bs + p % bs).tolist())
             qs.append(qs[-1] + n)
-            cl.append(start + n)
+            cl.append(end)
             if s.needs_logits or all_rows:
                 rows.append(qs[-1] - 1)
             tables.append(table)
         for i in range(pad_seqs):          # n rows over block 0 (read, never written)
             n = pad_tokens // pad_seqs + (i < pad_tokens % pad_seqs)
-            ids.append(np.zeros(n, np.int32))
-            pos.append(np.arange(n))
-            slots.append(np.full(n, -1))
+            ids.extend([0] * n)
+            pos.extend(range(n))
+            slots.extend([-1] * n)
             qs.append(qs[-1] + n)
             cl.append(n)
             rows.append(qs[-1] - 1)
-            tables.append(np.zeros(1, np.int32))
+            tables.append([0])
         mb = max_blocks or max(len(t) for t in tables)
         bt = np.zeros((len(tables), mb), np.int32)
         for i, t in enumerate(tables):
             bt[i, :len(t)] = t
-        cat = lambda parts: np.concatenate(parts).astype(np.int32)      # noqa: E731
-        return cls(cat(ids), cat(pos), cat(slots), np.asarray(qs, np.int32), np.asarray(cl, np.int32), bt,
-                   np.asarray(rows, np.int32), len(scheduled))
+        a = lambda x: np.asarray(x, np.int32)      # noqa: E731
+        return cls(a(ids), a(pos), a(slots), a(qs), a(cl), bt, a(rows), len(scheduled))
 
     @classmethod
     def single(cls, token_ids, start: int, block_size: int, all_logits: bool = False) -> "StepInput":
