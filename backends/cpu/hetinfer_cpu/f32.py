@@ -418,11 +418,26 @@ def library():
             else:
                 try:
                     _lib, _lib_state = build(), "c"
+                    _one_blas_thread()
                 except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                     _lib_state = "numpy"
                     warnings.warn(f"hetinfer-cpu: f32 matmul falls back to NumPy/BLAS (not batch "
                                   f"invariant): {e}", RuntimeWarning, stacklevel=2)
     return _lib
+
+
+def _one_blas_thread() -> None:
+    """With this kernel (and int8's) doing the large products on OpenMP threads, BLAS only
+    runs attention's small products: one BLAS thread then, unless HETINFER_CPU_THREADS says
+    otherwise (two BLAS threads beside this kernel's workers measured slower: SmolLM2 batch-1
+    decode 12.3 vs 21.7 tok/s, batch 16 57.5 vs 104.1, tools/bench.py --batch 1,16)."""
+    if os.environ.get("HETINFER_CPU_THREADS"):
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=1, user_api="blas")
+    except Exception:      # noqa: BLE001 - a missing threadpoolctl only costs speed
+        pass
 
 
 def _reset_for_tests(state: str = "unloaded") -> None:

@@ -288,12 +288,16 @@ def matmul(x, weight, bias, scales, out):
     if m <= SMALL_M:
         lib.hi_i8_gemv(x2.ctypes.data, m, k, w.ctypes.data, n, sc.ctypes.data, kind, g, o2.ctypes.data)
     else:
+        from . import f32 as _f32k           # the f32 kernel on OpenMP threads (BLAS runs one thread)
         step = max(1, _TILE // k)
+        part = np.empty(m * min(step, n), F32)                               # (M, rows of a tile)
         for r0 in range(0, n, step):
             r1 = min(r0 + step, n)
             t = _tile((r1 - r0) * k).reshape(r1 - r0, k)
             lib.hi_i8_dequant(w.ctypes.data, r0, r1 - r0, k, sc.ctypes.data, kind, g, t.ctypes.data)
-            np.matmul(x2, t.T, out=o2[:, r0:r1])
+            dst = part[:m * (r1 - r0)].reshape(m, r1 - r0)                     # contiguous
+            _f32k.product(x2, t, None, dst)
+            o2[:, r0:r1] = dst
     if bias is not None:
         b = bias.numpy()
         o2 += b if b.dtype == F32 else b.astype(F32)
