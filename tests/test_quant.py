@@ -172,8 +172,8 @@ def test_int8_kernel_is_compiled_and_cached():
 
 def test_int8_kernel_numpy_fallback(monkeypatch):
     from hetinfer_cpu import int8
-    monkeypatch.setattr(int8, "_lib_state", "numpy")
-    monkeypatch.setattr(int8, "_lib", None)
+    monkeypatch.setattr(int8._LIB, "state", "numpy")
+    monkeypatch.setattr(int8._LIB, "lib", None)
     for m, n, k, g, sdt in CASES[:4]:
         _check_kernel(m, n, k, g, sdt, bias=True)
 

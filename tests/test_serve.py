@@ -410,11 +410,9 @@ def test_chat_page_is_served_without_the_key(server):
 def test_engine_failure_is_503_on_health_and_requests(llm):
     """In-process app (Starlette's TestClient) on an engine whose step raises: the request in
     flight and later ones get a 503 naming the failure, /health turns 503."""
-    from contextlib import asynccontextmanager
 
-    from fastapi.testclient import TestClient
     from hetinfer.engine import LLMEngine
-    from hetinfer_serve.app import ServeConfig, Server, create_app
+    from hetinfer_serve.app import ServeConfig, Server
 
     eng = LLMEngine(llm.model, llm.tokenizer, max_context=256, kv_cache_memory=16 << 20)
 
@@ -423,13 +421,7 @@ def test_engine_failure_is_503_on_health_and_requests(llm):
     eng.step = boom
     srv = Server(eng, llm.tokenizer, llm.chat_template, ServeConfig(model_name=MODEL))
 
-    @asynccontextmanager
-    async def lifespan(app):
-        srv.loop.start()
-        yield
-        srv.loop.shutdown()
-
-    with TestClient(create_app(srv, lifespan=lifespan)) as c:
+    with _in_process(srv) as c:
         assert c.get("/health").status_code == 200
         for _ in range(2):
             e = _err(c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}), 503)
@@ -438,23 +430,30 @@ def test_engine_failure_is_503_on_health_and_requests(llm):
         assert r.status_code == 503 and "fell off the bus" in r.json()["error"]
 
 
-def test_a_request_past_the_timeout_is_408_and_aborted(llm):
+def _in_process(srv):
+    """A TestClient on srv's app whose lifespan starts and stops its engine loop."""
     from contextlib import asynccontextmanager
 
     from fastapi.testclient import TestClient
-    from hetinfer.engine import LLMEngine
-    from hetinfer_serve.app import ServeConfig, Server, create_app
-
-    eng = LLMEngine(llm.model, llm.tokenizer, max_context=512, kv_cache_memory=32 << 20)
-    srv = Server(eng, llm.tokenizer, llm.chat_template, ServeConfig(model_name=MODEL, request_timeout=0.5))
+    from hetinfer_serve.app import create_app
 
     @asynccontextmanager
     async def lifespan(app):
         srv.loop.start()
         yield
         srv.loop.shutdown()
+    return TestClient(create_app(srv, lifespan=lifespan))
 
-    with TestClient(create_app(srv, lifespan=lifespan)) as c:
+
+def test_a_request_past_the_timeout_is_408_and_aborted(llm):
+
+    from hetinfer.engine import LLMEngine
+    from hetinfer_serve.app import ServeConfig, Server
+
+    eng = LLMEngine(llm.model, llm.tokenizer, max_context=512, kv_cache_memory=32 << 20)
+    srv = Server(eng, llm.tokenizer, llm.chat_template, ServeConfig(model_name=MODEL, request_timeout=0.5))
+
+    with _in_process(srv) as c:
         body = {"prompt": "Hi", "max_tokens": 480, "ignore_eos": True}       # far beyond 0.5 s on a CPU
         e = _err(c.post("/v1/completions", json=body), 408)
         assert "timeout" in e["message"]

@@ -45,13 +45,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
-import threading
-import warnings
 
 import numpy as np
 
-from .int8 import _FLAG_SETS, build_library, cache_dir  # noqa: F401  (cache_dir: for callers)
+from .int8 import _FLAG_SETS, LazyLibrary, build_library, cache_dir  # noqa: F401  (cache_dir: for callers)
 
 F32 = np.dtype(np.float32)
 
@@ -381,9 +378,6 @@ void hi_f32_matmul(const float *x, int64_t M, int64_t K, const float *w, int64_t
 """
 
 FLAG_SETS = tuple([*flags, "-ffp-contract=off"] for flags in _FLAG_SETS)
-_lib = None
-_lib_state = "unloaded"     # unloaded | c | blas (HETINFER_CPU_F32=blas) | numpy (no compiler)
-_lib_lock = threading.Lock()
 # Threads (OpenMP's: OMP_NUM_THREADS, default all cores) only for products of >= PAR_MIN
 # multiply-adds. int8.py's rule, with its threshold counted in weight bytes instead: int8.py's
 # 4 M multiply-adds read 4 MB of int8 weights per row of x; an f32 decode product is memory-bound
@@ -408,22 +402,7 @@ def build(flag_sets=FLAG_SETS) -> ctypes.CDLL:
 
 def library():
     """The compiled kernel library, or None (BLAS: chosen, or the fallback, warned once)."""
-    global _lib, _lib_state
-    if _lib_state != "unloaded":
-        return _lib
-    with _lib_lock:
-        if _lib_state == "unloaded":
-            if os.environ.get("HETINFER_CPU_F32", "").lower() == "blas":
-                _lib_state = "blas"
-            else:
-                try:
-                    _lib, _lib_state = build(), "c"
-                    _one_blas_thread()
-                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                    _lib_state = "numpy"
-                    warnings.warn(f"hetinfer-cpu: f32 matmul falls back to NumPy/BLAS (not batch "
-                                  f"invariant): {e}", RuntimeWarning, stacklevel=2)
-    return _lib
+    return _LIB.get()
 
 
 def _one_blas_thread() -> None:
@@ -440,15 +419,19 @@ def _one_blas_thread() -> None:
         pass
 
 
+# states: unloaded | c | blas (HETINFER_CPU_F32=blas) | numpy (no compiler)
+_LIB = LazyLibrary(lambda: build(), "HETINFER_CPU_F32", "blas", "blas",
+                   "f32 matmul falls back to NumPy/BLAS (not batch invariant)", on_load=_one_blas_thread)
+
+
 def _reset_for_tests(state: str = "unloaded") -> None:
-    global _lib, _lib_state
-    _lib, _lib_state = None, state
+    _LIB.reset(state)
 
 
 def backend_name() -> str:
     lib = library()
     if lib is None:
-        return _lib_state
+        return _LIB.state
     return f"c {lib.hi_f32_path().decode()} " + " ".join(lib.flags)
 
 

@@ -142,9 +142,6 @@ void hi_i8_dequant(const int8_t *w, int64_t r0, int64_t R, int64_t K, const void
 """
 
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-fopenmp"], ["-O3"])
-_lib = None
-_lib_state = "unloaded"     # unloaded | c | numpy
-_lib_lock = threading.Lock()
 _local = threading.local()
 
 
@@ -220,33 +217,54 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hi_i8_dequant.restype = None
 
 
+class LazyLibrary:
+    """A compiled kernel library loaded on first use, once: state "c" (loaded), off_state
+    (chosen off by env var `env` = off_value), or "numpy" (no compiler: warned once, the
+    caller falls back). on_load runs once after a successful build."""
+
+    def __init__(self, build, env: str, off_value: str, off_state: str, fallback: str, on_load=None):
+        self.build, self.env, self.off_value, self.off_state = build, env, off_value, off_state
+        self.fallback, self.on_load = fallback, on_load
+        self.lib, self.state = None, "unloaded"
+        self._lock = threading.Lock()
+
+    def get(self):
+        if self.state != "unloaded":
+            return self.lib
+        with self._lock:
+            if self.state == "unloaded":
+                if os.environ.get(self.env, "").lower() == self.off_value:
+                    self.state = self.off_state
+                else:
+                    try:
+                        self.lib, self.state = self.build(), "c"
+                        if self.on_load is not None:
+                            self.on_load()
+                    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                        self.state = "numpy"
+                        warnings.warn(f"hetinfer-cpu: {self.fallback}: {e}", RuntimeWarning, stacklevel=3)
+        return self.lib
+
+    def reset(self, state: str = "unloaded") -> None:
+        self.lib, self.state = None, state
+
+
 def _build() -> ctypes.CDLL:
     """Compile (or reuse the cached) shared object; raises RuntimeError when no compiler works."""
     return build_library("int8", C_SOURCE, _declare)
 
 
+_LIB = LazyLibrary(lambda: _build(), "HETINFER_CPU_INT8", "numpy", "numpy",
+                   "int8 matmul falls back to NumPy (slower decode)")     # states: unloaded | c | numpy
+
+
 def library():
     """The compiled kernel library, or None (NumPy fallback; warned once)."""
-    global _lib, _lib_state
-    if _lib_state != "unloaded":
-        return _lib
-    with _lib_lock:
-        if _lib_state == "unloaded":
-            if os.environ.get("HETINFER_CPU_INT8", "").lower() == "numpy":
-                _lib_state = "numpy"
-            else:
-                try:
-                    _lib, _lib_state = _build(), "c"
-                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                    _lib_state = "numpy"
-                    warnings.warn(f"hetinfer-cpu: int8 matmul falls back to NumPy (slower decode): {e}",
-                                  RuntimeWarning, stacklevel=2)
-    return _lib
+    return _LIB.get()
 
 
 def _reset_for_tests(state: str = "unloaded") -> None:
-    global _lib, _lib_state
-    _lib, _lib_state = None, state
+    _LIB.reset(state)
 
 
 def backend_name() -> str:

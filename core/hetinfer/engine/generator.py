@@ -4,6 +4,7 @@ serves many; a chat turn reuses the cached blocks of the conversation so far."""
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from dataclasses import dataclass
@@ -36,10 +37,6 @@ class Stats:
         # the first new token comes from prefill; decode steps are new_tokens - 1
         steps = max(self.new_tokens - 1, 0)
         return steps / self.decode_s if self.decode_s else 0.0
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_rss_bytes() -> int:
@@ -89,7 +86,6 @@ class Generator:
             raise InputError(f"max_new_tokens must be >= 0, got {limit}")
         room = self.max_context - n
         clamped = limit > room
-        import dataclasses
         run = dataclasses.replace(params, max_tokens=min(limit, room))
         eng = self.engine
         t0 = time.perf_counter()

@@ -6,17 +6,15 @@ their blocks."""
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 
-from ..device import get_allocator
 from ..errors import ConfigError, InputError
 from ..sampling import SamplingParams
 from .blocks import BlockManager
 from .kv_cache import KVBudget, plan_budget
 from .runner import ModelRunner
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 
 
 @dataclass

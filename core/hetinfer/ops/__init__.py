@@ -188,6 +188,19 @@ def _rope_inputs(op, positions, cos, sin, device, t, d) -> Tensor:
     return positions
 
 
+def _rope_qkv(op, q, k, v, head_shape) -> tuple[int, int]:
+    """Checks shared by the cache-writing rope ops: k and v (T, Hkv, D) with (Hkv, D) =
+    head_shape of the cache or pool, q (T, Hq, D). Returns (T, D)."""
+    _t(op, "q", q, D.FLOATS, 3)
+    _t(op, "k", k, D.FLOATS, 3)
+    _t(op, "v", v, D.FLOATS, 3)
+    t, d = k.shape[0], head_shape[-1]
+    _shape(op, "k", k, (t,) + tuple(head_shape))
+    _shape(op, "v", v, k.shape)
+    _shape(op, "q", q, (t, q.shape[1], d))
+    return t, d
+
+
 def rope(x: Tensor, positions, cos: Tensor, sin: Tensor, style: str = "half",
          out: Tensor | None = None) -> Tensor:
     """x (T, H, D) rotated at positions (T,); cos/sin tables (P, D/2); out may be x."""
@@ -288,13 +301,7 @@ def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Ten
     op = "rope_kv_write"
     _check_style(op, style)
     _check_cache(op, k_cache, v_cache, D.FLOATS)
-    _t(op, "q", q, D.FLOATS, 3)
-    _t(op, "k", k, D.FLOATS, 3)
-    _t(op, "v", v, D.FLOATS, 3)
-    t, d = k.shape[0], k_cache.shape[2]
-    _shape(op, "k", k, (t,) + k_cache.shape[1:])
-    _shape(op, "v", v, k.shape)
-    _shape(op, "q", q, (t, q.shape[1], d))
+    t, d = _rope_qkv(op, q, k, v, k_cache.shape[1:])
     positions = _rope_inputs(op, positions, cos, sin, k.device, t, d)
     if positions._host and t:
         top = int(positions.numpy().max())
@@ -373,13 +380,7 @@ def rope_paged_kv_write(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool:
     op = "rope_paged_kv_write"
     _check_style(op, style)
     _check_pool(op, k_pool, v_pool, D.FLOATS)
-    _t(op, "q", q, D.FLOATS, 3)
-    _t(op, "k", k, D.FLOATS, 3)
-    _t(op, "v", v, D.FLOATS, 3)
-    t, d = k.shape[0], k_pool.shape[3]
-    _shape(op, "k", k, (t,) + k_pool.shape[2:])
-    _shape(op, "v", v, k.shape)
-    _shape(op, "q", q, (t, q.shape[1], d))
+    t, d = _rope_qkv(op, q, k, v, k_pool.shape[2:])
     positions = _rope_inputs(op, positions, cos, sin, k.device, t, d)
     slot_mapping = _index(op, "slot_mapping", slot_mapping, k.device, (t,))
     if positions._host and t and int(positions.numpy().max()) >= cos.shape[0]:
