@@ -3,6 +3,7 @@ models written by the test (and SmolLM2 where the package is installed)."""
 
 from __future__ import annotations
 
+import re
 import json
 import subprocess
 import sys
@@ -145,3 +146,23 @@ def test_cli_story_profile_and_sampling_flags(tiny):
 def test_cli_bad_sampling_flag_is_one_line(tiny):
     p = run_cli("generate", "--model", tiny, "--temperature", "-1", "w5", check=False)
     assert p.returncode == 2 and "temperature must be >= 0" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--kv-cache-memory", "lots", "expected bytes like 2G or 512M, got 'lots'"),
+    ("--kv-cache-memory", "0", "expected a positive size"),
+    ("--gpu-memory-utilization", "1.5", r"expected a fraction in \(0, 1\], got 1.5"),
+    ("--max-num-seqs", "0", "expected a whole number >= 1, got 0"),
+    ("--max-num-batched-tokens", "x", "expected a whole number, got 'x'"),
+])
+def test_bad_engine_flags_are_one_clear_error(flag, value, match, capsys):
+    from hetinfer.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "Hi", flag, value])
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_engine_flag_sizes_parse():
+    from hetinfer.cli import build_parser
+    a = build_parser().parse_args(["generate", "Hi", "--kv-cache-memory", "1.5GiB", "--gpu-memory-utilization", "0.5"])
+    assert a.kv_cache_memory == 3 << 29 and a.gpu_memory_utilization == 0.5
