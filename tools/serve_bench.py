@@ -1,14 +1,19 @@
 """Load benchmark for an OpenAI-compatible server (hetinfer serve, vLLM, llama.cpp ...).
 
-Fixed concurrency (N clients, each sending its next request when the last one ends) or
-Poisson arrivals at --rate requests/s; prompts of --input-len random token ids (sent as a
-token-id prompt to /v1/completions, so the length is exact) or --chat with a text prompt
-of about that many words; --output-len tokens each (ignore_eos). Streams every request and
-prints JSON lines: one per request with --per-request, then a summary line with output
-throughput, TTFT, TPOT and inter-token latency (p50/p90/p99) and the failures.
+Against --url, or (no --url) it starts `hetinfer serve` itself on a free localhost port with
+--model/--device/--dtype and the engine knobs below, and stops it at the end. Requests come
+from hetinfer_serve.loadgen: seeded random prompt and output lengths (--input-len and
+--output-len take N or LO:HI), token-id prompts to /v1/completions (exact lengths) and/or
+chats of random words (--chat-share), streaming (--stream-share; TTFT and TPOT need it),
+sent by --concurrency clients (a comma list runs each level) or Poisson arrivals at --rate.
+Prints JSON lines: one per request with --per-request, one summary per level (output
+tokens/s, TTFT, TPOT, inter-token and end-to-end latency p50/p90/p99, failures); --offline
+adds the engine's own batched figure for the same requests (LLM.generate, in this process,
+after the server it started has stopped).
 
-    python tools/serve_bench.py --url http://127.0.0.1:8000 --concurrency 8 --num-requests 32 \\
-        --input-len 128 --output-len 128
+    python tools/serve_bench.py --device cuda --dtype f16 --model qwen2.5-0.5b --concurrency 16,64 \\
+        --num-requests 256 --input-len 128 --output-len 128 --offline
+    python tools/serve_bench.py --url http://127.0.0.1:8000 --concurrency 8 --input-len 32:256
 """
 
 from __future__ import annotations
@@ -16,145 +21,116 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
 import time
 
-import httpx
+from hetinfer_serve import loadgen
 
 
-def pct(xs, q):
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+def serve_args(args, concurrency: int) -> list[str]:
+    out = ["--device", args.device, "--dtype", args.dtype, "--max-num-seqs", str(concurrency),
+           "--max-queued", str(max(256, concurrency))]
+    for flag, v in (("--model", args.model), ("--max-context", args.max_context),
+                    ("--kv-cache-memory", args.kv_cache_memory), ("--api-key", args.api_key)):
+        if v is not None:
+            out += [flag, str(v)]
+    return out + (["--eager"] if args.eager else []) + list(args.serve_arg)
 
 
-def dist(xs, scale=1e3):
-    return {f"p{q}": (None if pct(xs, q) is None else round(pct(xs, q) * scale, 3)) for q in (50, 90, 99)} | {
-        "mean": None if not xs else round(sum(xs) / len(xs) * scale, 3)}
-
-
-async def one(client, args, model, i, rng):
-    if args.chat:
-        words = " ".join(rng.choice(["sea", "lamp", "river", "stone", "bread", "cloud", "train", "song"])
-                         for _ in range(args.input_len))
-        path = "/v1/chat/completions"
-        body = {"messages": [{"role": "user", "content": words}]}
-    else:
-        path = "/v1/completions"
-        body = {"prompt": [rng.randrange(args.min_id, args.max_id) for _ in range(args.input_len)]}
-    body |= {"model": model, "max_tokens": args.output_len, "temperature": args.temperature, "ignore_eos": True,
-             "stream": True, "stream_options": {"include_usage": True}}
-    rec = {"request": i, "ok": False, "ttft_s": None, "e2e_s": None, "output_tokens": 0, "itl_s": [], "error": None}
-    t0 = time.perf_counter()
-    last = None
-    try:
-        async with client.stream("POST", path, json=body) as r:
-            if r.status_code != 200:
-                rec["error"] = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
-                return rec
-            done = False
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    done = True
-                    break
-                obj = json.loads(data)
-                if "error" in obj:
-                    rec["error"] = obj["error"].get("message")
-                    return rec
-                if obj.get("usage"):
-                    rec["output_tokens"] = obj["usage"]["completion_tokens"]
-                for c in obj.get("choices", []):
-                    piece = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
-                    if piece:
-                        now = time.perf_counter()
-                        if last is None:
-                            rec["ttft_s"] = now - t0
-                        else:
-                            rec["itl_s"].append(now - last)
-                        last = now
-            rec["e2e_s"] = time.perf_counter() - t0
-            rec["ok"] = done and rec["ttft_s"] is not None
-            if not rec["ok"] and rec["error"] is None:
-                rec["error"] = "the stream ended without [DONE] or text"
-    except (httpx.HTTPError, ValueError) as e:
-        rec["error"] = f"{type(e).__name__}: {e}"
-    return rec
-
-
-async def run(args):
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
-    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout, limits=limits) as client:
-        model = args.model
-        if model is None:
-            model = (await client.get("/v1/models")).json()["data"][0]["id"]
-        rng = random.Random(args.seed)
-        for w in range(args.warmup):
-            await one(client, args, model, -1 - w, rng)
-        records = []
-        t0 = time.perf_counter()
-        if args.rate:
-            tasks = []
-            for i in range(args.num_requests):
-                tasks.append(asyncio.create_task(one(client, args, model, i, random.Random(args.seed + i))))
-                await asyncio.sleep(rng.expovariate(args.rate))
-            records = await asyncio.gather(*tasks)
-        else:
-            counter = iter(range(args.num_requests))
-
-            async def worker():
-                for i in counter:
-                    records.append(await one(client, args, model, i, random.Random(args.seed + i)))
-            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-        wall = time.perf_counter() - t0
-    ok = [r for r in records if r["ok"]]
+async def drive(args, url: str, concurrency: int, specs) -> dict:
+    async with loadgen.client_for(url, args.api_key, concurrency, args.timeout) as client:
+        model = args.served_model or await loadgen.first_model(client)
+        for w in loadgen.make_specs(args.warmup, args.seed + 10**6, loadgen.span(args.input_len), (8, 8)):
+            await loadgen.run(client, [w], model, 1)
+        before = await loadgen.metrics(client) if args.hetinfer_metrics else {}
+        records, wall = await loadgen.run(client, specs, model, concurrency, args.rate, args.temperature, args.seed)
+        after = await loadgen.wait_idle(client) if args.hetinfer_metrics else {}
     if args.per_request:
-        for r in sorted(records, key=lambda r: r["request"]):
-            print(json.dumps({k: v for k, v in r.items() if k != "itl_s"} | {"chunks": len(r["itl_s"]) + 1}))
-    out_tokens = sum(r["output_tokens"] for r in ok)
-    tpot = [(r["e2e_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1]
-    summary = {
-        "url": args.url, "model": model, "endpoint": "chat" if args.chat else "completions",
-        "concurrency": None if args.rate else args.concurrency, "rate": args.rate,
-        "input_len": args.input_len, "output_len": args.output_len,
-        "requests": len(records), "completed": len(ok), "failed": len(records) - len(ok),
-        "duration_s": round(wall, 3), "output_tokens": out_tokens,
-        "output_throughput_tok_s": round(out_tokens / wall, 2), "request_throughput_req_s": round(len(ok) / wall, 3),
-        "ttft_ms": dist([r["ttft_s"] for r in ok]), "tpot_ms": dist(tpot),
-        "itl_ms": dist([x for r in ok for x in r["itl_s"]]), "e2e_ms": dist([r["e2e_s"] for r in ok]),
-        "errors": sorted({r["error"] for r in records if r["error"]})[:5],
-    }
-    print(json.dumps(summary))
-    return 0 if summary["failed"] == 0 else 1
+        for r in records:
+            print(json.dumps(loadgen.record_line(r)), flush=True)
+    summary = {"url": url, "model": model, "concurrency": None if args.rate else concurrency, "rate": args.rate,
+               "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed}
+    summary |= loadgen.summarize(records, wall)
+    if after:
+        summary["server"] = {k: after.get(f"hetinfer_{k}", 0) - before.get(f"hetinfer_{k}", 0)
+                             for k in ("preemptions_total", "prompt_tokens_total", "generation_tokens_total")}
+    return summary
+
+
+def offline(args, concurrency: int, specs) -> dict:
+    """The same requests through the engine directly, all given at once (LLM.generate)."""
+    from hetinfer import LLM, SamplingParams
+
+    opts = {"max_num_seqs": concurrency}
+    if args.kv_cache_memory:
+        from hetinfer.cli import _bytes
+        opts["kv_cache_memory"] = _bytes(args.kv_cache_memory)
+    llm = LLM(args.model, args.device, args.dtype, args.max_context, eager=args.eager, **opts)
+    prompts = [s.prompt if s.endpoint == "completions" else
+               llm.tokenizer.encode(llm.chat_template.render([{"role": "user", "content": s.prompt}]), add_bos=False)
+               for s in specs]
+    params = [SamplingParams(max_tokens=s.max_tokens, ignore_eos=s.ignore_eos, temperature=args.temperature,
+                             seed=args.seed + s.index) for s in specs]
+    llm.generate(prompts[:1], SamplingParams(max_tokens=8))                     # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    n = sum(len(o.token_ids) for o in outs)
+    return {"offline": True, "device": args.device, "dtype": args.dtype, "max_num_seqs": concurrency,
+            "requests": len(outs), "output_tokens": n, "duration_s": round(wall, 3),
+            "output_throughput_tok_s": round(n / wall, 2)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--url", default=None, help="a running server (default: start hetinfer serve here)")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--model", default=None, help="default: the first of /v1/models")
-    p.add_argument("--concurrency", type=int, default=8, help="clients in flight (fixed concurrency)")
-    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals at this many requests/s instead")
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (words with --chat)")
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--chat", action="store_true", help="use /v1/chat/completions with a text prompt")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--min-id", type=int, default=1000, help="random prompt token ids from [min, max)")
-    p.add_argument("--max-id", type=int, default=20000)
-    p.add_argument("--warmup", type=int, default=1, help="requests sent (and not counted) first")
-    p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-request", action="store_true", help="also one JSON line per request")
+    p.add_argument("--served-model", default=None, help="the model id to send (default: the first of /v1/models)")
+    g = p.add_argument_group("the server this tool starts (no --url)")
+    g.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="f32")
+    g.add_argument("--max-context", type=int, default=None)
+    g.add_argument("--kv-cache-memory", default=None, help="e.g. 4G")
+    g.add_argument("--eager", action="store_true")
+    g.add_argument("--serve-arg", action="append", default=[], help="one more hetinfer serve argument (repeat)")
+    g.add_argument("--offline", action="store_true", help="also the engine's offline batched figure")
+    g = p.add_argument_group("the load")
+    g.add_argument("--concurrency", default="8", help="clients in flight; a comma list runs each (8)")
+    g.add_argument("--rate", type=float, default=None, help="Poisson arrivals at this many requests/s instead")
+    g.add_argument("--num-requests", type=int, default=32)
+    g.add_argument("--input-len", default="128", help="prompt tokens (words for chats): N or LO:HI")
+    g.add_argument("--output-len", default="128", help="max_tokens: N or LO:HI")
+    g.add_argument("--chat-share", type=float, default=0.0, help="share of chats (0: all completions)")
+    g.add_argument("--stream-share", type=float, default=1.0, help="share of streaming requests")
+    g.add_argument("--no-ignore-eos", action="store_true", help="let requests end at EOS")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--warmup", type=int, default=1, help="requests sent (and not counted) first")
+    g.add_argument("--timeout", type=float, default=600.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--per-request", action="store_true", help="also one JSON line per request")
+    g.add_argument("--no-hetinfer-metrics", dest="hetinfer_metrics", action="store_false",
+                   help="do not read /metrics (for servers other than hetinfer)")
     args = p.parse_args(argv)
-    return asyncio.run(run(args))
+    if args.url and args.offline and not args.model:
+        p.error("--offline with --url needs --model (the checkpoint the server runs)")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    specs = loadgen.make_specs(args.num_requests, args.seed, loadgen.span(args.input_len),
+                               loadgen.span(args.output_len), args.chat_share, args.stream_share,
+                               ignore_eos=not args.no_ignore_eos)
+    failed = 0
+    for c in levels:
+        if args.url:
+            summary = asyncio.run(drive(args, args.url, c, specs))
+        else:
+            from hetinfer_serve.proc import ServeProcess
+            with ServeProcess(*serve_args(args, c), ready_timeout=900, echo=sys.stderr) as srv:
+                summary = asyncio.run(drive(args, srv.url, c, specs))
+        print(json.dumps(summary), flush=True)
+        failed += summary["failed"]
+        if args.offline:
+            print(json.dumps(offline(args, c, specs)), flush=True)
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":

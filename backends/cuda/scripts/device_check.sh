@@ -49,7 +49,8 @@ shim() {  # dist name, import dir, entry-point lines: an importlib.metadata dist
 for spec in "hetinfer|.|core|[pytest11]|hetinfer = hetinfer.testing.plugin" \
             "hetinfer-cpu|backends/cpu|backends/cpu|[hetinfer]|cpu = hetinfer_cpu" \
             "hetinfer-cuda|backends/cuda|backends/cuda|[hetinfer]|cuda = hetinfer_cuda" \
-            "hetinfer-models|models|models|[hetinfer]|models = hetinfer_models"; do
+            "hetinfer-models|models|models|[hetinfer]|models = hetinfer_models" \
+            "hetinfer-serve|serve|serve|[hetinfer]|serve = hetinfer_serve"; do
   IFS='|' read -r name path dir sect ep <<< "$spec"
   if $PY -m pip install -q --no-deps --no-build-isolation -e "$path" > "$OUT/pip-$name.log" 2>&1; then
     echo "install: $name editable ok"
