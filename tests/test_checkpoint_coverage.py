@@ -280,7 +280,7 @@ def _cli(*args):
                           timeout=300)
 
 
-@pytest.mark.parametrize("extra", [(), ("--max-context", "4096")])
+@pytest.mark.parametrize("extra", [(), ("--max-context", "24")])
 def test_cli_generation_reaching_the_model_limit_finishes_with_context(short_ctx, extra):
     prompt = " ".join(f"w{i}" for i in range(5, 15))
     p = _cli("generate", "--model", short_ctx, "-n", "100", *extra, prompt)
@@ -290,6 +290,12 @@ def test_cli_generation_reaching_the_model_limit_finishes_with_context(short_ctx
     import re
     m = re.search(r"\[(\d+) prompt tokens.*?, (\d+) new tokens", p.stderr)
     assert m and int(m[1]) + int(m[2]) == 24, p.stderr
+
+
+def test_cli_max_context_above_the_model_limit_is_refused(short_ctx):
+    p = _cli("generate", "--model", short_ctx, "-n", "4", "--max-context", "4096", "w1 w2")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "above the context limit" in p.stderr and "24" in p.stderr, p.stderr
 
 
 def test_cli_prompt_longer_than_model_limit_is_refused_at_the_length_check(short_ctx):

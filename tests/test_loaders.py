@@ -54,8 +54,8 @@ def test_hf_dtypes_exact(tmp_path, dtype, npdt):
 
 
 def test_hf_sharded_qwen2_tied_with_tokenizer(tmp_path):
-    w = tiny_weights(bias=True, tied=True)
-    d = write_hf_dir(tmp_path / "m", w, hf_config(arch="Qwen2ForCausalLM", tied=True), "bf16", shards=3)
+    w = tiny_weights(bias=True, tied=True, vocab=400)          # the trained tokenizer has 400 ids
+    d = write_hf_dir(tmp_path / "m", w, hf_config(arch="Qwen2ForCausalLM", tied=True, vocab=400), "bf16", shards=3)
     train_bpe_tokenizer_json(d)
     ck = load_checkpoint(d, progress=False)
     assert ck.config.attention_bias and ck.config.tie_word_embeddings
@@ -168,8 +168,8 @@ def test_gguf_qwen2_bias_not_permuted_tied(tmp_path):
 @pytest.mark.parametrize("tied", [False, True])
 def test_llama2c_versions(tmp_path, version, tied):
     train_sentencepiece(tmp_path / "tokenizer.model")
-    w = tiny_weights(tied=tied, seed=version)
-    expect = write_llama2c(tmp_path / "model.bin", w, version, tied=tied)
+    w = tiny_weights(tied=tied, seed=version, vocab=400)       # the trained tokenizer has 400 ids
+    expect = write_llama2c(tmp_path / "model.bin", w, version, tied=tied, vocab=400)
     ck = load_checkpoint(tmp_path / "model.bin", progress=False)
     c = ck.config
     assert ck.format == "llama2c" and c.rope_style == "interleaved" and c.tie_word_embeddings == tied
@@ -191,7 +191,7 @@ def test_llama2c_versions(tmp_path, version, tied):
 
 
 def test_llama2c_missing_tokenizer_and_tokenizer_path(tmp_path):
-    write_llama2c(tmp_path / "model.bin", tiny_weights(), 1)
+    write_llama2c(tmp_path / "model.bin", tiny_weights(vocab=400), 1, vocab=400)
     with pytest.raises(LoadError, match="tokenizer.model"):
         load_checkpoint(tmp_path / "model.bin", progress=False)
     tp = train_sentencepiece(tmp_path / "elsewhere.model")

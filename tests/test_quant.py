@@ -341,7 +341,9 @@ def test_gguf_q8_0_copied_bit_exact(tmp_path):
 def test_llama2c_v2_keeps_its_groups(tmp_path):
     train_sentencepiece(tmp_path / "tokenizer.model")
     w = tiny_weights(seed=2)
-    expect = write_llama2c(tmp_path / "model.bin", w, 2, group_size=64)
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):  # 400 rows: the trained tokenizer has 400 ids
+        w[n] = np.concatenate([w[n], np.random.default_rng(7).standard_normal((140, 256), dtype=np.float32)])
+    expect = write_llama2c(tmp_path / "model.bin", w, 2, group_size=64, vocab=400)
     src = load_checkpoint(tmp_path / "model.bin", progress=False)
     out = quant.save_quantized(src, tmp_path / "q", progress=False)
     ck = load_checkpoint(out, progress=False)
@@ -416,8 +418,9 @@ def test_cli_quantize_generate_and_errors(tmp_path, capsys):
     assert a.startswith("hello world")
     assert main(["quantize", str(tmp_path / "q"), "--out", str(tmp_path / "qq")]) == 2
     assert "already quantized" in capsys.readouterr().err
-    assert main(["quantize", str(src), "--out", str(tmp_path / "q3"), "--group", "48"]) == 2
-    assert "group size 48 is not supported" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:       # an argparse error: one line, exit 2
+        main(["quantize", str(src), "--out", str(tmp_path / "q3"), "--group", "48"])
+    assert e.value.code == 2 and "--group: invalid choice: 48" in capsys.readouterr().err
 
 
 # ---- accuracy on real weights -----------------------------------------------------------------

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -17,6 +18,14 @@ from .engine import Generator, LLMEngine, Stats, load
 from .errors import InputError
 from .sampling import SamplingParams
 from .streaming import TextStream
+
+
+def _params(params) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise InputError(f"sampling parameters must be a SamplingParams, got {type(params).__name__}")
+    return params
 
 
 @dataclass
@@ -30,7 +39,9 @@ class CompletionOutput:
 
 class LLM:
     """engine_options go to LLMEngine: max_num_seqs, max_num_batched_tokens, block_size,
-    kv_cache_memory, gpu_memory_utilization, enable_prefix_caching."""
+    kv_cache_memory, gpu_memory_utilization, enable_prefix_caching. max_context: a whole
+    number >= 2, at most the model's context limit (a larger one is a ConfigError, as in vLLM);
+    None: that limit."""
 
     def __init__(self, model=None, device: str = "cpu", dtype: str = "f32", max_context: int | None = None,
                  progress: bool = False, eager: bool = False, quantize: str | None = None, **engine_options):
@@ -63,6 +74,10 @@ class LLM:
             return self.tokenizer.encode(prompt)
         if not prompt:
             raise InputError("the prompt has no tokens")
+        vocab = self.model.config.vocab_size
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab:
+                raise InputError(f"the prompt's token id {t!r} is not a whole number in the vocabulary [0, {vocab})")
         return [int(t) for t in prompt]
 
     def generate(self, prompts, params=None) -> list[CompletionOutput]:
@@ -70,10 +85,11 @@ class LLM:
         batch; params: one SamplingParams for all, or a list with one per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
+        if not isinstance(params, (list, tuple)):
+            params = [_params(params)] * len(prompts)
         if len(params) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
+        params = [_params(sp) for sp in params]
         ids = [self._encode(p) for p in prompts]          # every prompt checked before any runs
         eng = self.engine
         for i, (p, sp) in enumerate(zip(ids, params)):
@@ -111,13 +127,13 @@ class LLM:
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion's text as it is generated."""
         ids = self._encode(prompt)
-        yield from self._run(ids, params or SamplingParams(), CompletionOutput("", [], "", ids))
+        yield from self._run(ids, _params(params), CompletionOutput("", [], "", ids))
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> CompletionOutput:
         """Answer the last message of a conversation, rendered with the model's template."""
         text = self.chat_template.render(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(text, add_bos=False)
         out = CompletionOutput("", [], "", ids)
-        for _ in self._run(ids, params or SamplingParams(), out):
+        for _ in self._run(ids, _params(params), out):
             pass
         return out

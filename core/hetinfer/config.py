@@ -14,6 +14,11 @@ HF config.json (ModelConfig.from_hf; also hetinfer_int8 directories):
     biases always, o never, as transformers' Qwen2Attention), mlp_bias (Llama: gate/up/down
     biases; Qwen2: ignored, never), bos_token_id, eos_token_id (int or list). int8 directories
     also read quantization_config (quant_method hetinfer_int8, group_size, scale_dtype) and rope_style.
+  typed (ConfigError naming the file and the key otherwise): sizes positive integers (not
+    booleans) within SIZE_LIMITS, hidden_size divisible by num_attention_heads (unless head_dim
+    is given), heads by KV heads; rms_norm_eps / rope_theta positive finite numbers; flags
+    booleans; token ids non-negative integers below vocab_size; rope_scaling / rope_parameters /
+    quantization_config objects; architectures a list of strings.
   checked (ConfigError unless the value is one hetinfer implements): hidden_act (silu),
     partial_rotary_factor (1.0), use_sliding_window (false for Qwen2, or layer_types all full),
     layer_types (all full_attention), quantization_config (hetinfer_int8 only); sliding_window
@@ -46,12 +51,20 @@ on purpose (rotary inv_freq buffers; lm_head.weight when tie_word_embeddings), l
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
 
 KNOWN_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# The largest sizes accepted: far above any released model (Llama 3.1 405B: hidden 16384, 126
+# layers, intermediate 53248; Gemma 3: vocab 262144; Llama 4 Scout: context 10M), low enough that
+# a corrupt or hostile file is refused before anything is sized from it.
+SIZE_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+               "num_hidden_layers": 1 << 12, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
+               "head_dim": 1 << 12, "max_position_embeddings": 1 << 26}
 
 
 @dataclass
@@ -78,12 +91,14 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "max_position_embeddings"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"config field {name} must be a positive integer, got {v!r}")
+        for name in SIZE_LIMITS:
+            problem = size_problem(name, getattr(self, name))
+            if problem:
+                raise ConfigError(f"config field {problem}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not is_positive_number(getattr(self, name)):
+                raise ConfigError(f"config field {name} is {show(getattr(self, name))}; expected a positive finite "
+                                  "number")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -107,71 +122,61 @@ class ModelConfig:
                    scaled_context(self.rope_scaling, self.max_position_embeddings))
 
     @classmethod
-    def from_hf(cls, d: dict) -> "ModelConfig":
-        """Build from a Hugging Face config.json dict (Llama 2/3.x, Qwen2).
+    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """Build from a Hugging Face config.json dict (Llama 2/3.x, Qwen2); ``source`` names the
+        file in errors.
 
-        The keys read are HF_KEYS_READ; HF_KEYS_CHECKED must hold a value hetinfer implements
-        (else ConfigError); HF_KEYS_IGNORED do not change the forward pass; any other key is
-        returned in extra["unknown_config_keys"] (the loader prints a notice listing them)."""
-        archs = d.get("architectures") or []
-        if not archs:
-            mt = d.get("model_type")
-            archs = {"llama": ["LlamaForCausalLM"], "qwen2": ["Qwen2ForCausalLM"]}.get(mt, [])
-        if not archs:
-            raise ConfigError("config.json names no architecture (no 'architectures' and no known "
-                              f"'model_type'); expected one of {', '.join(KNOWN_ARCHITECTURES)}")
-        arch = archs[0]
-        check_hf_values(d, arch)
+        The keys read are HF_KEYS_READ, each of the JSON type it must have (sizes positive
+        integers within SIZE_LIMITS, hidden_size divisible by the heads unless head_dim is given,
+        the heads by the KV heads, eps and theta positive finite numbers, flags booleans, token
+        ids inside the vocabulary); HF_KEYS_CHECKED must hold a value hetinfer implements; any
+        violation is a ConfigError naming the key. HF_KEYS_IGNORED do not change the forward pass;
+        any other key is returned in extra["unknown_config_keys"] (the loader prints a notice)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} holds a JSON {type(d).__name__}; expected an object")
+        arch = _hf_architecture(d, source)
+        check_hf_values(d, arch, source)
+        sizes = _hf_sizes(d, source)
+        rp = d.get("rope_parameters") or {}
+        theta = d.get("rope_theta")
+        theta = rp.get("rope_theta", 10000.0) if theta is None else theta
+        scaling = d.get("rope_scaling")
+        if scaling is None and rp and rp.get("rope_type", rp.get("type", "default")) != "default":
+            scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+            scaling = None
+        if scaling is not None and d.get("original_max_position_embeddings") is not None:
+            # as transformers' standardize_rope_params: a top-level value wins (Phi3-style configs)
+            scaling = dict(scaling, original_max_position_embeddings=d["original_max_position_embeddings"])
+        eos = d.get("eos_token_id")
+        if arch == "Qwen2ForCausalLM":
+            # transformers' Qwen2Attention: q/k/v always bias=True, o_proj and the MLP never,
+            # whatever attention_bias / mlp_bias say
+            qkv_bias, o_bias, mlp_bias = True, False, False
+        else:
+            # LlamaAttention: q/k/v/o all bias=config.attention_bias; LlamaMLP: config.mlp_bias
+            qkv_bias = o_bias = _hf_bool(d, "attention_bias", source)
+            mlp_bias = _hf_bool(d, "mlp_bias", source)
+        unknown = sorted(k for k in d if k not in HF_KEYS_READ | HF_KEYS_CHECKED | HF_KEYS_IGNORED)
         try:
-            hidden = int(d["hidden_size"])
-            heads = int(d["num_attention_heads"])
-            # rope: accept both the classic keys and transformers 5's rope_parameters
-            rp = d.get("rope_parameters") or {}
-            theta = d.get("rope_theta", rp.get("rope_theta", 10000.0))
-            scaling = d.get("rope_scaling")
-            if scaling is None and rp and rp.get("rope_type", rp.get("type", "default")) != "default":
-                scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-            if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
-                scaling = None
-            if scaling is not None and d.get("original_max_position_embeddings") is not None:
-                # as transformers' standardize_rope_params: a top-level value wins (Phi3-style configs)
-                scaling = dict(scaling, original_max_position_embeddings=d["original_max_position_embeddings"])
-            eos = d.get("eos_token_id")
-            eos_ids = [] if eos is None else ([int(e) for e in eos] if isinstance(eos, list) else [int(eos)])
-            if arch == "Qwen2ForCausalLM":
-                # transformers' Qwen2Attention: q/k/v always bias=True, o_proj and the MLP never,
-                # whatever attention_bias / mlp_bias say
-                qkv_bias, o_bias, mlp_bias = True, False, False
-            else:
-                # LlamaAttention: q/k/v/o all bias=config.attention_bias; LlamaMLP: config.mlp_bias
-                qkv_bias = o_bias = bool(d.get("attention_bias", False))
-                mlp_bias = bool(d.get("mlp_bias", False))
-            unknown = sorted(k for k in d if k not in HF_KEYS_READ | HF_KEYS_CHECKED | HF_KEYS_IGNORED)
             return cls(
                 architecture=arch,
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(theta),
+                **sizes,
+                rms_norm_eps=_hf_number(d, "rms_norm_eps", source, 1e-6),
+                rope_theta=_hf_number({"rope_theta": theta}, "rope_theta", source, 10000.0),
                 rope_scaling=scaling,
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                tie_word_embeddings=_hf_bool(d, "tie_word_embeddings", source),
                 attention_bias=qkv_bias,
                 attention_out_bias=o_bias,
                 mlp_bias=mlp_bias,
                 bos_token_id=d.get("bos_token_id"),
-                eos_token_ids=eos_ids,
+                eos_token_ids=[] if eos is None else (list(eos) if isinstance(eos, list) else [eos]),
                 extra={"unknown_config_keys": unknown} if unknown else {},
             )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError) as e:       # a malformed rope_scaling value
+            raise ConfigError(f"{source}: rope_scaling / rope_parameters has a value of the wrong type: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -213,28 +218,136 @@ HF_KEYS_IGNORED = frozenset({
 })
 
 
-def check_hf_values(d: dict, arch: str) -> None:
-    """ConfigError for a config.json value transformers honours and hetinfer does not implement."""
+def check_hf_values(d: dict, arch: str, source: str = "config.json") -> None:
+    """ConfigError for a config.json value of the wrong JSON type, or one transformers honours and
+    hetinfer does not implement."""
+    for key in ("rope_scaling", "rope_parameters", "quantization_config"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ConfigError(f"{source}: {key} is {show(d[key])}; expected a JSON object or null")
+    for key in ("use_sliding_window", "tie_word_embeddings", "attention_bias", "mlp_bias"):
+        _hf_bool(d, key, source)
+    _hf_token_ids(d, source)
+    omp = d.get("original_max_position_embeddings")
+    if omp is not None and not (is_int(omp) and omp > 0):
+        raise ConfigError(f"{source}: original_max_position_embeddings is {show(omp)}; expected a positive integer")
     act = d.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise ConfigError(f"config.json: hidden_act {act!r} is not supported (the MLP is swiglu: silu only)")
+        raise ConfigError(f"{source}: hidden_act {show(act)} is not supported (the MLP is swiglu: silu only)")
     prf = d.get("partial_rotary_factor", (d.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
-    if prf not in (None, 1, 1.0):
-        raise ConfigError(f"config.json: partial_rotary_factor {prf!r} is not supported (RoPE covers the "
+    if prf not in (None, 1, 1.0) or isinstance(prf, bool):
+        raise ConfigError(f"{source}: partial_rotary_factor {show(prf)} is not supported (RoPE covers the "
                           "whole head: 1.0 only)")
+    lt = d.get("layer_types")
+    if lt is not None and not (isinstance(lt, list) and all(isinstance(t, str) for t in lt)):
+        raise ConfigError(f"{source}: layer_types is {show(lt)}; expected a list of strings such as "
+                          "'full_attention'")
     if arch == "Qwen2ForCausalLM" and d.get("use_sliding_window"):
         # transformers' Qwen2 applies sliding_window only to the layers max_window_layers.. when
         # use_sliding_window is set; hetinfer has no sliding-window attention
-        layers = d.get("layer_types")
-        if layers is None or any(t == "sliding_attention" for t in layers):
-            raise ConfigError("config.json: use_sliding_window is true; sliding-window attention is not "
+        if lt is None or any(t == "sliding_attention" for t in lt):
+            raise ConfigError(f"{source}: use_sliding_window is true; sliding-window attention is not "
                               "supported (set use_sliding_window to false for full attention)")
-    lt = d.get("layer_types")
     if lt is not None and any(t != "full_attention" for t in lt):
-        raise ConfigError(f"config.json: layer_types holds {sorted(set(lt) - {'full_attention'})}; only "
+        raise ConfigError(f"{source}: layer_types holds {sorted(set(lt) - {'full_attention'})}; only "
                           "full_attention layers are supported")
     qc = d.get("quantization_config")
-    if qc is not None and (not isinstance(qc, dict) or qc.get("quant_method") != "hetinfer_int8"):
-        method = qc.get("quant_method") if isinstance(qc, dict) else qc
-        raise ConfigError(f"config.json: quantization_config quant_method {method!r} is not supported "
-                          "(only hetinfer_int8 directories; GGUF files for llama.cpp quantizations)")
+    if qc is not None and qc.get("quant_method") != "hetinfer_int8":
+        raise ConfigError(f"{source}: quantization_config quant_method {show(qc.get('quant_method'))} is not "
+                          "supported (only hetinfer_int8 directories; GGUF files for llama.cpp quantizations)")
+
+
+# --- typed reading of config.json values --------------------------------------------------------
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_positive_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def show(v) -> str:
+    """repr of a value read from a file, cut short (a hostile file can hold a huge string)."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def size_problem(name: str, v, label: str | None = None) -> str | None:
+    """'name is v; expected ...' when v is not a valid value of the size field name (called label
+    in the message when given), else None."""
+    limit = SIZE_LIMITS[name]
+    if is_int(v) and 0 < v <= limit:
+        return None
+    return f"{label or name} is {show(v)}; expected a positive integer (at most {limit})"
+
+
+def _hf_architecture(d: dict, source: str) -> str:
+    archs, mt = d.get("architectures"), d.get("model_type")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ConfigError(f"{source}: architectures is {show(archs)}; expected a list of class names such as "
+                          "['LlamaForCausalLM']")
+    if mt is not None and not isinstance(mt, str):
+        raise ConfigError(f"{source}: model_type is {show(mt)}; expected a string such as 'llama'")
+    archs = archs or {"llama": ["LlamaForCausalLM"], "qwen2": ["Qwen2ForCausalLM"]}.get(mt, [])
+    if not archs:
+        raise ConfigError(f"{source} names no architecture (no 'architectures' and no known "
+                          f"'model_type'); expected one of {', '.join(KNOWN_ARCHITECTURES)}")
+    return archs[0]
+
+
+_HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _hf_sizes(d: dict, source: str) -> dict[str, int]:
+    """The SIZE_LIMITS fields of a config.json, checked and with their defaults filled in."""
+    out: dict[str, int] = {}
+    for key in SIZE_LIMITS:
+        v = d.get(key)
+        if v is None and key not in _HF_REQUIRED:
+            continue
+        if key not in d:
+            raise ConfigError(f"{source} lacks required field {key!r} (a positive integer)")
+        problem = size_problem(key, v)
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
+        out[key] = v
+    hidden, heads = out["hidden_size"], out["num_attention_heads"]
+    kv = out.setdefault("num_key_value_heads", heads)
+    if "head_dim" not in out:
+        if hidden % heads:
+            raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}; "
+                              "expected a multiple (or an explicit head_dim)")
+        out["head_dim"] = hidden // heads
+    if heads % kv:
+        raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    out.setdefault("max_position_embeddings", 2048)
+    return out
+
+
+def _hf_number(d: dict, key: str, source: str, default: float) -> float:
+    v = d.get(key)
+    v = default if v is None else v
+    if not is_positive_number(v):
+        raise ConfigError(f"{source}: {key} is {show(v)}; expected a positive finite number")
+    return float(v)
+
+
+def _hf_bool(d: dict, key: str, source: str) -> bool:
+    v = d.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise ConfigError(f"{source}: {key} is {show(v)}; expected true or false")
+    return bool(v)
+
+
+def _hf_token_ids(d: dict, source: str) -> None:
+    """bos_token_id: null or an id; eos_token_id: null, an id or a list of ids; each inside the vocabulary."""
+    vocab = d.get("vocab_size")
+    for key in ("bos_token_id", "eos_token_id"):
+        v = d.get(key)
+        ids = v if isinstance(v, list) and key == "eos_token_id" else [] if v is None else [v]
+        for i in ids:
+            if not is_int(i) or i < 0:
+                raise ConfigError(f"{source}: {key} is {show(v)}; expected a non-negative integer token id"
+                                  + (" or a list of them" if key == "eos_token_id" else ""))
+            if is_int(vocab) and i >= vocab:
+                raise ConfigError(f"{source}: {key} {i} is outside the vocabulary (vocab_size {vocab}); expected "
+                                  f"an id in 0..{vocab - 1}")

@@ -46,3 +46,8 @@ class OutOfMemoryError(HetinferError, MemoryError):
 class InputError(HetinferError, ValueError):
     """Bad user input: empty prompt, prompt longer than the context, bad
     sampling parameters."""
+
+
+class ChatTemplateError(InputError):
+    """A chat template failed to compile or render (a syntax error, an error raised inside it,
+    or past its budget); the message names the template's source and the cause."""

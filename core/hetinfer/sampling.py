@@ -6,6 +6,8 @@ SamplingParams.seed, handed to the `sample` op; the same seed gives the same tex
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,9 +17,37 @@ from .dtypes import f32, i32
 from .errors import InputError
 from .tensor import Tensor, empty
 
+SEED_LIMIT = 2 ** 64
+
+
+def _bad(name: str, value, expected: str):
+    raise InputError(f"bad sampling parameter: {name} must be {expected}; got {value!r}"
+                     + ("" if isinstance(value, (int, float, str)) else f" ({type(value).__name__})"))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _number(name: str, value, expected: str, ok) -> float:
+    """A finite real number (not a bool, not a string) for which ok(value) holds, as a float."""
+    if (not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_))
+            or not math.isfinite(value) or not ok(float(value))):
+        _bad(name, value, expected)
+    return float(value)
+
+
+def _whole(name: str, value, expected: str, ok) -> int:
+    if not _is_int(value) or not ok(int(value)):
+        _bad(name, value, expected)
+    return int(value)
+
 
 @dataclass
 class SamplingParams:
+    """Checked when built: every float finite and in its range, integers whole numbers (a
+    bool or a float is refused), stop a string or a list of strings; a bad value is one
+    InputError naming the parameter, the value and what was expected."""
     temperature: float = 0.0          # 0 = greedy
     top_k: int = 0                    # 0 or -1 = off
     top_p: float = 1.0                # 1 = off
@@ -26,35 +56,42 @@ class SamplingParams:
     presence_penalty: float = 0.0     # subtracted once from tokens already in the output
     frequency_penalty: float = 0.0    # subtracted per occurrence in the output
     seed: int | None = None
-    max_tokens: int = 128
+    max_tokens: int = 128             # 0: nothing is generated (the prompt alone, e.g. for echo)
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
 
     def __post_init__(self):
-        def bad(what):
-            raise InputError(f"bad sampling parameter: {what}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        self.temperature = _number("temperature", self.temperature, ">= 0 (0 = greedy), a finite number",
+                                   lambda v: v >= 0)
+        self.top_k = _whole("top_k", self.top_k, ">= 0 (0 or -1 = off), a whole number",
+                           lambda v: v >= -1)
         if self.top_k == -1:
             self.top_k = 0
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad(f"top_k must be a whole number >= 0 (0 or -1 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not 0 <= self.min_p <= 1:
-            bad(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not self.repetition_penalty > 0:
-            bad(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        self.top_p = _number("top_p", self.top_p, "in (0, 1], a number", lambda v: 0 < v <= 1)
+        self.min_p = _number("min_p", self.min_p, "in [0, 1], a number", lambda v: 0 <= v <= 1)
+        self.repetition_penalty = _number("repetition_penalty", self.repetition_penalty,
+                                          "> 0 (1 = off), a finite number", lambda v: v > 0)
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                bad(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
-            bad(f"max_tokens must be a whole number >= 0, got {self.max_tokens!r}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if any(not s for s in self.stop):
-            bad("stop strings must not be empty")
+            setattr(self, name, _number(name, getattr(self, name), "in [-2, 2], a number",
+                                        lambda v: -2 <= v <= 2))
+        if self.seed is not None:
+            self.seed = _whole("seed", self.seed, "None or a whole number in [0, 2**64)",
+                               lambda v: 0 <= v < SEED_LIMIT)
+        self.max_tokens = _whole("max_tokens", self.max_tokens, ">= 0, a whole number", lambda v: v >= 0)
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            _bad("stop", self.stop, "a string or a list of strings")
+        if any(not s for s in stop):
+            raise InputError(f"bad sampling parameter: stop strings must not be empty; got {self.stop!r}")
+        self.stop = list(stop)
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
+            _bad("stop_token_ids", ids, "a list of whole numbers >= 0 (token ids)")
+        self.stop_token_ids = [int(t) for t in ids]
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            _bad("ignore_eos", self.ignore_eos, "true or false")
+        self.ignore_eos = bool(self.ignore_eos)
 
     def stop_ids(self, eos_ids) -> set[int]:
         """Token ids that end generation: stop_token_ids, and EOS unless ignore_eos."""

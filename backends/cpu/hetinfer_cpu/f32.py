@@ -25,7 +25,8 @@ without AVX: ~5x the AVX-512 time at M = 256, 0.21 ms against 0.14 at M = 1 for 
 Compiled at first use and cached exactly as int8.py's kernel (int8.build_library: ``$CC`` or
 ``cc``, -O3 -march=native -fopenmp, each flag dropped if the compiler refuses it, here each set
 with -ffp-contract=off; f32_<hash>.so under ``$XDG_CACHE_HOME/hetinfer/cpu``, the hash over the
-source, compiler, flags and CPU flags).
+source, compiler, flags and CPU flags; the cache is private to the user and every file is checked
+against its recorded sha256 before it is loaded: hetinfer.kernel_cache).
 
 Fallback: without a working C compiler the product runs on NumPy/BLAS (np.matmul), with one
 warning, and batch invariance does NOT hold there (gemv vs gemm above). HETINFER_CPU_F32=blas

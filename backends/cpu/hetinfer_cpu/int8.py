@@ -10,9 +10,10 @@ parallel) and multiplies them with BLAS. Never a float copy of a whole weight, l
 The C source below is compiled at first use with the system C compiler (``$CC`` or ``cc``,
 -O3 -march=native -fopenmp, each flag dropped if the compiler refuses it) and loaded through
 ctypes; the shared object is cached under ``$XDG_CACHE_HOME/hetinfer/cpu`` (default
-~/.cache/hetinfer/cpu), named by a hash of the source, the compiler's version, the flags and the
-CPU's feature flags (build_library below, which f32.py shares). Without a compiler (or with
-HETINFER_CPU_INT8=numpy) a NumPy path that widens blocks of rows is used instead, with one warning.
+~/.cache/hetinfer/cpu; private to the user, see hetinfer.kernel_cache), named by a hash of the
+source, the compiler's version, the flags and the CPU's feature flags (build_library below,
+which f32.py shares). Without a compiler (or with HETINFER_CPU_INT8=numpy) a NumPy path that
+widens blocks of rows is used instead, with one warning.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -172,25 +172,33 @@ def _compiler() -> tuple[str, str] | None:
     return cc, version.splitlines()[0] if version else "?"
 
 
+def library_key(source: str, cc: str, version: str, flags) -> str:
+    """The cache key of one build: source, compiler path and version, flags, machine, CPU flags."""
+    return hashlib.sha256("\0".join([source, cc, version, " ".join(flags), platform.machine(),
+                                     _cpu_flags()]).encode()).hexdigest()[:20]
+
+
 def build_library(name: str, source: str, declare, flag_sets=_FLAG_SETS) -> ctypes.CDLL:
     """Compile C `source` (or reuse the cached shared object) and load it through ctypes;
     `declare(lib)` sets its functions' argtypes. Shared by the CPU kernels in C (this module,
     f32.py). The flag sets are tried in order, the first that compiles wins. The shared object
-    is cache_dir()/{name}_{key}.so, key a hash of the source, the compiler's path and version,
-    the flags, the machine and the CPU's feature flags: a change of any rebuilds. Raises
-    RuntimeError when no compiler is found or none of the flag sets compiles."""
+    is {name}_{key}.so in the private kernel cache at cache_dir() (hetinfer.kernel_cache: 0700,
+    files 0600 with a sha256 recorded at build; one not owned by this user, writable by others,
+    a symlink or not matching its digest is rebuilt, with a warning), key = library_key(...):
+    a change of any part rebuilds. Raises RuntimeError when no compiler is found or none of
+    the flag sets compiles."""
+    from hetinfer.kernel_cache import KernelCache
     found = _compiler()
     if found is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
     cc, version = found
+    cache = KernelCache(cache_dir())
     errors = []
     for flags in flag_sets:
-        key = hashlib.sha256("\0".join([source, cc, version, " ".join(flags), platform.machine(),
-                                        _cpu_flags()]).encode()).hexdigest()[:20]
-        so = cache_dir() / f"{name}_{key}.so"
-        if not so.exists():
-            so.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+        fname = f"{name}_{library_key(source, cc, version, flags)}.so"
+        so = cache.path(fname)
+        if so is None:
+            with cache.workdir() as tmp:
                 src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
                 src.write_text(source)
                 r = subprocess.run([cc, *flags, "-fPIC", "-shared", str(src), "-o", str(out), "-lm"],
@@ -198,7 +206,7 @@ def build_library(name: str, source: str, declare, flag_sets=_FLAG_SETS) -> ctyp
                 if r.returncode != 0:
                     errors.append(f"{cc} {' '.join(flags)}: {r.stderr.strip()[-400:]}")
                     continue
-                os.replace(out, so)          # atomic: a concurrent build of the same key is harmless
+                so = cache.store(fname, out.read_bytes())    # atomic, 0600, digest beside it
         # OpenMP workers sleep between products instead of spinning: the other ops run on NumPy/BLAS
         # threads, and a spinning worker steals their core (decode was 2-10x slower on 2 loaded cores)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -3,6 +3,7 @@ and how many blocks a device's memory budget allows."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..device import get_allocator
@@ -18,6 +19,22 @@ def _fmt(n: int) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+def host_available_bytes() -> int | None:
+    """Memory the host can give without swapping: /proc/meminfo's MemAvailable, else free
+    pages x page size (os.sysconf); None when neither is known."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def bytes_per_block(config, dtype, block_size: int) -> int:
@@ -50,19 +67,25 @@ def plan_budget(model, block_size: int, max_context: int, kv_cache_memory: int |
                 gpu_memory_utilization: float | None = None) -> KVBudget:
     """Blocks for a byte budget: kv_cache_memory bytes; or on a device that reports its
     memory, gpu_memory_utilization x total minus what is in use now (after the weights and a
-    warm-up step, as vLLM measures); on the CPU 1 GiB. Refuses a budget below one
-    full-context sequence, with the numbers."""
+    warm-up step, as vLLM measures); on the CPU 1 GiB, or 90% of the memory the host has
+    available when that is less. Refuses, with the numbers, a budget below one full-context
+    sequence and, on the CPU, a kv_cache_memory above the memory available now."""
     per = bytes_per_block(model.config, model.dtype, block_size)
     if kv_cache_memory is not None and gpu_memory_utilization is not None:
         raise ConfigError("give --kv-cache-memory or --gpu-memory-utilization, not both")
+    info = get_allocator(model.device).memory_info()
+    avail = host_available_bytes() if info is None else None          # the host's memory (CPU)
+    host = "" if avail is None else f" (the host has {_fmt(avail)} available)"
     if kv_cache_memory is not None:
-        if not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
+        if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
         budget = kv_cache_memory
+        if avail is not None and budget > avail:
+            raise OutOfMemoryError(f"the KV cache budget (--kv-cache-memory {_fmt(budget)}) is more than the "
+                                   f"host has available ({_fmt(avail)}, MemAvailable); lower it")
     else:
-        info = get_allocator(model.device).memory_info()
         if info is None:
-            budget = CPU_DEFAULT_BYTES
+            budget = CPU_DEFAULT_BYTES if avail is None else min(CPU_DEFAULT_BYTES, int(avail * 0.9))
             if gpu_memory_utilization is not None:
                 raise ConfigError(f"--gpu-memory-utilization needs a device that reports its memory; "
                                   f"{model.device} does not: give --kv-cache-memory BYTES")
@@ -78,7 +101,7 @@ def plan_budget(model, block_size: int, max_context: int, kv_cache_memory: int |
         raise OutOfMemoryError(
             f"the KV cache budget ({_fmt(max(budget, 0))}) holds {num_blocks} blocks of {block_size} "
             f"tokens ({_fmt(per)} each over {model.config.num_hidden_layers} layers); one sequence of "
-            f"the full context ({max_context} tokens) needs {need}. Raise --kv-cache-memory / "
+            f"the full context ({max_context} tokens) needs {need}{host}. Raise --kv-cache-memory / "
             "--gpu-memory-utilization or lower --max-context")
     return KVBudget(num_blocks, block_size, per, max_context)
 

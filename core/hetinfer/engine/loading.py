@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import numbers
 from pathlib import Path
 
 from .. import plugins
@@ -25,19 +26,35 @@ def default_model_path() -> Path:
     return path
 
 
+def check_max_context(max_context, limit: int | None = None, model=None) -> int | None:
+    """None, or a whole number >= 2 that is not above the model's context limit (refused, as
+    vLLM refuses a max_model_len above the model's: positions past it were never trained)."""
+    if max_context is None:
+        return None
+    if isinstance(max_context, bool) or not isinstance(max_context, numbers.Integral) or max_context < 2:
+        raise ConfigError(f"max_context must be a whole number >= 2, got {max_context!r}")
+    if limit is not None and max_context > limit:
+        raise ConfigError(f"max_context {max_context} is above the context limit of {model or 'the model'} "
+                          f"({limit} tokens: max_position_embeddings, or what its rope scaling extends it to); "
+                          f"give at most {limit}, or leave it out to use {limit}")
+    return int(max_context)
+
+
 def load(path=None, device="cpu", dtype="f32", max_context: int | None = None, progress: bool = True,
          quantize: str | None = None):
     """Load (model, checkpoint) for a path (HF dir, GGUF, llama2.c, hetinfer_int8 dir) on a device.
 
     quantize="int8": quantize the Linear weights to int8 groups while loading (hetinfer.quant;
     GGUF Q8_0 / llama2.c v2 int8 groups are taken as they are). A hetinfer_int8 directory
-    loads as int8 without it."""
+    loads as int8 without it. max_context above the model's context limit is refused."""
     from ..loaders import load_checkpoint
+    max_context = check_max_context(max_context)
     if quantize not in (None, "none", "int8"):
         raise ConfigError(f"quantize={quantize!r} is not supported; expected 'int8' or None")
     device = Device.parse(device)
     get_allocator(device)     # fails early and clearly when the device is absent
     ckpt = load_checkpoint(path or default_model_path(), progress=progress)
+    check_max_context(max_context, ckpt.config.context_limit, ckpt.path)
     if quantize == "int8":
         from ..quant import Int8View, quantized_names
         if not quantized_names(ckpt):       # already int8: nothing to do

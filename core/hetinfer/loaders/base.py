@@ -22,6 +22,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import LoadError
+from .files import file_size  # noqa: F401  (re-exported: the loaders import it from here)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BF16)
@@ -233,8 +234,10 @@ class Checkpoint:
             lines.append(f"tokenizer: {self.tokenizer!r}")
         lines.append(f"tensors: {len(self._expected)}")
         width = max(len(n) for n in self._expected)
+        kept = getattr(self, "kept_as", None)            # formats that keep some tensors packed (GGUF)
         for name in self._expected:
-            lines.append(f"  {name:<{width}}  {str(self.shape(name)):<16} {self.stored_dtype(name)}")
+            lines.append(f"  {name:<{width}}  {str(self.shape(name)):<16} {self.stored_dtype(name):<8}"
+                         + (f" kept as {kept(name)}" if kept else ""))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -258,13 +261,6 @@ def report_mapped(ckpt: Checkpoint, progress: bool) -> None:
     """The final 'mapped 98.4 MB from <file>' line on stderr."""
     if progress:
         print(f"mapped {human_bytes(ckpt.mapped_bytes)} from {ckpt.path}", file=sys.stderr)
-
-
-def file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError as e:
-        raise LoadError(f"cannot read {path}: {e.strerror}") from None
 
 
 def release_pages(view: np.ndarray) -> None:

@@ -9,10 +9,16 @@ tensor is the reversed dims: (out_features, in_features), the HF orientation alr
 llama-arch files store the rows of attn_q / attn_k permuted for interleaved RoPE
 (convert_hf_to_gguf's ``permute``); ``unpermute_qk`` undoes that so q_proj / k_proj come back in
 HF layout. qwen2-arch files are not permuted.
+
+Nothing in a header is trusted: counts are checked against the bytes left before anything is
+allocated, every tensor's type, dims, alignment and byte range before its bytes are viewed, and
+the metadata's types and counts against the tensors the file holds (gguf_meta reads each key
+with its type) before any per-layer work. Each failure is one LoadError naming file and field.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from pathlib import Path
@@ -22,8 +28,15 @@ import numpy as np
 from ..config import KNOWN_ARCHITECTURES, ModelConfig
 from ..errors import ConfigError, LoadError
 from .base import BF16, Checkpoint, file_size, memmap, progress_bar, release_pages
+from .gguf_meta import describe, meta_float, meta_int, meta_list, meta_str, special_token_ids
 
 GGUF_MAGIC = b"GGUF"
+# Limits on what a header may claim, checked before anything is allocated or looped over:
+MAX_ALIGNMENT = 1 << 20      # general.alignment: llama.cpp writes 32; a few writers use 64 or a page
+MAX_ARRAY_DEPTH = 2          # metadata arrays of arrays, no deeper (llama.cpp reads no nested arrays)
+MAX_CONTEXT = 1 << 24        # {arch}.context_length: above every released llama / qwen2 model (16M)
+_MIN_KV_BYTES = 13           # a metadata entry: key length (8) + value type (4) + the smallest value (1)
+_MIN_TENSOR_INFO_BYTES = 32  # a tensor entry: name length (8) + n_dims (4) + one dim (8) + type (4) + offset (8)
 
 # GGUF metadata value types -> (struct code, size) for scalars
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
@@ -31,10 +44,12 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
 _NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
        10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_MIN_ELEMENT_BYTES = {_STRING: 8, _ARRAY: 12}  # the smallest string (its length) / array (type + count)
 
 # general.architecture -> HF architecture
 GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
+FLOAT_TYPES = ("F32", "F16", "BF16")     # what norm weights and biases must be stored as
 SUPPORTED_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 _LAYER_MAP = {  # GGUF per-layer suffix -> HF per-layer suffix
@@ -58,10 +73,20 @@ def gguf_to_hf_name(name: str) -> str | None:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None if unknown."""
     if name in _GLOBAL_MAP:
         return _GLOBAL_MAP[name]
-    if name.startswith("blk."):
-        _, idx, rest = name.split(".", 2)
-        if idx.isdigit() and rest in _LAYER_MAP:
+    idx = layer_index(name)
+    if idx is not None:
+        rest = name.split(".", 2)[2]
+        if rest in _LAYER_MAP:
             return f"model.layers.{idx}.{_LAYER_MAP[rest]}"
+    return None
+
+
+def layer_index(name: str) -> int | None:
+    """'blk.3.attn_q.weight' -> 3; None for a name outside blk.N.* (or with a non-decimal N)."""
+    parts = name.split(".", 2)
+    idx = parts[1] if len(parts) == 3 and parts[0] == "blk" else ""
+    if idx.isascii() and idx.isdigit() and idx == str(int(idx)):    # "3", not "03", "³" or ""
+        return int(idx)
     return None
 
 
@@ -93,6 +118,9 @@ class _Reader:
             raise LoadError(f"{self.path}: GGUF header is truncated (needed {n} bytes at offset {self.pos}, "
                             f"file has {len(self.buf)}); the file is incomplete or corrupt")
 
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
     def scalar(self, fmt: str, size: int):
         self.need(size)
         v = struct.unpack_from(fmt, self.buf, self.pos)[0]
@@ -109,7 +137,8 @@ class _Reader:
         self.pos += n
         return s.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, key: str, depth: int = 0):
+        """One metadata value of type vtype (key names it in errors; depth counts enclosing arrays)."""
         if vtype == 6:  # float32: keep the shortest decimal that round-trips (1e-05, not 9.99999974e-06)
             return float(str(np.float32(self.scalar("<f", 4))))
         if vtype in _SCALARS:
@@ -117,27 +146,42 @@ class _Reader:
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            etype, count = self.scalar("<I", 4), self.scalar("<Q", 8)
-            if etype == _STRING:
-                return [self.string() for _ in range(count)]
-            if etype in _NP:
-                dt = np.dtype(_NP[etype])
-                self.need(count * dt.itemsize)
-                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos).copy()
-                self.pos += count * dt.itemsize
-                return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
-            if etype == _ARRAY:
-                return [self.value(_ARRAY) for _ in range(count)]
-            raise LoadError(f"{self.path}: unknown GGUF array element type {etype} at offset {self.pos}")
-        raise LoadError(f"{self.path}: unknown GGUF metadata value type {vtype} at offset {self.pos}; "
-                        "the file is corrupt or from a newer GGUF version")
+            return self.array(key, depth + 1)
+        raise LoadError(f"{self.path}: GGUF metadata {key!r} has unknown value type {vtype} at offset "
+                        f"{self.pos - 4}; the file is corrupt or from a newer GGUF version")
+
+    def array(self, key: str, depth: int):
+        """An array value; its element count is checked against the bytes left before any allocation."""
+        if depth > MAX_ARRAY_DEPTH:
+            raise LoadError(f"{self.path}: GGUF metadata {key!r} nests arrays {depth} deep; expected at most "
+                            f"{MAX_ARRAY_DEPTH}; the file is corrupt")
+        etype, count = self.scalar("<I", 4), self.scalar("<Q", 8)
+        if etype not in _NP and etype not in _MIN_ELEMENT_BYTES:
+            raise LoadError(f"{self.path}: GGUF metadata {key!r} is an array of unknown element type {etype} "
+                            f"(offset {self.pos - 12}); the file is corrupt")
+        least = np.dtype(_NP[etype]).itemsize if etype in _NP else _MIN_ELEMENT_BYTES[etype]
+        if count * least > self.left():
+            raise LoadError(f"{self.path}: GGUF metadata {key!r} claims {count} array elements, which need at "
+                            f"least {count * least} bytes, but {self.left()} bytes are left in the file; "
+                            "the file is truncated or corrupt")
+        if etype == _STRING:
+            return [self.string() for _ in range(count)]
+        if etype == _ARRAY:
+            return [self.array(key, depth + 1) for _ in range(count)]
+        arr = np.frombuffer(self.buf, dtype=np.dtype(_NP[etype]), count=count, offset=self.pos).copy()
+        self.pos += count * least
+        return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
 
 
 def read_gguf(path: Path):
-    """Parse a GGUF file: (metadata dict, {name: (qtype, dims ne[], absolute offset, nbytes)}, memmap)."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    """Parse a GGUF file: (metadata dict, {name: (qtype, dims ne[], absolute offset, nbytes)}, memmap).
 
+    Every count the header claims is checked against the bytes left before it is looped over or
+    allocated; keys and tensor names are unique; every tensor's type, dims, alignment and byte
+    range are checked (``_tensor_layout``) and no two tensors overlap. LoadError otherwise."""
     size = file_size(path)
+    if size == 0:
+        raise LoadError(f"{path}: the file is empty (0 bytes); expected a GGUF file")
     mm = memmap(path)
     r = _Reader(memoryview(mm), path)
     r.need(4)
@@ -148,39 +192,84 @@ def read_gguf(path: Path):
     if version not in (2, 3):
         raise LoadError(f"{path}: GGUF version {version} is not supported (expected 2 or 3, little-endian)")
     n_tensors, n_kv = r.scalar("<Q", 8), r.scalar("<Q", 8)
-    if n_tensors > 1 << 20 or n_kv > 1 << 20:
-        raise LoadError(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} metadata keys; corrupt file")
+    least = n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES
+    if n_tensors > 1 << 20 or n_kv > 1 << 20 or least > r.left():
+        raise LoadError(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} metadata keys, which need at "
+                        f"least {least} bytes, but {r.left()} bytes follow; the file is truncated or corrupt")
     meta = {}
     for _ in range(n_kv):
+        at = r.pos
         key = r.string()
-        meta[key] = r.value(r.scalar("<I", 4))
+        if key in meta:
+            raise LoadError(f"{path}: GGUF metadata key {key!r} appears twice (again at offset {at}); "
+                            "expected unique keys")
+        meta[key] = r.value(r.scalar("<I", 4), key)
     infos = {}
     for _ in range(n_tensors):
         name = r.string()
+        if name in infos:
+            raise LoadError(f"{path}: GGUF tensor {name!r} is listed twice; expected unique tensor names")
         ndim = r.scalar("<I", 4)
-        if ndim > 4:
-            raise LoadError(f"{path}: tensor {name!r} claims {ndim} dims; corrupt file")
+        if not 1 <= ndim <= 4:
+            raise LoadError(f"{path}: tensor {name!r} claims {ndim} dims; expected 1 to 4")
         dims = [r.scalar("<Q", 8) for _ in range(ndim)]
         qtype, offset = r.scalar("<I", 4), r.scalar("<Q", 8)
         infos[name] = (qtype, dims, offset)
-    align = int(meta.get("general.alignment", 32))
+    align = _alignment(meta, path)
     data_start = (r.pos + align - 1) // align * align
-    tensors = {}
-    for name, (qtype, dims, offset) in infos.items():
-        try:
-            qt = GGMLQuantizationType(qtype)
-            block, tsize = GGML_QUANT_SIZES[qt]
-        except (ValueError, KeyError):
-            raise LoadError(f"{path}: tensor {name!r} has unknown GGML type id {qtype}; supported: "
-                            f"{', '.join(SUPPORTED_QUANTS)}") from None
-        n = int(np.prod(dims)) if dims else 1
-        nbytes = n // block * tsize
-        start = data_start + offset
-        if start + nbytes > size:
-            raise LoadError(f"{path}: tensor {name!r} ({qt.name}, {nbytes} bytes at offset {start}) runs past "
-                            f"the end of the file ({size} bytes); the file is truncated")
-        tensors[name] = (qt, dims, start, nbytes)
+    tensors = {name: _tensor_layout(path, name, *info, data_start, align, size) for name, info in infos.items()}
+    _check_no_overlap(path, tensors)
     return meta, tensors, mm
+
+
+def _alignment(meta: dict, path: Path) -> int:
+    """general.alignment (default 32): a power of two from 1 to MAX_ALIGNMENT."""
+    a = meta.get("general.alignment", 32)
+    if isinstance(a, bool) or not isinstance(a, int) or not 1 <= a <= MAX_ALIGNMENT or a & (a - 1):
+        raise LoadError(f"{path}: GGUF metadata 'general.alignment' holds {describe(a)}; expected a power of two "
+                        f"from 1 to {MAX_ALIGNMENT}")
+    return a
+
+
+def _tensor_layout(path: Path, name: str, qtype: int, dims: list, offset: int, data_start: int, align: int,
+                   size: int):
+    """One tensor entry -> (GGMLQuantizationType, dims, absolute start, nbytes), checked: a known type, positive
+    dims whose element count fits int64, rows a whole number of blocks, an aligned offset and bytes
+    inside the file. The byte size is block count x block bytes (gguf's GGML_QUANT_SIZES)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    try:
+        qt = GGMLQuantizationType(qtype)
+        block, tsize = GGML_QUANT_SIZES[qt]
+    except (ValueError, KeyError):
+        raise LoadError(f"{path}: tensor {name!r} has unknown GGML type id {qtype}; supported: "
+                        f"{', '.join(SUPPORTED_QUANTS)}") from None
+    if min(dims) < 1:
+        raise LoadError(f"{path}: tensor {name!r} has dims {dims}; expected every dim to be positive")
+    n = math.prod(dims)
+    if n >= 1 << 63:
+        raise LoadError(f"{path}: tensor {name!r} has dims {dims}, {n} elements, which overflows int64; "
+                        "the file is corrupt")
+    if dims[0] % block:
+        raise LoadError(f"{path}: tensor {name!r} ({qt.name}) has rows of {dims[0]} elements; expected a multiple "
+                        f"of the {qt.name} block size {block}")
+    if offset % align:
+        raise LoadError(f"{path}: tensor {name!r} data offset {offset} is not a multiple of general.alignment "
+                        f"{align}; the file is corrupt")
+    nbytes = n // block * tsize
+    start = data_start + offset
+    if start + nbytes > size:
+        raise LoadError(f"{path}: tensor {name!r} ({qt.name}, {nbytes} bytes at offset {start}) runs past "
+                        f"the end of the file ({size} bytes); the file is truncated")
+    return qt, dims, start, nbytes
+
+
+def _check_no_overlap(path: Path, tensors: dict) -> None:
+    """No two tensors' byte ranges [start, start + nbytes) intersect."""
+    spans = sorted((start, start + nbytes, name) for name, (_, _, start, nbytes) in tensors.items())
+    for (_, end, prev), (start, _, name) in itertools.pairwise(spans):
+        if start < end:
+            raise LoadError(f"{path}: tensors {prev!r} and {name!r} overlap in the file (bytes {start} .. "
+                            f"{end}); expected disjoint tensor data")
 
 
 def _rope_scaling(meta: dict, arch: str, path: Path, freq_factors, head_dim: int) -> dict | None:
@@ -190,8 +279,9 @@ def _rope_scaling(meta: dict, arch: str, path: Path, freq_factors, head_dim: int
     {"rope_type": "freq_factors", "factors": [...]}: the inverse frequencies are divided by them,
     as llama.cpp's ggml_rope_ext does. {arch}.rope.scaling.type linear / yarn (with
     rope.scaling.factor, rope.scaling.original_context_length) -> transformers' linear / yarn."""
-    kind = meta.get(f"{arch}.rope.scaling.type")
-    factor = meta.get(f"{arch}.rope.scaling.factor")
+    key = f"{arch}.rope.scaling."
+    kind = meta_str(meta, key + "type", path, None)
+    factor = meta_float(meta, key + "factor", path, None, positive=False)
     if freq_factors is not None:
         if kind not in (None, "none") and factor not in (None, 0, 1, 1.0):
             raise ConfigError(f"{path}: the file carries both rope_freqs.weight and rope.scaling.type {kind!r}; "
@@ -207,17 +297,18 @@ def _rope_scaling(meta: dict, arch: str, path: Path, freq_factors, head_dim: int
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
-        orig = meta.get(f"{arch}.rope.scaling.original_context_length")
+        orig = meta_int(meta, key + "original_context_length", path, None, lo=0, hi=MAX_CONTEXT)
         out = {"rope_type": "yarn", "factor": float(factor)}
         if orig:
-            out["original_max_position_embeddings"] = int(orig)
-        for key, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
-            if meta.get(f"{arch}.rope.scaling.{key}") is not None:
-                out[hf] = float(meta[f"{arch}.rope.scaling.{key}"])
-        ext = meta.get(f"{arch}.rope.scaling.yarn_ext_factor")
+            out["original_max_position_embeddings"] = orig
+        for name, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            beta = meta_float(meta, key + name, path, None, positive=False)
+            if beta is not None:
+                out[hf] = beta
+        ext = meta_float(meta, key + "yarn_ext_factor", path, None, positive=False)
         if ext not in (None, -1, -1.0, 1, 1.0):
             raise ConfigError(f"{path}: rope.scaling.yarn_ext_factor {ext} is not supported (1.0 only)")
-        attn = meta.get(f"{arch}.rope.scaling.attn_factor")
+        attn = meta_float(meta, key + "attn_factor", path, None, positive=False)
         if attn not in (None, 1, 1.0):
             # llama.cpp multiplies its yarn mscale (0.1 ln(factor) + 1) by attn_factor
             f = float(factor)
@@ -227,64 +318,106 @@ def _rope_scaling(meta: dict, arch: str, path: Path, freq_factors, head_dim: int
                       "(and rope_freqs.weight factors)")
 
 
+def _layer_count(meta: dict, tensors: dict, arch: str, path: Path) -> int:
+    """{arch}.block_count, which must equal the number of blk.N layers the file holds (blk.0 ..
+    blk.{n-1}); checked before anything loops over the layers."""
+    key = f"{arch}.block_count"
+    n = meta_int(meta, key, path)
+    present = {i for i in map(layer_index, tensors) if i is not None}
+    if n != len(present) or (present and max(present) != n - 1):
+        held = f" (blk.{min(present)} .. blk.{max(present)})" if present else ""
+        raise LoadError(f"{path}: GGUF metadata {key!r} is {n} but the file holds {len(present)} blk.N "
+                        f"layers{held}; expected blk.0 .. blk.{n - 1}")
+    return n
+
+
+def _embedding_dims(meta: dict, tensors: dict, arch: str, path: Path) -> tuple[int, int]:
+    """(hidden, vocab) from token_embd.weight, checked against {arch}.embedding_length,
+    {arch}.vocab_size and the length of tokenizer.ggml.tokens (one embedding row per token)."""
+    if "token_embd.weight" not in tensors:
+        raise LoadError(f"{path}: tensor 'token_embd.weight' (model.embed_tokens.weight) is missing")
+    dims = tensors["token_embd.weight"][1]
+    if len(dims) != 2:
+        raise LoadError(f"{path}: tensor 'token_embd.weight' has {len(dims)} dims {dims}; expected 2 "
+                        "(embedding_length, vocabulary size)")
+    cols, rows = dims
+    hidden = meta_int(meta, f"{arch}.embedding_length", path)
+    if hidden != cols:
+        raise LoadError(f"{path}: GGUF metadata '{arch}.embedding_length' is {hidden} but token_embd.weight has "
+                        f"rows of {cols}; expected them to agree")
+    vocab = meta_int(meta, f"{arch}.vocab_size", path, None)
+    if vocab is not None and vocab != rows:
+        raise LoadError(f"{path}: GGUF metadata '{arch}.vocab_size' is {vocab} but token_embd.weight has "
+                        f"{rows} rows; expected one row per token")
+    tokens = meta_list(meta, "tokenizer.ggml.tokens", path, "string", None)
+    if tokens is not None and len(tokens) != rows:
+        raise LoadError(f"{path}: GGUF metadata 'tokenizer.ggml.tokens' has {len(tokens)} tokens but "
+                        f"token_embd.weight has {rows} rows; expected one row per token")
+    return hidden, rows
+
+
 def _arch_config(meta: dict, tensors: dict, path: Path, freq_factors=None) -> ModelConfig:
-    """GGUF metadata -> ModelConfig (rope_style 'half': q/k come back in HF layout)."""
+    """GGUF metadata -> ModelConfig (rope_style 'half': q/k come back in HF layout).
+
+    Every key is read with its type checked (gguf_meta); block_count, embedding_length, the
+    vocabulary and the head counts are checked against the tensors the file holds before any
+    per-layer work."""
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHS:
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported; known: "
                           f"{', '.join(GGUF_ARCHS)} (-> {', '.join(KNOWN_ARCHITECTURES)})")
-
-    def get(key, default=None, required=True):
-        full = f"{arch}.{key}"
-        if full in meta:
-            return meta[full]
-        if required and default is None:
-            raise LoadError(f"{path}: GGUF metadata lacks {full!r}, needed for the model config")
-        return default
-
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if "token_embd.weight" not in tensors:
-        raise LoadError(f"{path}: tensor 'token_embd.weight' (model.embed_tokens.weight) is missing")
-    vocab = len(tokens) if tokens else int(get("vocab_size", tensors["token_embd.weight"][1][1]))
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", None, False) or get("rope.dimension_count", None, False)
-                   or hidden // heads)
-    rot = get("rope.dimension_count", None, False)
-    if rot is not None and int(rot) != head_dim:
+    p = f"{arch}."
+    layers = _layer_count(meta, tensors, arch, path)
+    hidden, vocab = _embedding_dims(meta, tensors, arch, path)
+    heads = meta_int(meta, p + "attention.head_count", path, hi=hidden)
+    kv_heads = meta_int(meta, p + "attention.head_count_kv", path, heads, hi=heads)
+    if heads % kv_heads:
+        raise LoadError(f"{path}: GGUF metadata '{p}attention.head_count_kv' is {kv_heads}, which does not divide "
+                        f"'{p}attention.head_count' {heads}; expected a divisor")
+    key_len = meta_int(meta, p + "attention.key_length", path, None)
+    rot = meta_int(meta, p + "rope.dimension_count", path, None)
+    if key_len is None and hidden % heads:
+        raise LoadError(f"{path}: GGUF metadata '{p}attention.head_count' is {heads}, which does not divide "
+                        f"'{p}embedding_length' {hidden}; expected a divisor (or an attention.key_length)")
+    head_dim = key_len or rot or hidden // heads
+    if rot is not None and rot != head_dim:
         raise ConfigError(f"{path}: rope.dimension_count {rot} differs from the head dim {head_dim}; partial "
                           "rotary embeddings are not supported")
-    vdim = get("attention.value_length", None, False)
-    if vdim is not None and int(vdim) != head_dim:
+    vdim = meta_int(meta, p + "attention.value_length", path, None)
+    if vdim is not None and vdim != head_dim:
         raise ConfigError(f"{path}: attention.value_length {vdim} differs from attention.key_length {head_dim}; "
                           "not supported")
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+    ids = special_token_ids(meta, path, vocab)
+    eos, eot = ids.get("tokenizer.ggml.eos_token_id"), ids.get("tokenizer.ggml.eot_token_id")
     extra = {"gguf_architecture": arch, "file_type": meta.get("general.file_type")}
-    if meta.get("tokenizer.ggml.eot_token_id") is not None:
-        extra["eot_token_id"] = int(meta["tokenizer.ggml.eot_token_id"])
-    return ModelConfig(
+    if eot is not None:
+        extra["eot_token_id"] = eot
+    fields = dict(
         architecture=GGUF_ARCHS[arch],
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")),
+        intermediate_size=meta_int(meta, p + "feed_forward_length", path),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=int(get("attention.head_count_kv", heads)),
+        num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=meta_float(meta, p + "attention.layer_norm_rms_epsilon", path, 1e-5),
+        rope_theta=meta_float(meta, p + "rope.freq_base", path, 10000.0),
         rope_scaling=_rope_scaling(meta, arch, path, freq_factors, head_dim),
         rope_style="half",
-        max_position_embeddings=int(get("context_length", 2048)),
+        max_position_embeddings=meta_int(meta, p + "context_length", path, 2048, hi=MAX_CONTEXT),
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensors,
         attention_out_bias="blk.0.attn_output.bias" in tensors,
         mlp_bias="blk.0.ffn_gate.bias" in tensors,
-        bos_token_id=None if meta.get("tokenizer.ggml.bos_token_id") is None
-        else int(meta["tokenizer.ggml.bos_token_id"]),
-        eos_token_ids=[] if eos is None else [int(eos)],
+        bos_token_id=ids.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[] if eos is None else [eos],
         extra=extra,
     )
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:          # ModelConfig's own checks (head_dim even, rope_scaling, ...)
+        raise ConfigError(f"{path}: {e}") from None
 
 
 class GGUFCheckpoint(Checkpoint):
@@ -307,19 +440,32 @@ class GGUFCheckpoint(Checkpoint):
         freq_factors = None
         if ROPE_FREQS in tensors:
             qt, dims, start, nbytes = tensors[ROPE_FREQS]
-            if qt.name not in ("F32", "F16"):
-                raise LoadError(f"{path}: {ROPE_FREQS} is stored as {qt.name}; expected F32")
+            if qt.name not in ("F32", "F16") or len(dims) != 1:
+                raise LoadError(f"{path}: {ROPE_FREQS} is stored as {qt.name} with dims {dims}; expected a 1-D "
+                                "F32 (or F16) tensor")
             freq_factors = mm[start:start + nbytes].view(np.float32 if qt.name == "F32" else np.float16)
         cfg = _arch_config(meta, tensors, path, freq_factors)
         self._permuted = meta.get("general.architecture") == "llama"
         from ..tokenizer import Tokenizer
         tok = Tokenizer.from_gguf_metadata(meta, path) if "tokenizer.ggml.tokens" in meta else None
-        super().__init__(path, cfg, tok, meta.get("tokenizer.chat_template"), file_size(path))
-        for name in self._expected:
-            if name in self._by_hf and self._by_hf[name][1].name not in SUPPORTED_QUANTS:
-                gname, qt = self._by_hf[name][:2]
-                raise LoadError(f"{path}: tensor {gname!r} ({name}) is stored as {qt.name}, which is not "
+        template = meta_str(meta, "tokenizer.chat_template", path, None)
+        super().__init__(path, cfg, tok, template, file_size(path))
+        self._check_storage()
+
+    def _check_storage(self) -> None:
+        """Every tensor the model reads has a supported type, and the 1-D ones (norm weights,
+        biases) a float type: a quantized norm is an error, never reinterpreted. Shapes are
+        Checkpoint.validate's."""
+        for name, want in self._expected.items():
+            if name not in self._by_hf:
+                continue
+            gname, qt = self._by_hf[name][:2]
+            if qt.name not in SUPPORTED_QUANTS:
+                raise LoadError(f"{self.path}: tensor {gname!r} ({name}) is stored as {qt.name}, which is not "
                                 f"supported; supported types: {', '.join(SUPPORTED_QUANTS)}")
+            if len(want) == 1 and qt.name not in FLOAT_TYPES:
+                raise LoadError(f"{self.path}: tensor {gname!r} ({name}, a norm weight or bias) is stored as "
+                                f"{qt.name}; expected a float type: {', '.join(FLOAT_TYPES)}")
 
     def _stored_names(self):
         return set(self._by_hf)
@@ -339,12 +485,12 @@ class GGUFCheckpoint(Checkpoint):
         return self._info(name)[1].name
 
     def _bytes(self, name) -> np.ndarray:
-        gname, qt, dims, start, nbytes = self._info(name)
+        _, _, _, start, nbytes = self._info(name)
         return self._mm[start:start + nbytes]
 
     def _load(self, name):
         from gguf.quants import dequantize
-        gname, qt, dims, start, nbytes = self._info(name)
+        gname, qt, dims, _, _ = self._info(name)
         shape = tuple(reversed(dims))
         data = self._bytes(name)
         if qt.name == "F32":
@@ -378,3 +524,38 @@ class GGUFCheckpoint(Checkpoint):
             nh = self.config.num_attention_heads if ".q_proj." in name else self.config.num_key_value_heads
             q, scales = unpermute_qk(q, nh), unpermute_qk(scales, nh)
         return q, scales
+
+    # --- packed weights (hetinfer.packed): the file's blocks, not a float copy ----------------
+    def packed_dtype(self, name):
+        """The hetinfer packed DType a 2-D tensor is stored in (Q4_K -> q4_k ...), or None for
+        float storage and 1-D tensors."""
+        from ..dtypes import dtype
+        from ..packed import BY_GGUF
+        _, qt, dims, _, _ = self._info(name)
+        f = BY_GGUF.get(qt.name)
+        return dtype(f.name) if f is not None and len(dims) == 2 else None
+
+    def packed(self, name) -> np.ndarray:
+        """A packed tensor's blocks (N, K // block) as np.void, a view of the memory map (no
+        copy, no conversion), rows in HF order: llama-arch q/k rows, which the file stores
+        permuted for interleaved RoPE, are reordered as whole rows (each row is packed on its
+        own along K), a packed copy of those two tensors only."""
+        dt = self.packed_dtype(name)
+        if dt is None:
+            raise LoadError(f"{self.path}: tensor {name!r} is stored as {self._stored_dtype(name)}, not one of "
+                            "the packed block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)")
+        _, _, dims, _, _ = self._info(name)
+        blocks = self._bytes(name).reshape(dims[1], -1).view(dt.np)           # (N, K // block)
+        if self._permuted and (".q_proj." in name or ".k_proj." in name):
+            nh = self.config.num_attention_heads if ".q_proj." in name else self.config.num_key_value_heads
+            blocks = np.ascontiguousarray(unpermute_qk(blocks, nh))
+        return blocks
+
+    def kept_as(self, name) -> str:
+        """What a CPU run keeps the tensor as (hetinfer info): its packed format (the file's
+        blocks, mapped; fused q/k/v or gate/up rows one packed copy), or float32 (mapped when
+        the file stores F32, else converted at load)."""
+        dt = self.packed_dtype(name)
+        if dt is not None:
+            return f"{dt} packed"
+        return "f32 (mapped)" if self._stored_dtype(name) == "F32" else "f32 (converted)"

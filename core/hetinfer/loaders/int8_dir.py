@@ -19,7 +19,8 @@ import numpy as np
 from .. import quant
 from ..errors import LoadError
 from .base import BF16
-from .safetensors_hf import HFCheckpoint, read_json
+from .files import read_json
+from .safetensors_hf import HFCheckpoint
 
 _DT = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16, "I8": np.dtype(np.int8)}
 

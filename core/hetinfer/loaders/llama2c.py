@@ -18,14 +18,17 @@ w1 = gate_proj, w3 = up_proj, w2 = down_proj.
 
 from __future__ import annotations
 
+import math
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, size_problem
 from ..errors import LoadError
 from .base import Checkpoint, file_size, memmap
+from .files import MAX_TOKENIZER_BYTES, read_bytes
 
 MAGIC = 0x616B3432
 _HF = {"attention_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight",
@@ -62,6 +65,119 @@ def _order(kinds, n_layers):
     return out
 
 
+def _check_header(path, dim, hidden, L, nh, nkv, vocab, seq, group_size) -> None:
+    """LoadError unless the header's sizes are positive, within SIZE_LIMITS and divisible as the
+    architecture needs (dim by n_heads into an even head size, n_heads by n_kv_heads, every
+    int8 weight by the v2 group size)."""
+    values = {"dim": ("hidden_size", dim), "hidden_dim": ("intermediate_size", hidden),
+              "n_layers": ("num_hidden_layers", L), "n_heads": ("num_attention_heads", nh),
+              "n_kv_heads": ("num_key_value_heads", nkv), "vocab_size": ("vocab_size", vocab),
+              "seq_len": ("max_position_embeddings", seq)}
+    problems = [p for label, (k, v) in values.items() if (p := size_problem(k, v, label))]
+    if not problems:
+        if dim % nh or (dim // nh) % 2:
+            problems.append(f"dim {dim} is not n_heads {nh} times an even head size")
+        elif nh % nkv:
+            problems.append(f"n_heads {nh} is not a multiple of n_kv_heads {nkv}")
+        elif p := size_problem("head_dim", dim // nh, "the head size dim / n_heads"):
+            problems.append(p)
+    if not problems and group_size is not None:
+        sizes = {"tok_embeddings": vocab * dim, "wq/wo": dim * dim, "wk/wv": nkv * (dim // nh) * dim,
+                 "w1/w2/w3": hidden * dim}
+        if group_size <= 0:
+            problems.append(f"group_size {group_size} is not positive")
+        problems += [f"{k} has {n} values, not a multiple of group_size {group_size}"
+                     for k, n in sizes.items() if group_size > 0 and n % group_size]
+    if problems:
+        raise LoadError(f"{path}: not a valid llama2.c checkpoint: header dim={dim}, hidden_dim={hidden}, "
+                        f"n_layers={L}, n_heads={nh}, n_kv_heads={nkv}, vocab_size={vocab}, seq_len={seq}"
+                        + ("" if group_size is None else f", group_size={group_size}")
+                        + f" is implausible ({'; '.join(problems)}); expected a GGUF file, an HF directory or a "
+                        "llama2.c .bin")
+
+
+def _implied_size(version, dim, hidden, L, nh, nkv, vocab, seq, shared, group_size) -> int:
+    """The file size the header implies (the layout _build_layout lays out), computed without
+    enumerating layers, so a header claiming huge sizes is refused before anything is built."""
+    kv = nkv * (dim // nh)
+    weights = vocab * dim * (1 if shared else 2) + L * (2 * dim * dim + 2 * kv * dim + 3 * hidden * dim)
+    norms = 2 * dim * L + dim
+    if version == 0:
+        return 28 + 4 * (weights + norms + seq * (dim // nh))     # + freq_cis_real/imag (seq, hd/2) each
+    if version == 1:
+        return 256 + 4 * (weights + norms)
+    return 256 + 4 * norms + weights + 4 * (weights // group_size)   # int8 values, then f32 group scales
+
+
+def read_tokenizer_bin(path: Path, vocab_size: int) -> tuple[list[bytes], list[float]]:
+    """(pieces, scores) of a llama2.c tokenizer.bin: int32 max_token_length, then per token a
+    float32 score, an int32 length and that many bytes. Every length is checked against the
+    bytes left; the file must hold exactly vocab_size tokens."""
+    data = read_bytes(path, "llama2.c tokenizer.bin", MAX_TOKENIZER_BYTES)
+    if len(data) < 4 + 8 * vocab_size:
+        raise LoadError(f"{path}: llama2.c tokenizer.bin has {len(data)} bytes; {vocab_size} tokens need at "
+                        f"least {4 + 8 * vocab_size}")
+    (max_len,) = struct.unpack_from("<i", data, 0)
+    if max_len <= 0:
+        raise LoadError(f"{path}: llama2.c tokenizer.bin max_token_length is {max_len}; expected a positive integer")
+    pieces, scores, pos = [], [], 4
+    for i in range(vocab_size):
+        if pos + 8 > len(data):
+            raise LoadError(f"{path}: llama2.c tokenizer.bin is truncated at token {i} of {vocab_size}")
+        score, n = struct.unpack_from("<fi", data, pos)
+        pos += 8
+        if not 0 <= n <= min(max_len, len(data) - pos):
+            raise LoadError(f"{path}: llama2.c tokenizer.bin token {i} has length {n}; expected 0..{max_len} "
+                            f"(max_token_length) within the {len(data) - pos} bytes left")
+        if not math.isfinite(score):
+            raise LoadError(f"{path}: llama2.c tokenizer.bin token {i} has score {score}; expected a finite number")
+        pieces.append(data[pos:pos + n])
+        scores.append(score)
+        pos += n
+    if pos != len(data):
+        raise LoadError(f"{path}: llama2.c tokenizer.bin has {len(data) - pos} bytes after its {vocab_size} tokens; "
+                        "it belongs to a model with a larger vocabulary")
+    return pieces, scores
+
+
+def tokenizer_bin_meta(pieces: list[bytes], scores: list[float], path: Path) -> dict:
+    """GGUF-style 'llama' tokenizer metadata from tokenizer.bin pieces, undoing llama2.c's export
+    (tokenizer.py: '▁' written as ' ', <s> and </s> as '\\n<s>\\n' and '\\n</s>\\n'; ids 0, 1, 2
+    are <unk>, <s>, </s>)."""
+    tokens, types = [], []
+    for i, b in enumerate(pieces):
+        try:
+            t = b.decode("utf-8")
+        except UnicodeDecodeError:
+            raise LoadError(f"{path}: llama2.c tokenizer.bin token {i} is not valid UTF-8") from None
+        t = t.strip("\n") if i in (1, 2) else t.replace(" ", "\u2581")
+        tokens.append(t)
+        types.append(2 if i == 0 else 3 if i in (1, 2) else 6 if re.fullmatch(r"<0x[0-9A-F]{2}>", t) else 1)
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": True}
+
+
+def _tokenizer(path: Path, tokenizer_path, vocab_size: int):
+    """tokenizer_path (a SentencePiece .model or a llama2.c tokenizer.bin), else tokenizer.model or
+    tokenizer.bin beside the checkpoint."""
+    from ..tokenizer import Tokenizer
+    if tokenizer_path is not None:
+        candidates = [Path(tokenizer_path)]
+    else:
+        candidates = [path.parent / "tokenizer.model", path.parent / "tokenizer.bin"]
+    tok_path = next((c for c in candidates if c.exists()), None)
+    if tok_path is None:
+        raise LoadError(f"{path}: llama2.c checkpoints need a SentencePiece tokenizer.model (or llama2.c's "
+                        f"tokenizer.bin); none at {' or '.join(map(str, candidates))} (pass tokenizer_path=...)")
+    if tok_path.suffix == ".bin":
+        tok = Tokenizer.from_gguf_metadata(tokenizer_bin_meta(*read_tokenizer_bin(tok_path, vocab_size), tok_path),
+                                           tok_path)
+        tok.source = tok_path
+        return tok
+    return Tokenizer.from_sentencepiece(tok_path, add_bos=True)
+
+
 class Llama2cCheckpoint(Checkpoint):
     """A llama2.c .bin file (legacy, version 1 or version 2)."""
 
@@ -94,13 +210,11 @@ class Llama2cCheckpoint(Checkpoint):
             shared = vocab > 0
             vocab = abs(vocab)
             offset = 28
-        params = (dim, hidden, L, nh, nkv, vocab, seq)
-        if min(params) <= 0 or max(params) > 1 << 24 or dim % nh or nh % nkv:
-            raise LoadError(f"{path}: not a llama2.c checkpoint (header dim={dim}, hidden_dim={hidden}, "
-                            f"n_layers={L}, n_heads={nh}, n_kv_heads={nkv}, vocab_size={vocab}, seq_len={seq} is "
-                            "implausible); expected a GGUF file, an HF directory or a llama2.c .bin")
-        if self.group_size is not None and self.group_size <= 0:
-            raise LoadError(f"{path}: llama2.c v2 header has group_size {self.group_size}")
+        _check_header(path, dim, hidden, L, nh, nkv, vocab, seq, self.group_size)
+        end = _implied_size(self.version, dim, hidden, L, nh, nkv, vocab, seq, shared, self.group_size)
+        if size < end:
+            raise LoadError(f"{path}: llama2.c file is truncated: the header (version {self.version}, dim={dim}, "
+                            f"n_layers={L}, vocab={vocab}) implies at least {end} bytes, the file has {size}")
         cfg = ModelConfig(
             architecture="LlamaForCausalLM", vocab_size=vocab, hidden_size=dim, intermediate_size=hidden,
             num_hidden_layers=L, num_attention_heads=nh, num_key_value_heads=nkv, head_dim=dim // nh,
@@ -108,17 +222,8 @@ class Llama2cCheckpoint(Checkpoint):
             tie_word_embeddings=shared, attention_bias=False,
             extra={"llama2c_version": self.version, "group_size": self.group_size})
         self._layout = self._build_layout(cfg, offset, shared)
-        end = max(e["end"] for e in self._layout.values())
-        if size < end:
-            raise LoadError(f"{path}: llama2.c file is truncated: the header (version {self.version}, dim={dim}, "
-                            f"n_layers={L}, vocab={vocab}) implies at least {end} bytes, the file has {size}")
         self._mm = memmap(path)
-        tok_path = Path(tokenizer_path) if tokenizer_path is not None else path.parent / "tokenizer.model"
-        if not tok_path.exists():
-            raise LoadError(f"{path}: llama2.c checkpoints need a SentencePiece tokenizer.model; none at "
-                            f"{tok_path} (pass tokenizer_path=...)")
-        from ..tokenizer import Tokenizer
-        tok = Tokenizer.from_sentencepiece(tok_path, add_bos=True)
+        tok = _tokenizer(path, tokenizer_path, vocab)
         cfg.bos_token_id = tok.bos_id
         cfg.eos_token_ids = list(tok.eos_ids)
         super().__init__(path, cfg, tok, None, size)
@@ -156,9 +261,6 @@ class Llama2cCheckpoint(Checkpoint):
             qlist = _order(mats, L)
             for k, i in qlist:
                 n = int(np.prod(shapes[k]))
-                if n % gs:
-                    raise LoadError(f"{self.path}: llama2.c v2: {_hf(k, i)} has "
-                                    f"{n} values, not a multiple of group_size {gs}")
                 layout[_hf(k, i)] = {"kind": "q8", "shape": shapes[k], "qstart": pos}
                 pos += n
             for k, i in qlist:

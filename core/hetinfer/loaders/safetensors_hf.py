@@ -8,7 +8,8 @@ truncated or corrupt shard is reported by name, and every tensor is a numpy view
 
 from __future__ import annotations
 
-import json
+import itertools
+import math
 import struct
 from pathlib import Path
 
@@ -17,53 +18,119 @@ import numpy as np
 from ..config import KNOWN_ARCHITECTURES, ModelConfig
 from ..errors import ConfigError, LoadError
 from .base import BF16, Checkpoint, file_size, memmap, progress_bar
+from .files import decode_utf8, inside_name, json_type, parse_json, read_json, read_text
 
 _ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16, "F64": np.dtype("<f8")}
+# every whole-byte dtype of the safetensors format, with its size: a file may hold any of them
+# (the loaders read the float ones; int8 directories I8 too)
+ST_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                  "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+MAX_HEADER_BYTES = 100_000_000     # the safetensors library's own limit
+MAX_RANK = 8
 
 
-def read_json(path: Path, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise LoadError(f"cannot read {what} {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoadError(f"{path}: {what} is not valid JSON ({e})") from None
+def _unique_keys(pairs):
+    """object_pairs_hook: a JSON object whose keys are unique (a tensor named twice is corrupt)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise LoadError(f"key {dup!r} appears more than once")
+    return out
+
+
+def _header_json(raw: bytes, path: Path) -> dict:
+    what = "safetensors header"
+    header = parse_json(decode_utf8(raw, path, what), path, what, object_pairs_hook=_unique_keys)
+    if not isinstance(header, dict):
+        raise LoadError(f"{path}: {what} holds a JSON {json_type(header)}; expected an object of tensor entries")
+    return header
+
+
+def _check_metadata(meta, path: Path) -> None:
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise LoadError(f"{path}: safetensors __metadata__ is {json_type(meta)} {str(meta)[:80]}; expected an "
+                        "object of string values")
+
+
+def _entry(name: str, info, path: Path, data_len: int) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, every field checked against the data section."""
+    where = f"{path}: safetensors header entry {name!r}"
+    if not isinstance(info, dict):
+        raise LoadError(f"{where} is a JSON {json_type(info)}; expected an object with dtype, shape, data_offsets")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise LoadError(f"{where} has no {key!r}; expected dtype, shape and data_offsets")
+    dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dt, str) or dt not in ST_DTYPE_SIZES:
+        raise LoadError(f"{where}: dtype {str(dt)[:40]!r} is unknown; expected one of {', '.join(ST_DTYPE_SIZES)}")
+    if (not isinstance(shape, list) or len(shape) > MAX_RANK
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise LoadError(f"{where}: shape {str(shape)[:80]} is not a list of at most {MAX_RANK} non-negative "
+                        "integers")
+    if (not isinstance(offs, list) or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)):
+        raise LoadError(f"{where}: data_offsets {str(offs)[:80]} is not two non-negative integers [begin, end]")
+    b, e = offs
+    if b > e:
+        raise LoadError(f"{where}: data_offsets [{b}, {e}] end before they begin")
+    if e > data_len:
+        raise LoadError(f"{where} (bytes {b}..{e} of the data) runs past the end of the file, whose data "
+                        f"section has {data_len} bytes; the file is truncated or corrupt")
+    want = math.prod(shape) * ST_DTYPE_SIZES[dt]
+    if e - b != want:
+        raise LoadError(f"{where} has {e - b} bytes but shape {tuple(shape)} in {dt} needs {want}; the file is "
+                        "corrupt")
+    return dt, tuple(shape), b, e
 
 
 def read_safetensors_header(path: Path):
-    """-> ({name: (dtype_str, shape, absolute start, nbytes)}, memmap). LoadError when truncated/corrupt."""
-    size = file_size(path)
+    """-> ({name: (dtype_str, shape, absolute start, nbytes)}, memmap), every entry checked: dtype
+    known, shape non-negative integers, offsets in the data section, byte length = shape x dtype
+    size, no two tensors overlapping, __metadata__ an object of strings. LoadError naming the
+    file and the entry otherwise."""
+    size = file_size(path, "safetensors file")
     if size < 8:
         raise LoadError(f"{path}: safetensors file is truncated ({size} bytes; expected an 8-byte header "
                         "length, a JSON header and tensor data)")
-    with open(path, "rb") as f:
-        (hlen,) = struct.unpack("<Q", f.read(8))
-        if hlen > size - 8 or hlen > 100 << 20:
-            raise LoadError(f"{path}: safetensors header claims {hlen} bytes but the file has {size}; the file "
-                            "is truncated or not a safetensors file")
-        raw = f.read(hlen)
     try:
-        header = json.loads(raw)
-        assert isinstance(header, dict)
-    except Exception:
-        raise LoadError(f"{path}: safetensors JSON header is corrupt") from None
-    header.pop("__metadata__", None)
+        with open(path, "rb") as f:
+            (hlen,) = struct.unpack("<Q", f.read(8))
+            if hlen > size - 8:
+                raise LoadError(f"{path}: safetensors header claims {hlen} bytes but the file has {size}; the file "
+                                "is truncated or not a safetensors file")
+            if hlen > MAX_HEADER_BYTES:
+                raise LoadError(f"{path}: safetensors header claims {hlen} bytes; the format allows at most "
+                                f"{MAX_HEADER_BYTES}, so the file is corrupt or not a safetensors file")
+            raw = f.read(hlen)
+    except OSError as e:
+        raise LoadError(f"cannot read safetensors file {path}: {e.strerror}") from None
+    header = _header_json(raw, path)
+    if "__metadata__" in header:
+        _check_metadata(header.pop("__metadata__"), path)
     data_start = 8 + hlen
-    out = {}
-    for name, info in header.items():
-        try:
-            dt, shape, (b, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except Exception:
-            raise LoadError(f"{path}: safetensors header entry for {name!r} is malformed") from None
-        if data_start + e > size:
-            raise LoadError(f"{path}: tensor {name!r} (bytes {b}..{e} of the data) runs past the end of the file "
-                            f"({size} bytes); the file is truncated")
-        if dt in _ST_DTYPES and (e - b) != int(np.prod(shape)) * _ST_DTYPES[dt].itemsize:
-            raise LoadError(f"{path}: tensor {name!r} has {e - b} bytes but shape {shape} in {dt} needs "
-                            f"{int(np.prod(shape)) * _ST_DTYPES[dt].itemsize}; the file is corrupt")
-        out[name] = (dt, shape, data_start + b, e - b)
+    entries = {name: _entry(name, info, path, size - data_start) for name, info in header.items()}
+    spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
+    for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
+        if b1 < e0:
+            raise LoadError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section (one ends at byte "
+                            f"{e0}, the other begins at {b1}); the file is corrupt")
+    out = {name: (dt, shape, data_start + b, e - b) for name, (dt, shape, b, e) in entries.items()}
     return out, (memmap(path) if size > data_start else np.zeros(0, np.uint8))
+
+
+def _index_shards(path: Path, index: Path) -> tuple[list[str], dict[str, str]]:
+    """(shard file names, weight_map) of model.safetensors.index.json, types and names checked."""
+    wm = read_json(index, "safetensors index").get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise LoadError(f"{index}: has no 'weight_map' object; expected {{tensor name: shard file name}}")
+    for name, shard in wm.items():
+        if not isinstance(shard, str):
+            raise LoadError(f"{index}: weight_map[{name!r}] is a JSON {json_type(shard)}; expected a shard file name")
+    shards = sorted(set(wm.values()))
+    for shard in shards:
+        inside_name(path, shard, str(index))
+    return shards, wm
 
 
 class HFCheckpoint(Checkpoint):
@@ -72,49 +139,45 @@ class HFCheckpoint(Checkpoint):
     format = "hf"
 
     def __init__(self, path: Path, progress: bool = True):
-        cfg_dict = read_json(path / "config.json", "config.json")
-        config = ModelConfig.from_hf(cfg_dict)
+        cfg_path = path / "config.json"
+        cfg_dict = read_json(cfg_path, "config.json")
+        config = ModelConfig.from_hf(cfg_dict, source=str(cfg_path))
         if config.architecture not in KNOWN_ARCHITECTURES:
-            raise ConfigError(f"{path / 'config.json'}: architecture {config.architecture!r} is not supported; "
+            raise ConfigError(f"{cfg_path}: architecture {config.architecture!r} is not supported; "
                               f"known: {', '.join(KNOWN_ARCHITECTURES)}")
         index = path / "model.safetensors.index.json"
-        single = path / "model.safetensors"
+        weight_map = None
         if index.exists():
-            wm = read_json(index, "safetensors index").get("weight_map")
-            if not isinstance(wm, dict):
-                raise LoadError(f"{index}: has no 'weight_map' object")
-            shards = sorted(set(wm.values()))
-        elif single.exists():
+            shards, weight_map = _index_shards(path, index)
+        elif (path / "model.safetensors").exists():
             shards = ["model.safetensors"]
         else:
-            others = sorted(p.name for p in path.glob("*.safetensors"))
-            if not others:
+            shards = sorted(p.name for p in path.glob("*.safetensors"))
+            if not shards:
                 raise LoadError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 "(only safetensors weights are supported for HF directories)")
-            shards = others
         self._entries: dict[str, tuple] = {}
         self._maps: dict[str, np.ndarray] = {}
         mapped = 0
         for shard in progress_bar(shards, len(shards), f"opening {path.name}", progress):
             sp = path / shard
-            if not sp.exists():
+            if weight_map is not None and not sp.exists():
                 raise LoadError(f"{path}: shard {shard} named in the index is missing")
             entries, mm = read_safetensors_header(sp)
             self._maps[shard] = mm
             mapped += file_size(sp)
             for name, e in entries.items():
+                if name in self._entries:
+                    raise LoadError(f"{path}: tensor {name!r} is stored twice, in {self._entries[name][0]} and "
+                                    f"in {shard}; expected each tensor in one shard")
                 self._entries[name] = (shard, *e)
-        tok, template = None, None
-        from ..tokenizer import Tokenizer
-        tok = Tokenizer.from_hf_dir(path, cfg_dict)
-        tc = path / "tokenizer_config.json"
-        if tc.exists():
-            template = read_json(tc, "tokenizer_config.json").get("chat_template")
-            if isinstance(template, list):  # named templates: take the default one
-                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        if template is None and (path / "chat_template.jinja").exists():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        super().__init__(path, config, tok, template, mapped)
+        for name, shard in (weight_map or {}).items():
+            if name not in self._entries or self._entries[name][0] != shard:
+                raise LoadError(f"{index}: weight_map puts tensor {name!r} in {shard}, but {shard} does not hold "
+                                "it; the index does not match the shards")
+        from ..tokenizer import MissingTokenizer, Tokenizer
+        tok = Tokenizer.from_hf_dir(path, cfg_dict) or MissingTokenizer(path, config.eos_token_ids)
+        super().__init__(path, config, tok, _chat_template(path), mapped)
 
     def _stored_names(self):
         return set(self._entries)
@@ -137,3 +200,22 @@ class HFCheckpoint(Checkpoint):
                             f"{', '.join(_ST_DTYPES)}")
         arr = self._maps[shard][start:start + nbytes].view(_ST_DTYPES[dt]).reshape(shape)
         return arr.astype(np.float32) if dt == "F64" else arr
+
+
+def _chat_template(path: Path) -> str | None:
+    """tokenizer_config.json's chat_template (a string, or the one named "default" of a list of
+    {name, template}), else chat_template.jinja, else None."""
+    tc = path / "tokenizer_config.json"
+    template = read_json(tc, "tokenizer_config.json").get("chat_template") if tc.exists() else None
+    if isinstance(template, list):  # named templates: take the default one
+        if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+            raise LoadError(f"{tc}: chat_template is a list whose items are not all {{name, template}} objects "
+                            "with a string template")
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise LoadError(f"{tc}: chat_template is a JSON {json_type(template)}; expected a string or a list of "
+                        "{name, template} objects")
+    jinja = path / "chat_template.jinja"
+    if template is None and jinja.exists():
+        template = read_text(jinja, "chat_template.jinja")
+    return template
