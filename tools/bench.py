@@ -11,6 +11,14 @@ comparing its decode tok/s and peak RSS with the f32 case of the same run.
 
     python tools/bench.py --device cpu [--model PATH] [--prompt-len 256] [--new 64] [--quantize int8]
     python tools/bench.py --device cpu --batch 1,4,16 [--batch-prompt 128] [--batch-new 32]
+    python tools/bench.py --device cpu --gguf [--model FILE.gguf] [--threads 1,2] [--llamacpp-python PY]
+
+--gguf (issue 16): a GGUF file run packed (its blocks as stored, 8-bit activations) and
+dequantized to f32, and llama.cpp through llama-cpp-python on the same file, in the same
+run, at each thread count (OMP_NUM_THREADS / n_threads): load time, prefill and decode
+tok/s, peak RSS, and a summary line of ratios to llama.cpp. llama-cpp-python is an optional
+bench dependency: it runs when importable by this interpreter, or by --llamacpp-python
+(or $HETINFER_LLAMACPP_PYTHON), e.g. a separate venv; else its cases are skipped.
 """
 
 from __future__ import annotations
@@ -63,7 +71,8 @@ def case_hetinfer(args):
     from hetinfer.engine import Generator, load
     t = time.perf_counter()
     quantize = getattr(args, "case_quantize", None)
-    model, ckpt = load(args.model, args.device, args.dtype, max_context=args.prompt_len + args.new + 8,
+    dtype = None if args.dtype == "packed" else args.dtype             # dtype None: GGUF blocks kept packed
+    model, ckpt = load(args.model, args.device, dtype, max_context=args.prompt_len + args.new + 8,
                        progress=False, quantize=quantize)
     load_s = time.perf_counter() - t
     ids = prompt_ids(ckpt.tokenizer.encode, args.prompt_len)
@@ -71,8 +80,10 @@ def case_hetinfer(args):
     list(gen.generate(ids[:16], max_new_tokens=4, stop_ids=[]))                       # warm-up
     list(gen.generate(ids, max_new_tokens=args.new, stop_ids=[]))
     st = gen.stats
+    kinds = sorted({str(t.dtype) for l in model.layers for t in (l.wo, l.w_down)})
     return {"case": "hetinfer" + (f"_{quantize}" if quantize else ""), "device": args.device,
-            "dtype": args.dtype, "quantize": quantize, "load_s": load_s,
+            "dtype": args.dtype, "quantize": quantize, "weights": kinds, "threads": _threads(),
+            "load_s": load_s,
             "prompt_tokens": len(ids), "prefill_tok_s": st.prefill_tok_s,
             "decode_tokens": st.new_tokens - 1, "decode_tok_s": st.decode_tok_s,
             "weight_bytes": model.weight_bytes, "peak_rss_bytes": rss()}
@@ -140,13 +151,84 @@ def case_batch(args):
             "new": args.batch_new, "runs": out, "speedup_over_first": [r["decode_tok_s"] / base for r in out]}
 
 
+def _threads() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+
+
+def case_llamacpp(args):
+    """llama.cpp (llama-cpp-python) on the same file: the same prompt text, greedy decode."""
+    from llama_cpp import Llama, __version__
+    n = _threads()
+    t = time.perf_counter()
+    llm = Llama(model_path=args.model, n_ctx=args.prompt_len + args.new + 16, n_threads=n, n_threads_batch=n,
+                n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t
+    ids = prompt_ids(lambda text: llm.tokenize(text.encode(), add_bos=False), args.prompt_len)
+    llm.eval(ids[:16])                                                             # warm-up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t
+    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t = time.perf_counter()
+    for _ in range(args.new - 1):
+        llm.eval([nxt])
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode_s = time.perf_counter() - t
+    return {"case": "llamacpp", "version": __version__, "threads": n, "load_s": load_s,
+            "prompt_tokens": len(ids), "prefill_tok_s": len(ids) / prefill_s,
+            "decode_tokens": args.new - 1, "decode_tok_s": (args.new - 1) / decode_s, "peak_rss_bytes": rss()}
+
+
+def _llamacpp_python(args) -> str | None:
+    """An interpreter that can import llama_cpp: --llamacpp-python, $HETINFER_LLAMACPP_PYTHON, or this one."""
+    for py in (args.llamacpp_python, os.environ.get("HETINFER_LLAMACPP_PYTHON"), sys.executable):
+        if py and subprocess.run([py, "-c", "import llama_cpp"], capture_output=True, check=False).returncode == 0:
+            return py
+    return None
+
+
+def run_gguf(args):
+    """Packed, dequantized and llama.cpp on one GGUF file, at each thread count."""
+    from hetinfer.engine import default_model_path
+    args.model = args.model or str(default_model_path())
+    llama_py = _llamacpp_python(args)
+    if llama_py is None:
+        print(json.dumps({"case": "llamacpp", "skipped": "llama-cpp-python is not importable (pip install "
+                          "llama-cpp-python, or give --llamacpp-python)"}), flush=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for n in [int(x) for x in args.threads.split(",")]:
+        env = dict(os.environ, OMP_NUM_THREADS=str(n), HETINFER_CPU_THREADS=str(n))
+        common = ["--model", args.model, "--prompt-len", str(args.prompt_len), "--new", str(args.new)]
+        got = {}
+        runs = [("packed", [sys.executable, __file__, "--case", "hetinfer", "--dtype", "packed"]),
+                ("f32", [sys.executable, __file__, "--case", "hetinfer", "--dtype", "f32"])]
+        if llama_py:    # run as a script path so that a venv without hetinfer can run it
+            runs.append(("llamacpp", [llama_py, os.path.join(here, "bench.py"), "--case", "llamacpp"]))
+        for name, cmd in runs:
+            r = subprocess.run(cmd + common, capture_output=True, text=True, env=env, check=False)
+            if r.returncode != 0:
+                print(json.dumps({"case": name, "threads": n, "error": r.stderr.strip()[-500:]}), flush=True)
+                continue
+            got[name] = json.loads(r.stdout.strip().splitlines()[-1])
+            got[name]["case"] = "hetinfer_" + name if name != "llamacpp" else "llamacpp"
+            print(json.dumps(got[name]), flush=True)
+        if "llamacpp" in got and "packed" in got:
+            a, b = got["packed"], got["llamacpp"]
+            print(json.dumps({"case": "summary_vs_llamacpp", "threads": n, "model": os.path.basename(args.model),
+                              "decode_ratio": a["decode_tok_s"] / b["decode_tok_s"],
+                              "prefill_ratio": a["prefill_tok_s"] / b["prefill_tok_s"],
+                              "peak_rss_ratio": a["peak_rss_bytes"] / b["peak_rss_bytes"],
+                              "load_s": a["load_s"], "load_s_llamacpp": b["load_s"]}), flush=True)
+
+
 def case_hetinfer_int8(args):
     args.case_quantize = "int8"
     return case_hetinfer(args)
 
 
 CASES = {"bandwidth": case_bandwidth, "hetinfer": case_hetinfer, "hetinfer_int8": case_hetinfer_int8,
-         "hf": case_hf, "batch": case_batch}
+         "hf": case_hf, "batch": case_batch, "llamacpp": case_llamacpp}
 
 
 def main():
@@ -161,6 +243,10 @@ def main():
     p.add_argument("--batch", default=None, help="only batched decode at these batch sizes, e.g. 1,4,16")
     p.add_argument("--batch-prompt", type=int, default=128)
     p.add_argument("--batch-new", type=int, default=32)
+    p.add_argument("--gguf", action="store_true",
+                   help="a GGUF file packed, dequantized and on llama.cpp (llama-cpp-python), side by side")
+    p.add_argument("--threads", default="1,2", help="thread counts for --gguf (default 1,2)")
+    p.add_argument("--llamacpp-python", default=None, help="an interpreter that has llama-cpp-python")
     p.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
     p.add_argument("--hf-threads", type=int, default=0, help=argparse.SUPPRESS)
     args, unknown = p.parse_known_args()
@@ -171,6 +257,9 @@ def main():
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.case:
         print(json.dumps(CASES[args.case](args)))
+        return
+    if args.gguf:
+        run_gguf(args)
         return
     if args.batch:
         print(json.dumps(case_batch(args)))

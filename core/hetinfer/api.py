@@ -1,7 +1,7 @@
 """The Python API, in the style users know from vLLM:
 
     from hetinfer import LLM, SamplingParams
-    llm = LLM(device="cpu", dtype="f32")                 # default model: SmolLM2
+    llm = LLM(device="cpu")            # default model: SmolLM2, its Q4_1 weights kept packed
     out = llm.generate("Once upon a time", SamplingParams(temperature=0.8, seed=1))[0]
     for piece in llm.stream("The sea is", SamplingParams(max_tokens=20)): print(piece, end="")
     llm.chat([{"role": "user", "content": "Hi!"}]).text
@@ -43,10 +43,11 @@ class LLM:
     number >= 2, at most the model's context limit (a larger one is a ConfigError, as in vLLM);
     None: that limit."""
 
-    def __init__(self, model=None, device: str = "cpu", dtype: str = "f32", max_context: int | None = None,
-                 progress: bool = False, eager: bool = False, quantize: str | None = None, **engine_options):
+    def __init__(self, model=None, device: str = "cpu", dtype: str | None = None, max_context: int | None = None,
+                 progress: bool = False, eager: bool = False, quantize: str | None = None,
+                 weights: str | None = None, **engine_options):
         self.model, self.checkpoint = load(model, device, dtype, max_context, progress=progress,
-                                           quantize=quantize)
+                                           quantize=quantize, weights=weights)
         self.tokenizer = self.checkpoint.tokenizer
         self.engine = LLMEngine(self.model, self.tokenizer, max_context=max_context, graphs=not eager,
                                 verbose=progress, **engine_options)

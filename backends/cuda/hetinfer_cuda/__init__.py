@@ -84,6 +84,8 @@ def register_kernels(register):
     if not probe()["available"]:
         return
     from .kernels import FLOATS, KERNELS
+    from .packed import FORMATS as PACKED, PACKED_OPS
     for op, fn in KERNELS:
-        for dt in FLOATS + (("i8",) if op == "matmul" else ()):
+        extra = (("i8",) if op == "matmul" else ()) + (PACKED if op in PACKED_OPS else ())
+        for dt in FLOATS + extra:
             register(op, "cuda", dt, fn)   # strided views handled on the device

@@ -6,7 +6,10 @@
 - `compile_cubin()`: NVRTC for the device's own architecture (sm_XY); the compile log is
   in the exception; CUBINs are cached on disk ($HETINFER_CACHE/cuda, default
   ~/.cache/hetinfer/cuda) under a hash of source, options, architecture and NVRTC
-  version, so a second start compiles nothing. Modules and functions are cached in process.
+  version, so a second start compiles nothing. The cache is private to the user
+  (hetinfer.kernel_cache: 0700, files 0600 with a sha256 recorded at build; a CUBIN not owned
+  by this user, writable by others, a symlink or not matching its digest is recompiled, with a
+  warning). Modules and functions are cached in process.
 - `launch()`: the one place kernels are launched (args packed for cuLaunchKernel).
 
 cuda.bindings is imported inside functions only: importing this module needs no CUDA.
@@ -17,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -234,17 +236,29 @@ def cache_key(source: str, options, arch: str) -> str:
 
 def compile_cubin(source: str, name: str, options, arch: str, key: str | None = None,
                   use_disk_cache: bool = True) -> bytes:
-    """NVRTC: source -> CUBIN for arch (e.g. 'sm_90'). Raises CompileError with the log."""
+    """NVRTC: source -> CUBIN for arch (e.g. 'sm_90'), through the private disk cache.
+    Raises CompileError with the log."""
+    from hetinfer.kernel_cache import KernelCache
     key = key or cache_key(source, tuple(options), arch)
-    path = cache_dir() / f"{name}-{arch}-{key[:32]}.cubin"
-    if use_disk_cache:
+    fname = f"{name}-{arch}-{key[:32]}.cubin"
+    cache = KernelCache(cache_dir()) if use_disk_cache else None
+    if cache is not None:
+        data = cache.read(fname)
+        if data:
+            stats.disk_hits += 1
+            return data
+    cubin = nvrtc_compile(source, name, options, arch)
+    stats.nvrtc_compiles += 1
+    if cache is not None:
         try:
-            data = path.read_bytes()
-            if data:
-                stats.disk_hits += 1
-                return data
+            cache.store(fname, cubin)
         except OSError:
-            pass
+            pass   # a read-only cache only costs a compile next time
+    return cubin
+
+
+def nvrtc_compile(source: str, name: str, options, arch: str) -> bytes:
+    """NVRTC: source -> CUBIN bytes for arch, no cache. Raises CompileError with the log."""
     nvrtc = _nvrtc()
     opts = [f"--gpu-architecture={arch}", "--std=c++17", "-default-device"] + list(options)
     prog = check_nvrtc(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []),
@@ -268,20 +282,9 @@ def compile_cubin(source: str, name: str, options, arch: str, key: str | None = 
         size = check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
         buf = bytearray(int(size))
         check_nvrtc(nvrtc.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
-        cubin = bytes(buf)
+        return bytes(buf)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
-    stats.nvrtc_compiles += 1
-    if use_disk_cache:
-        try:   # atomic: write a temporary file, then rename it into place
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(cubin)
-            os.replace(tmp, path)
-        except OSError:
-            pass   # a read-only cache only costs a compile next time
-    return cubin
 
 
 # ---------------------------------------------------------------- the project's kernels
@@ -305,6 +308,22 @@ def kernel(dev: CudaDevice, dtype_name: str, fn_name: str):
     if f is None:
         f = _kernels[(dev.index, dtype_name, fn_name)] = dev.function(
             ops_source(), f"hetinfer_ops_{dtype_name}", fn_name, (f"-DHI_DTYPE={_DTYPE_CODE[dtype_name]}",))
+    return f
+
+
+_packed_source: str | None = None
+
+
+def packed_kernel(dev: CudaDevice, dtype_name: str, fn_name: str):
+    """The CUfunction fn_name of the packed-weight module (common.cuh + packed.cu: GGUF block
+    formats) for activation type dtype_name; a module of its own, compiled on first use."""
+    global _packed_source
+    f = _kernels.get((dev.index, dtype_name, "packed:" + fn_name))
+    if f is None:
+        if _packed_source is None:
+            _packed_source = (_CSRC / "common.cuh").read_text() + "\n" + (_CSRC / "packed.cu").read_text()
+        f = _kernels[(dev.index, dtype_name, "packed:" + fn_name)] = dev.function(
+            _packed_source, f"hetinfer_packed_{dtype_name}", fn_name, (f"-DHI_DTYPE={_DTYPE_CODE[dtype_name]}",))
     return f
 
 

@@ -175,6 +175,9 @@ def _strided(fn, outputs):
 
 # ---------------------------------------------------------------- ops
 def embedding(ids, table, out):
+    if table.dtype.name not in FLOATS:                 # a packed (GGUF block) table
+        from .packed import packed_embedding
+        return packed_embedding(ids, table, out)
     key = table.dtype.name
     dev = _dev(table)
     o32 = out.dtype == DT.f32 and key != "f32"       # an f32 residual stream from T weights
@@ -214,7 +217,7 @@ def rms_norm(x, weight, eps, out):
 def _compute_dtype(x, weight, out) -> str:
     """The element type of the module that runs a matmul: the weight's, or for int8
     weights the activations' (the first of x, out that is not f32; else f32)."""
-    if weight.dtype != DT.i8:
+    if weight.dtype != DT.i8 and weight.dtype.packed is None:
         return weight.dtype.name
     for t in (x, out):
         if t.dtype != DT.f32:
@@ -292,7 +295,7 @@ def matmul(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, r
     dequantized into a temporary first), epilogue kernel."""
     key = _compute_dtype(x, weight, out)
     dev = _dev(weight)
-    N, K = weight.shape
+    N, K = weight.shape[0], weight.shape[1] * weight.dtype.block     # packed: (N, K // block) blocks
     No = N // 2 if act else N
     M = out.numel // No if No else 0
     if M == 0 or N == 0:
@@ -308,6 +311,12 @@ def matmul(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, r
     nw = _as(norm_weight, key)
     pro = int(norm_weight is not None)
     swi = int(act == "swiglu")
+    packed = weight.dtype.packed is not None
+    if packed and K and M <= GEMV_MAX_M:          # GGUF blocks: packed.py's fused GEMV
+        from . import packed as PK
+        PK.gemv_fused(dev, key, xk, x32, weight, weight.dtype.name, b, nw, eps, pro, swi, rk, r32, o, o32, M, N, K)
+        _finish(o, out)
+        return
     if BATCH_INVARIANT and key in ("f16", "bf16") and weight.dtype.name == key:
         # every M: norm kernel into a key-typed (M, K) operand, gemm_bi, epilogue kernel
         a = xk
@@ -363,7 +372,10 @@ def matmul(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, r
     elif x32:
         a = _as(xk, key)
     w = weight
-    if quant:
+    if packed:                                    # dequantized into a temporary, as int8 is
+        from . import packed as PK
+        w = PK.packed_dequant(weight, weight.dtype, N, K, empty((N, K), key, weight.device))
+    elif quant:
         w = empty((N, K), key, weight.device)
         _launch(dev, key, "dequant_i8", (_grid_1d(dev, N * K),), (256,),
                 [Arg.ptr(_p(weight)), Arg.ptr(_p(sc)), Arg.i32(sc.dtype == DT.f32), Arg.ptr(_p(w)),

@@ -40,13 +40,15 @@ def check_max_context(max_context, limit: int | None = None, model=None) -> int 
     return int(max_context)
 
 
-def load(path=None, device="cpu", dtype="f32", max_context: int | None = None, progress: bool = True,
-         quantize: str | None = None):
+def load(path=None, device="cpu", dtype=None, max_context: int | None = None, progress: bool = True,
+         quantize: str | None = None, weights: str | None = None):
     """Load (model, checkpoint) for a path (HF dir, GGUF, llama2.c, hetinfer_int8 dir) on a device.
 
     quantize="int8": quantize the Linear weights to int8 groups while loading (hetinfer.quant;
     GGUF Q8_0 / llama2.c v2 int8 groups are taken as they are). A hetinfer_int8 directory
-    loads as int8 without it. max_context above the model's context limit is refused."""
+    loads as int8 without it. max_context above the model's context limit is refused.
+    dtype None: the model's default run dtype (f32), a GGUF file's packed weights kept packed;
+    weights "packed" / "dequantize" overrides that choice (the model plugin's `weights`)."""
     from ..loaders import load_checkpoint
     max_context = check_max_context(max_context)
     if quantize not in (None, "none", "int8"):
@@ -65,6 +67,7 @@ def load(path=None, device="cpu", dtype="f32", max_context: int | None = None, p
     if cls is None:
         have = ", ".join(sorted(registered)) or "none (pip install hetinfer-models)"
         raise ConfigError(f"unknown architecture {arch!r}; registered architectures: {have}")
+    extra = {} if weights is None else {"weights": weights}     # plugins that know no packed weights
     model = cls.from_checkpoint(ckpt, device=device, dtype=dtype, max_context=max_context,
-                                progress=progress)
+                                progress=progress, **extra)
     return model, ckpt

@@ -94,11 +94,14 @@ def _dispatch(op, key_dtype, device, outputs, **kwargs):
 
 # --- the ops -----------------------------------------------------------------------
 def embedding(ids: Tensor, table: Tensor, out: Tensor | None = None) -> Tensor:
+    """out[t] = table[ids[t]]; a packed table (V, D // block) gives its rows dequantized,
+    (T, D) in out's dtype (f32 by default)."""
     op = "embedding"
     _t(op, "ids", ids, (D.i32, D.i64), 1)
-    _t(op, "table", table, D.FLOATS, 2)
+    _t(op, "table", table, D.FLOATS + D.PACKED, 2)
     _same_device(op, ids=ids, table=table, out=out)
-    out = _out(op, out, (ids.shape[0], table.shape[1]), table.dtype, table.device, D.FLOATS)
+    out_dt = D.f32 if table.dtype.packed else table.dtype
+    out = _out(op, out, (ids.shape[0], table.shape[1] * table.dtype.block), out_dt, table.device, D.FLOATS)
     if ids._host:
         bad = ids.numpy()
         if bad.size and (bad.min() < 0 or bad.max() >= table.shape[0]):
@@ -127,6 +130,8 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor
     """out = residual + act(pro(x) @ weight^T + bias), with weight (N, K).
 
     An i8 weight needs scales (N, K // G), one per group of G consecutive input columns.
+    A packed weight (hetinfer.packed: q8_0, q4_0 ... q6_k) is a Tensor (N, K // block) of
+    blocks; its kernels may round pro(x) to 8 bits per block of the format's act_block.
     The prologue pro(x) is x itself, or with norm_weight (K,) rms_norm(x, norm_weight, eps).
     act=None gives y (..., N); act="swiglu" treats y as [gate | up] halves and gives
     silu(gate) * up (..., N // 2). residual (the output's shape) is added last and may be
@@ -134,14 +139,18 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor
     residual adds into its products; kernels receive every keyword."""
     op = "matmul"
     _t(op, "x", x, D.FLOATS)
-    _t(op, "weight", weight, D.FLOATS + (D.i8,), 2)
-    n, k = weight.shape
+    _t(op, "weight", weight, D.FLOATS + (D.i8,) + D.PACKED, 2)
+    n, k = weight.shape[0], weight.shape[1] * weight.dtype.block                # logical (N, K)
     if act not in (None, "swiglu"):
         raise ShapeError(f"{op}: act must be None or 'swiglu', got {act!r}")
     if act == "swiglu" and n % 2:
         raise ShapeError(f"{op}: act='swiglu' needs an even number of weight rows [gate | up], got {n}")
     if x.ndim == 0 or x.shape[-1] != k:
-        raise ShapeError(f"{op}: x has shape {x.shape} and weight {weight.shape}; "
+        packed = (f" ({weight.dtype} blocks of {weight.dtype.block}: logical shape ({n}, {k}))"
+                  if weight.dtype.packed else "")
+        if weight.dtype.packed and x.ndim and x.shape[-1] % weight.dtype.block:
+            packed += f"; K={x.shape[-1]} is not a multiple of the {weight.dtype} block of {weight.dtype.block}"
+        raise ShapeError(f"{op}: x has shape {x.shape} and weight {weight.shape}{packed}; "
                          f"expected x of shape (..., {k}) to match weight (N, K={k})")
     if bias is not None:
         _t(op, "bias", bias, D.FLOATS, 1)
@@ -157,7 +166,8 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, scales: Tensor
             raise ShapeError(f"{op}: scales has shape {scales.shape}; expected ({n}, K // group) "
                              f"with a group size dividing K={k}")
     elif scales is not None:
-        raise DTypeError(f"{op}: scales given for a {weight.dtype} weight; only i8 weights take scales")
+        raise DTypeError(f"{op}: scales given for a {weight.dtype} weight; only i8 weights take scales"
+                         + (" (a packed weight carries its own)" if weight.dtype.packed else ""))
     shape = x.shape[:-1] + (n // 2 if act else n,)
     if residual is not None:
         _t(op, "residual", residual, D.FLOATS)

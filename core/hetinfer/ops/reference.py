@@ -11,6 +11,7 @@ def f64(a) -> np.ndarray:
 
 
 def embedding(ids, table):
+    """table: floats (V, D); a packed table goes through dequantize_packed first."""
     return f64(table)[np.asarray(ids)]                       # (T, D)
 
 
@@ -24,6 +25,20 @@ def dequantize_int8(weight, scales):
     n, k = weight.shape
     g = k // scales.shape[1]
     return (f64(weight).reshape(n, k // g, g) * f64(scales)[:, :, None]).reshape(n, k)
+
+
+def dequantize_packed(blocks, fmt):
+    """A packed weight (N, K // block) of np.void blocks (or its uint8 bytes (N, bytes)) in
+    format fmt (a packed DType, its name, or a hetinfer.packed.Format) -> (N, K) float64,
+    by the gguf package's own dequantizers (independent of every hetinfer kernel)."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from .. import dtypes
+    f = fmt if hasattr(fmt, "ggml_type") else dtypes.dtype(fmt).packed
+    raw = np.ascontiguousarray(blocks)
+    raw = raw.view(np.uint8).reshape(raw.shape[0], -1)                    # (N, K // block * nbytes)
+    return f64(dequantize(raw, GGMLQuantizationType(f.ggml_type)))        # (N, K)
 
 
 def matmul(x, weight, bias=None, scales=None, norm_weight=None, eps=1e-6, act=None, residual=None):

@@ -15,7 +15,8 @@ import hetinfer
 from hetinfer import dtypes as D
 from hetinfer.ops import reference as R
 
-from .strategies import MAX_HIDDEN, MAX_SEQ, Case, head_dim, hidden, lead_shape
+from .strategies import (MAX_HIDDEN, MAX_SEQ, Case, head_dim, hidden, lead_shape, packed_blocks,
+                         packed_rounding_bound)
 
 CASES: dict = {}
 
@@ -38,19 +39,26 @@ def _positions(case: Case, name: str, pos: np.ndarray):
 # --- embedding -----------------------------------------------------------------------
 @builder("embedding")
 def embedding(case: Case):
+    packed = case.dtype.packed is not None
     vocab = case.draw(hidden(), "vocab")
-    d = case.draw(hidden(), "dim")
+    if packed:                       # whole blocks per row
+        d = case.dtype.block * case.draw(st.integers(1, 4 if case.dtype.block == 32 else 2), "blocks")
+    else:
+        d = case.draw(hidden(), "dim")
     t = case.draw(st.integers(1, 64), "tokens")
     ids_dt = case.draw(st.sampled_from(["i32", "i64"]), "ids.dtype")
     ids = case.rng.integers(0, vocab, size=t)
     ids[0] = case.draw(st.sampled_from([0, vocab - 1, int(ids[0])]), "ids[0]")   # edges of the table
-    table = case.normal((vocab, d), case.dtype)
+    table = packed_blocks(case.rng, case.dtype, vocab, d) if packed else case.normal((vocab, d), case.dtype)
     out_dt = case.other_float("out.dtype")
     ids_t = case.input("ids", ids.astype(D.dtype(ids_dt).np), ids_dt)
-    table_t = case.input("table", table)
+    table_t = case.input("table", table, case.dtype)
     out = case.output("out", (t, d), out_dt)
     case.call = lambda: hetinfer.ops.embedding(ids_t, table_t, out=out)
-    case.expect_exact("out", out, R.embedding(ids, table))
+    if packed:                       # rows dequantized in f32 (or the out dtype): rounding only
+        case.expect_close("out", out, R.embedding(ids, R.dequantize_packed(table, case.dtype)))
+    else:
+        case.expect_exact("out", out, R.embedding(ids, table))
 
 
 # --- rms_norm ------------------------------------------------------------------------
@@ -74,9 +82,12 @@ def rms_norm(case: Case):
 @builder("matmul")
 def matmul(case: Case):
     quant = case.dtype == D.i8
+    packed = case.dtype.packed is not None
     if quant:
         group = case.draw(st.sampled_from([32, 64, 128]), "group")
         k = group * case.draw(st.integers(1, 4), "groups")
+    elif packed:
+        k = case.dtype.block * case.draw(st.integers(1, 4 if case.dtype.block == 32 else 2), "blocks")
     else:
         k = case.draw(hidden(), "K")
     act = case.draw(st.sampled_from([None, "swiglu"]), "act")
@@ -92,6 +103,9 @@ def matmul(case: Case):
         s_dt = case.other_float("scales.dtype")
         scales = (case.rng.uniform(0.002, 0.05, size=(n, k // group))).astype(s_dt.np)
         wf = R.dequantize_int8(w, scales)
+    elif packed:                     # the gguf package's dequantizers are the reference
+        w = packed_blocks(case.rng, case.dtype, n, k, 1.0 / np.sqrt(k))
+        scales, wf = None, R.dequantize_packed(w, case.dtype)
     else:
         w = case.normal((n, k), case.dtype, 1.0 / np.sqrt(k))
         scales, wf = None, w.astype(np.float64)
@@ -112,30 +126,38 @@ def matmul(case: Case):
     s_t = case.input("scales", scales) if quant else None
     b_t = case.input("bias", bias) if bias is not None else None
     nw_t = case.input("norm_weight", norm_w) if norm_w is not None else None
-    expected = R.matmul(x, w, bias, scales, norm_weight=norm_w, eps=1e-5, act=act, residual=residual)
+    w_ref = wf if packed else w
+    expected = R.matmul(x, w_ref, bias, scales, norm_weight=norm_w, eps=1e-5, act=act, residual=residual)
     # error scale: |pro(x)| @ |W|^T (+ |bias|), through the activation's slope (<= 1.1 for
     # silu, times |up|, plus |silu(gate)| for the up half), plus |residual|
     a = np.abs(R.rms_norm(x, norm_w, 1e-5)) if norm else np.abs(x.astype(np.float64))
+    y = R.matmul(x, w_ref, bias, scales, norm_weight=norm_w, eps=1e-5) if act else None
+
+    def through_act(m, cross=False):   # y's error bound (..., N) -> the output's (+ dgate dup)
+        if not act:
+            return m
+        h = n // 2
+        out = 1.1 * m[..., :h] * np.abs(y[..., h:]) + np.abs(R.swiglu(y[..., :h], np.ones_like(y[..., h:]))) * m[..., h:]
+        return out + 1.1 * m[..., :h] * m[..., h:] if cross else out
     mag = a @ np.abs(wf).T
     if bias is not None:
         mag = mag + np.abs(bias.astype(np.float64))
-    if act:
-        y = R.matmul(x, w, bias, scales, norm_weight=norm_w, eps=1e-5)
-        h = n // 2
-        mag = 1.1 * mag[..., :h] * np.abs(y[..., h:]) + np.abs(R.swiglu(y[..., :h], np.ones_like(y[..., h:]))) * mag[..., h:]
+    mag = through_act(mag)
     if residual is not None:
         mag = mag + np.abs(residual.astype(np.float64))
     mag = np.maximum(mag, mag.max(initial=0) * 1e-3)
+    # packed weights: the kernel may round pro(x) to 8 bits per act_block values (ops.matmul)
+    bound = through_act(1.01 * packed_rounding_bound(a, wf, case.dtype.packed.act_block), True) if packed else None
     kw = dict(bias=b_t, scales=s_t, norm_weight=nw_t, eps=1e-5, act=act)
     if in_place:
         r_t = case.inout("residual", residual)
         case.call = lambda: hetinfer.ops.matmul(x_t, w_t, residual=r_t, out=r_t, **kw)
-        case.expect_close("residual (out=residual)", r_t, expected, mag=mag)
+        case.expect_close("residual (out=residual)", r_t, expected, mag=mag, bound=bound)
         return
     r_t = case.input("residual", residual) if residual is not None else None
     out = case.output("out", out_shape, out_dt)
     case.call = lambda: hetinfer.ops.matmul(x_t, w_t, residual=r_t, out=out, **kw)
-    case.expect_close("out", out, expected, mag=mag)
+    case.expect_close("out", out, expected, mag=mag, bound=bound)
 
 
 # --- rope ----------------------------------------------------------------------------

@@ -127,6 +127,41 @@ def layouts(shape, allow=("contig", "offset", "step", "transpose")):
     return st.one_of(st.just(Layout("contig")), st.one_of(*options))
 
 
+# --- packed weights -------------------------------------------------------------------
+def packed_blocks(rng: np.random.Generator, dtype, n: int, k: int, scale: float = 1.0) -> np.ndarray:
+    """(N, K // block) blocks of a packed dtype (hetinfer.packed), as np.void. The legacy
+    formats: N(0, scale^2) weights quantized by the gguf package. The k-quants (which gguf
+    cannot quantize): random bytes (every quant, scale and min) with f16 super-block scales
+    d, dmin drawn so the values have about the given scale."""
+    f = D.dtype(dtype).packed
+    if f.block == 32:
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import quantize
+        w = (rng.standard_normal((n, k)) * scale).astype(np.float32)
+        raw = quantize(w, GGMLQuantizationType(f.ggml_type))
+    else:
+        raw = rng.integers(0, 256, size=(n, k // f.block, f.nbytes), dtype=np.uint8)
+        # q4_k / q5_k: |x| <= d 63 31 + dmin 63; q6_k: |x| <= d 128 32
+        unit = scale / (63 * 16) if f.name != "q6_k" else scale / (128 * 32)
+        d = (rng.uniform(0.5, 2.0, size=raw.shape[:2] + (2,)) * unit).astype(np.float16).view(np.uint8)
+        if f.name == "q6_k":
+            raw[:, :, 208:210] = d[:, :, :2]
+        else:
+            raw[:, :, 0:4] = d                                   # d, dmin
+        raw = raw.reshape(n, -1)
+    return np.ascontiguousarray(raw).view(D.dtype(dtype).np)  # (N, K // block)
+
+
+def packed_rounding_bound(a: np.ndarray, w: np.ndarray, act_block: int) -> np.ndarray:
+    """The most a packed matmul's rounding of its activations a (..., K) to 8 bits per block
+    of act_block values (scale max|a| / 127, so each value moves by <= max|a| / 254) can
+    change a @ w^T, w (N, K) float64: sum_k |w[n, k]| max|a|(block of k) / 254, (..., N)."""
+    a = np.abs(np.asarray(a, np.float64))
+    k = a.shape[-1]
+    amax = a.reshape(a.shape[:-1] + (k // act_block, act_block)).max(-1)      # (..., K // act_block)
+    return np.repeat(amax / 254.0, act_block, axis=-1) @ np.abs(w).T          # (..., N)
+
+
 # --- one case ------------------------------------------------------------------------
 @dataclass
 class _Out:
@@ -144,6 +179,7 @@ class _Check:
     expected: object
     kind: str             # "close", "exact" or "member"
     mag: object = None
+    bound: object = None  # an error allowed per element on top of the tolerance (see expect_close)
 
 
 class Case:
@@ -187,6 +223,8 @@ class Case:
         dt = D.dtype(dtype)
         if dt.is_float:
             return self.normal(shape, dt, 3.0)
+        if dt.packed is not None:                    # blocks of random bytes
+            return self.rng.integers(0, 256, size=tuple(shape) + (dt.itemsize,), dtype=np.uint8).view(dt.np)[..., 0]
         return self.rng.integers(-100, 100, size=tuple(shape)).astype(dt.np)
 
     def _place(self, name, arr, dtype, layout_ok=True):
@@ -230,10 +268,12 @@ class Case:
         return t
 
     # expectations
-    def expect_close(self, name: str, tensor: Tensor, expected, mag=None) -> None:
+    def expect_close(self, name: str, tensor: Tensor, expected, mag=None, bound=None) -> None:
         """tensor ~= expected (float64) within the tolerance of the least precise dtype
-        involved. mag: per-element error scale (default max |expected|)."""
-        self._checks.append(_Check(name, tensor, np.asarray(expected, np.float64), "close", mag))
+        involved. mag: per-element error scale (default max |expected|). bound: a per-element
+        error allowed on top, one the op's contract permits (a packed matmul's 8-bit rounding
+        of its activations: packed_rounding_bound)."""
+        self._checks.append(_Check(name, tensor, np.asarray(expected, np.float64), "close", mag, bound))
 
     def expect_exact(self, name: str, tensor: Tensor, expected) -> None:
         """tensor == expected, after expected is rounded to tensor's dtype."""
@@ -267,6 +307,9 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         return False
+    if a.dtype.kind == "V" or b.dtype.kind == "V":                # packed blocks: their bytes
+        return a.dtype == b.dtype and bool(np.array_equal(np.ascontiguousarray(a).view(np.uint8),
+                                                          np.ascontiguousarray(b).view(np.uint8)))
     if a.dtype.kind in "iu" or b.dtype.kind in "iu":
         return bool(np.array_equal(a, b))
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
@@ -301,7 +344,7 @@ def _compare(c: _Check, dtypes) -> list[str]:
     # below the output dtype's smallest normal number values are subnormal (or flushed to
     # zero, as GPU kernels may): errors up to that size are rounding, not a bug
     atol = float(ml_dtypes.finfo(got.dtype).smallest_normal)
-    err = np.maximum(np.abs(g - want) - atol, 0.0)
+    err = np.maximum(np.abs(g - want) - atol - (0.0 if c.bound is None else np.asarray(c.bound)), 0.0)
     mag = np.broadcast_to(np.asarray(c.mag, np.float64) if c.mag is not None
                           else np.float64(np.abs(want).max(initial=0.0)), want.shape)
     mag = np.maximum(mag, 1e-30)
