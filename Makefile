@@ -8,8 +8,9 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 PROMPT ?= Once upon a time, in a small village by the sea,
 N      ?= 64
 # Debian packages the tests need, installed by the test set-up when missing (chromium: the chat page's
-# browser test). One list: add to it, don't add another install step.
-TEST_DEBS := chromium
+# browser test; openmpi-bin: mpirun for the tensor-parallel tests, whose mpi4py wheel loads Open MPI's
+# libmpi, which comes with it). One list: add to it, don't add another install step.
+TEST_DEBS := chromium openmpi-bin
 
 .PHONY: run test test-all bench clean test-debs
 

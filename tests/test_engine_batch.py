@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tiny):
-    return load(tiny, "cpu", "f32", max_context=256, progress=False)[0]
+    return load(tiny, "cpu", "f32", max_context=128, progress=False)[0]
 
 
 def _prompts(n, seed=0, lo=1, hi_=60):
@@ -34,7 +34,7 @@ def _prompts(n, seed=0, lo=1, hi_=60):
 def _alone(model, prompts, params):
     out = []
     for p, sp in zip(prompts, params):
-        eng = LLMEngine(model, None, max_context=256, block_size=8)
+        eng = LLMEngine(model, None, max_context=128, block_size=8)
         out.append(eng.generate([p], sp)[0].output_ids)
     return out
 
@@ -43,7 +43,7 @@ def test_64_prompts_of_mixed_lengths_give_each_its_tokens_alone(tiny):
     """LLM.generate on 64 prompts runs them concurrently (chunked prefill: a 48-token budget
     per step, so prompts are split and decode rows share steps with prefill chunks) and each
     gets exactly the greedy tokens it gets alone."""
-    llm = LLM(tiny, max_context=256, max_num_seqs=64, max_num_batched_tokens=48, block_size=8)
+    llm = LLM(tiny, max_context=128, max_num_seqs=64, max_num_batched_tokens=48, block_size=8)
     prompts = _prompts(64)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     together = llm.generate(prompts, params)
@@ -57,7 +57,7 @@ def test_seeded_sampling_is_the_same_in_any_batch(model):
     prompts = _prompts(12, seed=1)
     params = [SamplingParams(temperature=t, top_p=0.9, top_k=k, seed=100 + i, max_tokens=10, ignore_eos=True)
               for i, (t, k) in enumerate(zip([0.7, 1.0, 1.3, 0.0] * 3, [0, 20, 5] * 4))]
-    eng = LLMEngine(model, None, max_context=256, block_size=8, max_num_batched_tokens=40)
+    eng = LLMEngine(model, None, max_context=128, block_size=8, max_num_batched_tokens=40)
     together = [s.output_ids for s in eng.generate(prompts, params)]
     assert together == _alone(model, prompts, params)
 
@@ -79,7 +79,7 @@ def test_preemption_under_a_small_kv_budget_loses_nothing(model):
 def test_shared_prefix_is_prefilled_once(model):
     system = list(range(10, 74))                           # 64 tokens = 8 blocks of 8
     prompts = [system + [100 + i, 200 + i] for i in range(6)]
-    eng = LLMEngine(model, None, max_context=256, block_size=8)
+    eng = LLMEngine(model, None, max_context=128, block_size=8)
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     first = eng.generate(prompts[:1], params)
     rest = eng.generate(prompts[1:], params)
@@ -88,7 +88,7 @@ def test_shared_prefix_is_prefilled_once(model):
 
 
 def test_abort_frees_blocks_and_the_others_finish(model):
-    eng = LLMEngine(model, None, max_context=256, block_size=8)
+    eng = LLMEngine(model, None, max_context=128, block_size=8)
     a = eng.add_request(list(range(3, 40)), SamplingParams(max_tokens=50, ignore_eos=True))
     b = eng.add_request(list(range(5, 30)), SamplingParams(max_tokens=5, ignore_eos=True))
     eng.step()
@@ -130,10 +130,10 @@ def test_bad_requests_get_one_clear_error_and_harm_no_other(model):
 ])
 def test_bad_engine_settings(model, kw, err, match):
     with pytest.raises(err, match=match):
-        LLMEngine(model, None, max_context=256, **kw)
+        LLMEngine(model, None, max_context=128, **kw)
 
 
 def test_budget_line_says_blocks_tokens_and_fit(model):
-    eng = LLMEngine(model, None, max_context=256, kv_cache_memory=1 << 20)
+    eng = LLMEngine(model, None, max_context=128, kv_cache_memory=1 << 20)
     line = eng.budget.line()
     assert f"{eng.blocks.num_blocks} blocks of 16 tokens" in line and "sequence(s) of the full context (128)" in line

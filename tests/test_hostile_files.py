@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import tracemalloc
 
 import pytest
@@ -589,3 +590,148 @@ def test_unreadable_directory_and_file(tmp_path):
     finally:
         os.chmod(d, 0o755)
 
+
+
+# ---- regressions found by tools/fuzz_inputs.py (each one root cause) ----------------------------------
+@pytest.mark.parametrize("key", ["rms_norm_eps", "rope_theta"])
+def test_config_number_too_large_for_a_float(tmp_path, key):
+    """A JSON integer of 400 digits: math.isfinite raised OverflowError (config.is_positive_number)."""
+    d = hf_dir(tmp_path / "m")
+    (d / "config.json").write_text(json.dumps(hf_config(d=SMALL, **{key: 10 ** 400})))
+    assert key in load_error(d, ConfigError)
+
+
+@pytest.mark.parametrize("scaling, words", [
+    ({"rope_type": "yarn", "factor": 2.0, "beta_fast": math.nan}, "beta_fast"),
+    ({"rope_type": "yarn", "factor": 2.0, "attention_factor": "x"}, "attention_factor"),
+    ({"rope_type": "yarn", "factor": 2.0, "truncate": "no"}, "truncate"),
+    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2 ** 63}, "original_max_position"),
+    ({"rope_type": "yarn", "factor": 1e300, "original_max_position_embeddings": 32}, "extends the context"),
+    ({"rope_type": "dynamic", "factor": 2.0 ** 40}, "extends the context"),
+    ({"rope_type": "linear", "factor": "2"}, "factor"),
+    ({"rope_type": "linear", "factor": math.inf}, "factor"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": math.nan}, "low_freq_factor"),
+    ({"rope_type": "freq_factors", "factors": [1.0, 0.0]}, "factors[1]"),
+])
+def test_rope_scaling_values_are_checked_when_the_config_loads(tmp_path, scaling, words):
+    """Each of these loaded, then failed while the RoPE table was built at generate time (NaN to
+    int, float('x')) or asked for a 512 TiB table (a dynamic factor of 2^40)."""
+    d = hf_dir(tmp_path / "m")
+    (d / "config.json").write_text(json.dumps(hf_config(d=SMALL, rope_scaling=scaling), allow_nan=True))
+    assert words in load_error(d, ConfigError)
+
+
+def test_added_tokens_decoder_id_that_is_a_unicode_digit(tmp_path):
+    """'²'.isdigit() is true and int('²') a ValueError (tokenizer.from_tokenizer_json)."""
+    d = hf_dir(tmp_path / "m")
+    (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"\u00b2": {"content": "x"}}}))
+    assert "added_tokens_decoder" in load_error(d)
+
+
+def test_int8_scale_dtype_of_the_wrong_type(tmp_path):
+    """quantization_config.scale_dtype an object: unhashable in `sd not in SCALE_DTYPES` (int8_dir)."""
+    from hetinfer.quant import save_quantized
+    q = save_quantized(load_checkpoint(hf_dir(tmp_path / "m"), progress=False), tmp_path / "q", group=32,
+                       progress=False, method="rtn")
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization_config"]["scale_dtype"] = {"a": 1}
+    (q / "config.json").write_text(json.dumps(cfg))
+    assert "scale_dtype" in load_error(q)
+
+
+@pytest.mark.parametrize("case", ["hlen-short-by-a-space", "gap", "slack-at-end"])
+def test_safetensors_tensors_must_fill_the_data_section(tmp_path, case):
+    """The safetensors library requires the tensors back to back over the whole data section; a
+    header length one byte short (dropping a padding space) read every tensor shifted by a byte."""
+    d = hf_dir(tmp_path / "m")
+    f = d / "model.safetensors"
+    header, body = st_parts(f)
+    raw = json.dumps(header).encode() + b"  "
+    if case == "hlen-short-by-a-space":
+        st_write(f, raw=raw[:-1], body=b" " + body)      # the header's last space counted as data
+    elif case == "gap":
+        for e in header.values():
+            if isinstance(e, dict) and e["data_offsets"][0] > 0:
+                e["data_offsets"] = [o + 4 for o in e["data_offsets"]]
+        st_write(f, header, body + b"\0" * 4)
+    else:
+        st_write(f, header, body + b"\0" * 64)
+    msg = load_error(d)
+    assert "model.safetensors" in msg and ("back to back" in msg or "fill it" in msg), msg
+
+
+@pytest.mark.parametrize("field", ["hidden_dim", "n_kv_heads"])
+def test_llama2c_header_smaller_than_the_file(tmp_path, field):
+    """A header claiming smaller sizes implied fewer bytes than the file holds: accepted, every
+    tensor read from the wrong place. export.py writes exactly the layout."""
+    f = tmp_path / "model.bin"
+    write_llama2c(f, tiny_weights(d=SMALL), 1, d=SMALL)
+    _llama2c_header(f, **{field: 1 if field == "n_kv_heads" else 32})
+    assert "does not describe this file" in load_error(f)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"])
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_broken_symlink_named_like_a_model_file_is_an_error(tmp_path, name, kind):
+    """A dangling symlink (or a loop) named tokenizer.json was taken for an absent file: the model
+    loaded without its tokenizer (or without its chat template), silently."""
+    d = hf_dir(tmp_path / "m")
+    p = d / name
+    if p.exists():
+        p.unlink()
+    if kind == "dangling":
+        p.symlink_to(d / "nowhere")
+    else:
+        p.symlink_to(d / (name + ".b"))
+        (d / (name + ".b")).symlink_to(p)
+    msg = load_error(d)
+    assert name in msg and ("symlink to a missing file" in msg or "symbolic links" in msg), msg
+
+
+@pytest.mark.parametrize("path", [5, b"/nowhere", ""])
+def test_checkpoint_path_of_the_wrong_type_or_empty(path):
+    """load_checkpoint(5) / (b'...') raised TypeError from os.fspath / pathlib; "" meant '.'."""
+    assert "checkpoint path" in load_error(path)
+
+
+def _tok_dir(tmp_path, **edit):
+    d = hf_dir(tmp_path / "m")
+    tj = json.loads((d / "tokenizer.json").read_text())
+    (d / "tokenizer.json").write_text(json.dumps(dict(tj, **edit)))
+    return d
+
+
+@pytest.mark.parametrize("normalizer", [
+    {"type": "Replace", "pattern": {"String": "w"}, "content": "w" * 100_000},
+    {"type": "Sequence", "normalizers": [{"type": "Replace", "pattern": {"String": "w"}, "content": "w" * 100}] * 6},
+    {"type": "Sequence", "normalizers": [{"type": "Replace", "pattern": {"Regex": ""}, "content": "x" * 40}] * 4},
+])
+def test_tokenizer_that_grows_text_is_refused_when_it_loads(tmp_path, normalizer):
+    """A Replace normalizer that makes 10^12 characters of each one: the tokenizers library ran out
+    of memory on the first prompt and Rust aborted the process (no exception to catch)."""
+    msg = load_error(_tok_dir(tmp_path, normalizer=normalizer))
+    assert "tokenizer.json" in msg and "normalizer" in msg, msg
+
+
+def test_tokenizer_regex_past_its_retry_limit_is_one_input_error(tmp_path):
+    """A catastrophic Split regex: Oniguruma gives up, the tokenizers library panics, and pyo3
+    raises PanicException, a BaseException that escaped every `except Exception`."""
+    from hetinfer.errors import InputError
+    split = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    tok = load_checkpoint(_tok_dir(tmp_path, pre_tokenizer=split), progress=False).tokenizer
+    with pytest.raises(InputError, match="failed to encode the text"):
+        tok.encode("a" * 40 + "b")
+
+
+def test_prompt_far_longer_than_the_context_is_refused_before_tokenizing(tmp_path):
+    """A 60 MB prompt took the tokenizers library 80 s and 10 GB (then an abort under a memory
+    cap); with a context to fit, it is refused from its length (or a prefix's tokens) at once."""
+    from hetinfer.errors import InputError
+    tok = load_checkpoint(hf_dir(tmp_path / "m"), progress=False).tokenizer
+    for text in ("w3 " * 20_000_000, "w3 " * 100_000):
+        t0 = time.perf_counter()
+        with pytest.raises(InputError, match="more tokens than the context"):
+            tok.encode(text, max_tokens=64)
+        assert time.perf_counter() - t0 < 2.0
+    assert len(tok.encode("w3 " * 100_000)) >= 100_000           # without a context: tokenized whole
+    assert tok.encode("w3 w4", max_tokens=64) == tok.encode("w3 w4")

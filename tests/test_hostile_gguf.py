@@ -502,3 +502,83 @@ def test_truncated_or_flipped_header_never_escapes(small, data):
         return
     for name in ck.names():
         assert ck.tensor(name).shape == ck.shape(name)
+
+
+# ---- regressions found by tools/fuzz_inputs.py (each one root cause) ----------------------------------
+def test_architecture_of_the_wrong_type_is_a_clear_error(parts, tmp_path):
+    """general.architecture an array: was a TypeError (unhashable list) in _arch_config."""
+    f = parts.set("general.architecture", T.ARRAY, [1, 2, 3], T.UINT32).write(tmp_path / "a.gguf")
+    load_err(f, "architecture", exc=ConfigError)
+
+
+def test_a_file_without_a_vocabulary_loads_and_says_so_when_text_is_needed(parts, tmp_path):
+    """No tokenizer.ggml.tokens: the tokenizer was None and generate died of an AttributeError;
+    now a MissingTokenizer whose encode is one LoadError naming the key."""
+    for key in [k for k, _ in parts.kvs if k.startswith("tokenizer.ggml.")]:
+        parts.drop(key)
+    ck = load_checkpoint(parts.write(tmp_path / "novocab.gguf"), progress=False)
+    assert not ck.tokenizer and "tokenizer.ggml.tokens" in ck.summary()
+    with pytest.raises(LoadError, match=r"novocab\.gguf holds no vocabulary .*'tokenizer\.ggml\.tokens'"):
+        ck.tokenizer.encode("hello")
+
+
+@pytest.mark.parametrize("where", ["key", "tensor", "value"])
+def test_invalid_utf8_in_keys_names_and_strings(parts, tmp_path, where):
+    """Keys, tensor names and string values must be UTF-8 (they were decoded with U+FFFD
+    replacements, silently); vocabulary strings inside arrays keep the replacement."""
+    if where in ("key", "tensor"):
+        name = parts.kvs[0][0] if where == "key" else parts.infos[0].name
+        if where == "key":
+            parts.kvs[0][0] = "\x01" + name
+        else:
+            parts.infos[0].name = "\x01" + name
+        raw = parts.build().replace(b"\x01" + name.encode(), b"\xff" + name.encode())   # same length, not UTF-8
+    else:
+        parts.set_raw("tokenizer.chat_template", struct.pack("<IQ", T.STRING, 3) + b"a\xffb")
+        raw = parts.build()
+    f = tmp_path / "u.gguf"
+    f.write_bytes(raw)
+    load_err(f, "not valid UTF-8", {"key": "metadata key", "tensor": "tensor name",
+                                    "value": "'tokenizer.chat_template'"}[where])
+
+
+def test_header_listing_fewer_tensors_than_it_holds(parts, tmp_path):
+    """n_tensors one short: the data section then started early and every tensor was read shifted
+    (silent garbage); now the bytes after the last listed tensor are refused."""
+    parts.counts = (len(parts.infos) - 1, len(parts.kvs))
+    load_err(parts.write(tmp_path / "short.gguf"), "bytes follow the last tensor", "fewer tensors")
+
+
+def test_a_type_that_shrinks_a_tensor_leaves_a_hole(parts, tmp_path):
+    """F16 relabelled Q8_0: smaller, inside the file, no overlap, so it was accepted (garbage);
+    llama.cpp requires the tensors back to back, and so does hetinfer now."""
+    parts.info("blk.0.attn_q.weight").qtype = int(Q.Q8_0)
+    load_err(parts.write(tmp_path / "hole.gguf"), "'blk.0.attn_k.weight'", "back to back")
+
+
+@pytest.mark.parametrize("etype,n", [(T.STRING, 16_000_000), (T.UINT8, 400_000_000), (T.ARRAY, 3_000_000)])
+def test_sparse_file_claiming_millions_of_elements_is_refused_at_once(tmp_path, etype, n):
+    """A mostly-zero (sparse) file whose header claims 16M empty strings, 400M bytes or 3M empty
+    arrays: the counts fit the bytes, and parsing took 13 s, 4 GB, or hung; now refused from the
+    header's element budget."""
+    head = (b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + _payload(T.STRING, "general.architecture")
+            + enc_value(T.STRING, "llama") + _payload(T.STRING, "x.big") + struct.pack("<IIQ", T.ARRAY, etype, n))
+    f = tmp_path / "sparse.gguf"
+    with open(f, "wb") as fh:
+        fh.write(head)
+        fh.truncate(len(head) + n * {T.STRING: 8, T.UINT8: 1, T.ARRAY: 12}[etype])
+    t0 = time.perf_counter()
+    load_err(f, "'x.big'", "array elements", "expected at most")
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_more_tensors_than_any_model_has_is_refused_at_once(tmp_path):
+    """A million tensor entries took ~10 s and 0.7 GB to check one by one."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1 << 20, 1)
+    f = tmp_path / "many.gguf"
+    with open(f, "wb") as fh:
+        fh.write(head)
+        fh.truncate(len(head) + 33 * (1 << 20))
+    t0 = time.perf_counter()
+    load_err(f, "1048576 tensors", "at most 65536")
+    assert time.perf_counter() - t0 < 1.0

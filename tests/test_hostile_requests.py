@@ -353,3 +353,49 @@ def test_invalid_utf8_from_stdin_is_one_clear_error(hf_dir):
     err = p.stderr.decode()
     assert p.returncode == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "hetinfer: error: the text read from stdin is not valid UTF-8 at byte 1"
+
+
+# ---- regressions found by tools/fuzz_inputs.py (each one root cause) ----------------------------------
+@pytest.mark.parametrize("name", ["temperature", "top_p", "repetition_penalty", "presence_penalty"])
+def test_an_integer_beyond_the_float_range_is_refused(name):
+    """10**400: math.isfinite raised OverflowError (sampling._number)."""
+    _refused(name, **{name: 10 ** 400})
+
+
+def test_extreme_values_that_float32_cannot_hold_still_sample(hf_dir):
+    """top_k 2**70 overflowed the sampler's int32 row (OverflowError at the first step); a
+    temperature of 1e300 became inf and a repetition penalty of 1e-300 became 0 in float32 (the
+    penalties op then refused it mid-generation). Clamped where the rows are filled."""
+    llm = hi.LLM(str(hf_dir), max_context=64, kv_cache_memory=16 << 20)
+    for kw in (dict(top_k=2 ** 70, temperature=1.0, seed=1), dict(temperature=1e300, seed=2),
+               dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300, top_p=1e-300, temperature=1.0)):
+        out = llm.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True, **kw))[0]
+        assert len(out.token_ids) == 3, kw
+
+
+@pytest.mark.parametrize("prompt", [None, 1.5, b"Hello", ["a", 1], {1, 2}, "Hello \ud800"])
+def test_prompts_of_the_wrong_type_are_one_input_error(hf_dir, prompt):
+    """None / a float / ["a", 1] raised TypeError inside LLM.generate; bytes were taken as token
+    ids; a lone surrogate reached the tokenizers library (TypeError)."""
+    llm = hi.LLM(str(hf_dir), max_context=64, kv_cache_memory=16 << 20)
+    with pytest.raises(InputError):
+        llm.generate(prompt, SamplingParams(max_tokens=2))
+
+
+def test_template_that_renders_a_lone_surrogate():
+    """'\\ud800' written in a template reached the tokenizer (TypeError: TextInputSequence must be str)."""
+    with pytest.raises(ChatTemplateError, match="lone surrogate"):
+        ChatTemplate("{{ '\\ud800' }}", origin="T").render(MSGS)
+
+
+def test_weights_that_do_not_fit_are_an_out_of_memory_error(hf_dir, monkeypatch):
+    """numpy's MemoryError ('Unable to allocate ...') while the model converted its weights
+    escaped as a traceback; engine.load turns it into an OutOfMemoryError with the numbers."""
+    from hetinfer import plugins
+    cls = plugins.models()["LlamaForCausalLM"]
+
+    def refuse(*a, **k):
+        raise MemoryError("Unable to allocate 512. MiB for an array")
+    monkeypatch.setattr(cls, "from_checkpoint", classmethod(lambda c, *a, **k: refuse()))
+    with pytest.raises(OutOfMemoryError, match=r"do not fit in host memory .*Unable to allocate .*GiB available"):
+        hi.engine.load(hf_dir, progress=False)

@@ -325,8 +325,46 @@ def _rope_paged_cases():
     ]
 
 
+def _decode_layer_cases():
+    """decode_layer: D = 32, one head of 8 (Hq = Hkv = 1, rows (1 + 2) 8 = 24), F = 32, B = 2."""
+    def args(**kw):
+        a = dict(x=T((2, 32)), attn_norm=T((32,)), wqkv=T((24, 32)), wo=T((32, 8)), mlp_norm=T((32,)),
+                 w_gate_up=T((64, 32)), w_down=T((32, 32)), k_pool=T((3, 2, 1, 8)), v_pool=T((3, 2, 1, 8)),
+                 positions=ids(2), slot_mapping=ids(2), context_lens=T((2,), "i32", fill=1),
+                 block_tables=T((2, 1), "i32"), cos=T((8, 4)), sin=T((8, 4)), num_heads=1)
+        a.update(kw)
+        return a
+    w = ops.decode_layer
+    return [
+        (lambda: w(**args(x=T((2, 32), "bf16"))), DTypeError, r"^decode_layer: x has dtype bf16; expected one of f32"),
+        (lambda: w(**args(wqkv=T((16, 32)))), ShapeError, r"^decode_layer: wqkv has 16 rows; expected"),
+        (lambda: w(**args(num_heads=3, k_pool=T((3, 2, 2, 8)), v_pool=T((3, 2, 2, 8)))), ShapeError, r"^decode_layer: num_heads=3 must be a positive multiple"),
+        (lambda: w(**args(context_lens=T((2,), "i32", fill=5))), ShapeError,
+         r"^decode_layer: context_lens must be in \[1, 2\]"),
+    ]
+
+
+def _all_reduce_cases():
+    return [
+        (lambda: ops.all_reduce(T((4,), "i32")), DTypeError, r"^all_reduce: x has dtype i32; expected one of f32"),
+        (lambda: ops.all_reduce(T((4,)), out=T((5,))), ShapeError, r"^all_reduce: out has shape \(5,\); expected \(4,\)"),
+        (lambda: ops.all_reduce(T((4,)), out=T((4,), "f16")), DTypeError, r"^all_reduce: out has dtype f16; expected one of f32"),
+        (lambda: ops.all_reduce(np.ones(4)), DTypeError, r"^all_reduce: x must be a hetinfer Tensor, got ndarray"),
+    ]
+
+
+def _all_gather_cases():
+    return [
+        (lambda: ops.all_gather(T((2, 3)), dim=2), ShapeError, r"^all_gather: dim 2 is out of range for x of shape \(2, 3\)"),
+        (lambda: ops.all_gather(T((2, 3)), dim=1, out=T((2, 4))), ShapeError,
+         r"^all_gather: out has shape \(2, 4\); expected \(2, 3\)"),
+        (lambda: ops.all_gather(T((2,), "i32")), DTypeError, r"^all_gather: x has dtype i32"),
+    ]
+
+
 NEW_OP_CASES = {"penalties": _penalties_cases, "sample": _sample_cases, "paged_attention": _paged_attention_cases,
-                "rope_paged_kv_write": _rope_paged_cases}
+                "rope_paged_kv_write": _rope_paged_cases, "decode_layer": _decode_layer_cases,
+                "all_reduce": _all_reduce_cases, "all_gather": _all_gather_cases}
 
 
 @pytest.mark.parametrize("op", sorted(NEW_OP_CASES))

@@ -41,7 +41,7 @@ def chromium() -> str | None:
 
 @pytest.fixture(scope="module")
 def server():
-    with ServeProcess("--api-key", KEY, "--max-context", "512", "--kv-cache-memory", "64M",
+    with ServeProcess("--api-key", KEY, "--dtype", "f32", "--max-context", "512", "--kv-cache-memory", "64M",
                       ready_timeout=120) as s:
         yield s
 

@@ -205,6 +205,8 @@ def run_gguf(args):
                 ("f32", [sys.executable, __file__, "--case", "hetinfer", "--dtype", "f32"])]
         if llama_py:    # run as a script path so that a venv without hetinfer can run it
             runs.append(("llamacpp", [llama_py, os.path.join(here, "bench.py"), "--case", "llamacpp"]))
+        keep = set(args.gguf_runs.split(","))
+        runs = [r for r in runs if r[0] in keep]
         for name, cmd in runs:
             r = subprocess.run(cmd + common, capture_output=True, text=True, env=env, check=False)
             if r.returncode != 0:
@@ -238,7 +240,7 @@ def main():
     p.add_argument("--model", default=None)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new", type=int, default=64)
-    p.add_argument("--quantize", choices=["int8"], default=None,
+    p.add_argument("--quantize", choices=["int8", "q4_k", "q8_0", "q4_0", "q6_k"], default=None,
                    help="also run hetinfer with int8 weights and compare with f32")
     p.add_argument("--batch", default=None, help="only batched decode at these batch sizes, e.g. 1,4,16")
     p.add_argument("--batch-prompt", type=int, default=128)
@@ -247,6 +249,8 @@ def main():
                    help="a GGUF file packed, dequantized and on llama.cpp (llama-cpp-python), side by side")
     p.add_argument("--threads", default="1,2", help="thread counts for --gguf (default 1,2)")
     p.add_argument("--llamacpp-python", default=None, help="an interpreter that has llama-cpp-python")
+    p.add_argument("--gguf-runs", default="packed,f32,llamacpp",
+                   help="which --gguf cases to run (default packed,f32,llamacpp; f32 is the slow one)")
     p.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
     p.add_argument("--hf-threads", type=int, default=0, help=argparse.SUPPRESS)
     args, unknown = p.parse_known_args()
@@ -255,6 +259,8 @@ def main():
         return cuda_main(sys.argv[1:])                      # (it parses its own options)
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.quantize not in (None, "int8"):
+        p.error(f"--quantize {args.quantize} is a CUDA bench option (random packed weights); on cpu use --gguf FILE")
     if args.case:
         print(json.dumps(CASES[args.case](args)))
         return

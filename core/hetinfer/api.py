@@ -41,11 +41,21 @@ class LLM:
     """engine_options go to LLMEngine: max_num_seqs, max_num_batched_tokens, block_size,
     kv_cache_memory, gpu_memory_utilization, enable_prefix_caching. max_context: a whole
     number >= 2, at most the model's context limit (a larger one is a ConfigError, as in vLLM);
-    None: that limit."""
+    None: that limit. tensor_parallel=N shards the model over N ranks, one process each: run
+    the script under `mpirun -n N` (without mpirun it re-launches itself through mpirun);
+    rank 0 returns from LLM(...) and drives generation, the other ranks follow its steps
+    inside LLM(...) and exit when rank 0 does."""
 
     def __init__(self, model=None, device: str = "cpu", dtype: str | None = None, max_context: int | None = None,
                  progress: bool = False, eager: bool = False, quantize: str | None = None,
-                 weights: str | None = None, **engine_options):
+                 weights: str | None = None, tensor_parallel: int = 1, **engine_options):
+        if tensor_parallel != 1:   # N ranks: this script under mpirun -n N (re-launched there if need be)
+            import os
+            import sys
+
+            from . import distributed
+            script = sys.argv[0] if sys.argv and os.path.isfile(sys.argv[0]) else None
+            distributed.ensure_ranks(tensor_parallel, [sys.executable] + sys.argv if script else None)
         self.model, self.checkpoint = load(model, device, dtype, max_context, progress=progress,
                                            quantize=quantize, weights=weights)
         self.tokenizer = self.checkpoint.tokenizer
@@ -72,7 +82,9 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise InputError("the prompt is empty")
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt, max_tokens=self.engine.max_context)
+        if not isinstance(prompt, (list, tuple)):
+            raise InputError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if not prompt:
             raise InputError("the prompt has no tokens")
         vocab = self.model.config.vocab_size
@@ -84,8 +96,12 @@ class LLM:
     def generate(self, prompts, params=None) -> list[CompletionOutput]:
         """Complete one prompt or a list of them (text or token ids), all at once in one
         batch; params: one SamplingParams for all, or a list with one per prompt."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise InputError(f"prompts must be a str, a list of token ids, or a list of those; got "
+                             f"{type(prompts).__name__}")
         if not isinstance(params, (list, tuple)):
             params = [_params(params)] * len(prompts)
         if len(params) != len(prompts):
@@ -133,7 +149,7 @@ class LLM:
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> CompletionOutput:
         """Answer the last message of a conversation, rendered with the model's template."""
         text = self.chat_template.render(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_bos=False)
+        ids = self.tokenizer.encode(text, add_bos=False, max_tokens=self.engine.max_context)
         out = CompletionOutput("", [], "", ids)
         for _ in self._run(ids, _params(params), out):
             pass

@@ -129,7 +129,14 @@ class ChatTemplate:
     def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
         messages = check_messages(messages)
         try:
-            return self.env.render_text(self.template, messages=messages, add_generation_prompt=add_generation_prompt,
+            text = self.env.render_text(self.template, messages=messages, add_generation_prompt=add_generation_prompt,
                                         **{**self.special_tokens, **kwargs})
         except Exception as e:       # noqa: BLE001 - whatever the template does wrong is one error
             raise _failure(self.origin, e, "rendering") from None
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:   # e.g. '\ud800' written in the template: no tokenizer can encode it
+            raise ChatTemplateError(f"the chat template ({self.origin}) rendered a lone surrogate (U+"
+                                    f"{ord(text[e.start]):04X}) at character {e.start}; expected valid "
+                                    "Unicode") from None
+        return text

@@ -383,6 +383,10 @@ def model_args(s) -> None:
                         "(`hetinfer quantize` writes a calibrated, more accurate int8 directory)")
     s.add_argument("--eager", action="store_true",
                    help="no graph capture of the decode step (on devices that capture, e.g. cuda)")
+    s.add_argument("--tensor-parallel", type=whole_number(1), default=1, metavar="N",
+                   help="shard the model over N ranks (one process a rank, one GPU each with "
+                        "--device cuda): under `mpirun -n N` each process is a rank; without mpirun "
+                        "the command re-launches itself through mpirun (default 1)")
 
 
 def _model_args(s, prompt: str | None) -> None:
@@ -467,9 +471,18 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "n", "x") is None and args.command == "generate" and not args.story:
         args.n = 128
+    tp = getattr(args, "tensor_parallel", 1)
     try:
+        if tp > 1:      # join the mpirun job (or re-launch this command through mpirun)
+            from . import distributed
+            distributed.ensure_ranks(tp, [sys.executable, "-m", "hetinfer"]
+                                     + list(sys.argv[1:] if argv is None else argv))
         return args.fn(args)
     except HetinferError as e:
+        if tp > 1:      # a rank may be inside a collective: stop them all, with this one error
+            from . import distributed
+            if distributed.group().world_size > 1:
+                distributed.group().abort(str(e), 2)
         print(f"hetinfer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -261,8 +261,19 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def is_finite_number(v) -> bool:
+    """A real number (not a bool) that is a finite float: an integer too large for a float (a
+    JSON 1e400 written out in digits) is not."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 def is_positive_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return is_finite_number(v) and v > 0
 
 
 def show(v) -> str:

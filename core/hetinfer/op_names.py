@@ -18,9 +18,13 @@ OPS: dict[str, tuple[str, str]] = {
     "paged_attention": ("q", "causal attention of B sequences' query rows over block-paged K/V pools, GQA"),
     "rope_paged_kv_write": ("k_pool", "rope on q in place; rope(k) and v into pool slots slot_mapping[t] "
                                       "(block slot // BS, row slot % BS; a slot < 0 is not written)"),
+    "decode_layer": ("wo", "one pre-norm decoder layer for decode rows (one token per sequence), fused: x += "
+                           "attention block, x += SwiGLU MLP block, K/V written to the paged pools"),
     "argmax": ("x", "index of the largest value over the last axis (first on ties)"),
     "cast": ("x", "convert to out's dtype"),
     "penalties": ("logits", "per-row repetition (seen tokens), presence and frequency (output counts) penalties"),
     "sample": ("logits", "draw a token per row: per-row temperature (0 = argmax), top-k, top-p, min-p, "
                          "by a given uniform number"),
+    "all_reduce": ("x", "sum of x over the ranks of the process group (tensor parallelism), into out or in place"),
+    "all_gather": ("x", "the ranks' x concatenated along one dim, in rank order"),
 }

@@ -343,7 +343,7 @@ def _write_tokenizer(ckpt, out: Path) -> list[str]:
                 written.append(f)
         return written
     tok = ckpt.tokenizer
-    if tok is None:
+    if not tok:                                                  # None, or a MissingTokenizer: nothing to save
         return written
     if getattr(tok, "kind", "") == "sentencepiece":              # llama2.c: tokenizer.model beside it
         sp = src.parent / "tokenizer.model"

@@ -42,34 +42,79 @@ def _kind(scaling: dict | None) -> str | None:
     return None if kind in (None, "default") else kind
 
 
+MAX_SCALED_CONTEXT = 1 << 26      # the context a scaling may extend to (config.SIZE_LIMITS' max_position_embeddings)
+
+
+def _real(scaling: dict, key: str, kind: str, default=None, positive: bool = False, at_least=None):
+    """scaling[key] (default when absent or null) as a float: a finite real number, not a bool or a
+    string, > 0 when positive, >= at_least when given; else ConfigError naming it."""
+    v = scaling.get(key)
+    if v is None:
+        return default
+    try:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    except OverflowError:
+        ok = False
+    if ok and positive and not v > 0:
+        ok = False
+    if ok and at_least is not None and not v >= at_least:
+        ok = False
+    if not ok:
+        want = ("a finite number" + (" > 0" if positive else "") + (f" >= {at_least}" if at_least is not None else ""))
+        raise ConfigError(f"rope_scaling {kind!r}: {key} is {str(v)[:40]!r}; expected {want}")
+    return float(v)
+
+
 def check_scaling(scaling: dict, max_position_embeddings: int) -> dict | None:
-    """A rope_scaling dict as hetinfer will use it, or ConfigError naming what is missing or unsupported."""
+    """A rope_scaling dict as hetinfer will use it, or ConfigError naming what is missing or unsupported:
+    every number it reads a finite real number in its range (factor >= 1 for llama3 / dynamic / yarn,
+    > 0 for linear; original_max_position_embeddings a positive integer; the context the scaling
+    extends to at most MAX_SCALED_CONTEXT), so nothing fails later when the RoPE table is built."""
     if not isinstance(scaling, dict):
         raise ConfigError(f"rope_scaling must be a JSON object, got {scaling!r}")
     kind = _kind(scaling)
     if kind is None:
         return None
-    if kind not in SUPPORTED:
-        raise ConfigError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(SUPPORTED)}")
+    if not isinstance(kind, str) or kind not in SUPPORTED:
+        raise ConfigError(f"unsupported rope_scaling type {str(kind)[:40]!r}; supported: {', '.join(SUPPORTED)}")
     if kind == "freq_factors":
-        if not scaling.get("factors"):
+        f = scaling.get("factors")
+        if not isinstance(f, (list, tuple)) or not f:
             raise ConfigError("rope_scaling type 'freq_factors' needs a 'factors' list")
+        for i, x in enumerate(f):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+                raise ConfigError(f"rope_scaling 'freq_factors': factors[{i}] is {x!r}; expected finite numbers > 0")
         return scaling
-    factor = scaling.get("factor")          # required for every type, as transformers' validation says
-    try:
-        factor = float(factor)
-    except (TypeError, ValueError):
-        raise ConfigError(f"rope_scaling type {kind!r} needs a numeric 'factor', got {factor!r}") from None
-    if not factor >= 1.0 and kind in ("llama3", "dynamic", "yarn"):
-        raise ConfigError(f"rope_scaling {kind!r}: factor must be >= 1, got {factor}")
-    if not factor > 0:
-        raise ConfigError(f"rope_scaling {kind!r}: factor must be > 0, got {factor}")
+    # factor is required for every type, as transformers' validation says
+    if scaling.get("factor") is None:
+        raise ConfigError(f"rope_scaling type {kind!r} needs a numeric 'factor', got None")
+    if kind in ("llama3", "dynamic", "yarn"):
+        factor = _real(scaling, "factor", kind, at_least=1.0)
+    else:
+        factor = _real(scaling, "factor", kind, positive=True)
     if scaling.get("partial_rotary_factor", 1.0) not in (1, 1.0):
         raise ConfigError("rope_scaling: partial_rotary_factor other than 1.0 is not supported")
+    orig = scaling.get("original_max_position_embeddings")
+    if orig is not None and (isinstance(orig, bool) or not isinstance(orig, int) or not 0 < orig <= MAX_SCALED_CONTEXT):
+        raise ConfigError(f"rope_scaling {kind!r}: original_max_position_embeddings is {str(orig)[:40]!r}; expected a "
+                          f"positive integer (at most {MAX_SCALED_CONTEXT})")
     if kind == "llama3":
-        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        low = _real(scaling, "low_freq_factor", kind, 1.0, positive=True)
+        high = _real(scaling, "high_freq_factor", kind, 4.0, positive=True)
         if not high > low:
             raise ConfigError(f"rope_scaling llama3: high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+    if kind == "yarn":
+        for key in ("beta_fast", "beta_slow"):
+            _real(scaling, key, kind, positive=True)
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            _real(scaling, key, kind)
+        if not isinstance(scaling.get("truncate", True), bool):
+            raise ConfigError(f"rope_scaling 'yarn': truncate is {scaling['truncate']!r}; expected true or false")
+    if kind in ("yarn", "dynamic"):
+        base = (orig or max_position_embeddings) if kind == "yarn" else max_position_embeddings
+        if factor * base > MAX_SCALED_CONTEXT:
+            raise ConfigError(f"rope_scaling {kind!r}: factor {factor} extends the context to {factor * base:.0f} "
+                              f"positions; expected at most {MAX_SCALED_CONTEXT}")
     return scaling
 
 

@@ -18,6 +18,7 @@ from .errors import InputError
 from .tensor import Tensor, empty
 
 SEED_LIMIT = 2 ** 64
+_F32_MAX, _F32_TINY = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
 
 
 def _bad(name: str, value, expected: str):
@@ -31,10 +32,15 @@ def _is_int(x) -> bool:
 
 def _number(name: str, value, expected: str, ok) -> float:
     """A finite real number (not a bool, not a string) for which ok(value) holds, as a float."""
-    if (not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_))
-            or not math.isfinite(value) or not ok(float(value))):
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
         _bad(name, value, expected)
-    return float(value)
+    try:
+        v = float(value)              # an int beyond the float range: OverflowError
+    except OverflowError:
+        v = math.inf
+    if not math.isfinite(v) or not ok(v):
+        _bad(name, value, expected)
+    return v
 
 
 def _whole(name: str, value, expected: str, ok) -> int:
@@ -151,7 +157,10 @@ class BatchSampler:
                 if s is None:
                     continue
                 p = s.params
-                t[i], k[i], tp[i], mp[i] = p.temperature, p.top_k, p.top_p, p.min_p
+                # top_k at or above the vocabulary keeps every token: off (0), and it fits the int32 row;
+                # a temperature beyond float32 is the largest float32 (not inf, which makes NaN logits)
+                t[i], tp[i], mp[i] = min(p.temperature, _F32_MAX), max(p.top_p, _F32_TINY), p.min_p
+                k[i] = p.top_k if p.top_k < self.vocab_size else 0
                 if p.temperature:
                     u[i] = s.rng.random()
             for dst, src in ((self.temperature, t), (self.top_k, k), (self.top_p, tp), (self.min_p, mp),
@@ -174,7 +183,9 @@ class BatchSampler:
             out = np.asarray(s.output_ids, np.int64)
             counts[i] = np.bincount(out, minlength=v)[:v]
             seen[i, np.asarray(s.token_ids, np.int64)] = 1
-            rep[i], pres[i], freq[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+            # a penalty > 0 stays > 0 in float32 (the op refuses 0) and keeps penalized logits finite
+            rep[i] = min(max(p.repetition_penalty, 1e-20), 1e20)
+            pres[i], freq[i] = p.presence_penalty, p.frequency_penalty
         dev = self.device
         from .tensor import tensor
         self._pen = tuple(tensor(a, d, dev) for a, d in ((counts, i32), (seen, i32), (rep, f32), (pres, f32),

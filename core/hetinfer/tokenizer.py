@@ -16,12 +16,14 @@ incrementally.
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 import re
 from pathlib import Path
 from typing import Iterable
 
-from .errors import LoadError
+from .errors import InputError, LoadError
 from .loaders.files import MAX_TOKENIZER_BYTES, read_bytes, read_json, read_text
 
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -78,6 +80,74 @@ def token_ids(d: dict, key: str, where, vocab=None, limit: int | None = None) ->
     return ids
 
 
+_SHORT_TEXT = 1 << 16      # characters: a text this short is tokenized without the length checks
+
+
+def valid_text(text) -> str:
+    """text itself if it is a str the tokenizer can encode; InputError for another type or a
+    lone surrogate (which Python strings can hold and UTF-8 cannot: the tokenizers library would
+    raise a TypeError)."""
+    if not isinstance(text, str):
+        raise InputError(f"text to encode must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the text holds a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}, "
+                         "which is not valid Unicode; expected text that encodes as UTF-8") from None
+    return text
+
+
+MAX_TEXT_GROWTH = 64          # characters a normalizer (or decoder) may make of one
+MAX_INSERTED = 4096           # characters a Prepend / Append / Replace step may insert at once
+
+
+def _growth(node, where: str) -> float:
+    """An upper bound of the characters a normalizer / decoder JSON node makes of one character:
+    Replace makes len(content) of each match (a regex may match the empty string: 1 + that),
+    Sequence multiplies its steps; Prepend / Append add a constant (bounded by MAX_INSERTED);
+    Unicode normalizations (NFKC expands a character to at most 18, once: it is idempotent) and
+    everything else count 1."""
+    if isinstance(node, list):
+        return math.prod(_growth(n, where) for n in node)
+    if not isinstance(node, dict):
+        return 1.0
+    kind = node.get("type")
+    if kind == "Sequence":
+        return math.prod(_growth(n, where) for n in (node.get("normalizers") or node.get("decoders") or []))
+    for key in ("content", "prepend", "append"):
+        v = node.get(key)
+        if isinstance(v, str) and len(v) > MAX_INSERTED:
+            raise ValueError(f"its {where} {kind} step inserts {len(v)} characters at a time (at most {MAX_INSERTED})")
+    if kind == "Replace":
+        pattern, content = node.get("pattern") or {}, node.get("content") or ""
+        if isinstance(pattern, dict) and isinstance(pattern.get("String"), str) and pattern["String"]:
+            return max(1.0, len(content) / len(pattern["String"]))
+        return 1.0 + len(content)
+    return 1.0
+
+
+def check_growth(tok, path) -> None:
+    """LoadError for a tokenizer.json whose normalizer or decoder can grow text more than
+    MAX_TEXT_GROWTH-fold (e.g. Replace 'w' -> 100000 characters): the tokenizers library would
+    allocate that much for every prompt or output and, out of memory, abort the process (Rust
+    aborts on a failed allocation: no Python exception). Ordinary tokenizers replace one
+    character by one (' ' -> '\u2581')."""
+    import json
+    for where, part in (("normalizer", tok.normalizer), ("decoder", tok.decoder)):
+        if part is None:
+            continue
+        try:
+            node = json.loads(part.__getstate__())
+            g = _growth(node, where)
+        except ValueError as e:
+            raise LoadError(f"{path}: {e}; expected a tokenizer that does not grow text") from None
+        except Exception:           # noqa: BLE001 - a part the library cannot serialize: nothing to check
+            continue
+        if g > MAX_TEXT_GROWTH:
+            raise LoadError(f"{path}: its {where} can make up to {g:.0f} characters of one (Replace steps); "
+                            f"expected at most {MAX_TEXT_GROWTH}: it would exhaust memory on ordinary text")
+
+
 def hf_id_limit(tok) -> int:
     """One more than the largest id of a tokenizers.Tokenizer, added tokens included."""
     return max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
@@ -108,7 +178,9 @@ class _HFBackend:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def id_limit(self) -> int:
-        return hf_id_limit(self.tok)
+        if getattr(self, "_limit", None) is None:        # a dict of the whole vocabulary: once
+            self._limit = hf_id_limit(self.tok)
+        return self._limit
 
 
 class _SPBackend:
@@ -182,6 +254,7 @@ class Tokenizer:
         self.add_bos = bool(add_bos) and self.bos_id is not None
         self.special_ids = frozenset(int(i) for i in special_ids)
         self.kind = kind
+        self._longest = None          # bytes of the longest vocabulary entry (_longest_piece)
 
     # ---- use ----------------------------------------------------------------------------
     @property
@@ -193,17 +266,67 @@ class Tokenizer:
         """One more than the largest id the tokenizer can produce (the embedding rows it needs)."""
         return self._b.id_limit()
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None, max_tokens: int | None = None) -> list[int]:
         """Ids of ``text``; special tokens written in the text match whole. BOS is prepended when
-        ``add_bos`` (None: the tokenizer config's default)."""
-        ids = list(self._b.encode(text))
+        ``add_bos`` (None: the tokenizer config's default). With ``max_tokens`` (a context), a text
+        that certainly has more tokens is refused (InputError) before it is tokenized whole: the
+        tokenizers library spends ~1 s and ~150 bytes of memory per byte of input (a 64 MiB
+        prompt: 80 s and 10 GB), and a prompt longer than the context is refused anyway."""
+        text = valid_text(text)
+        if max_tokens is not None and len(text) > _SHORT_TEXT:
+            self._refuse_longer_than(text, max_tokens)
+        ids = self._run("encode", self._b.encode, text)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         return ids
 
+    def _run(self, what: str, fn, arg) -> list:
+        """fn(arg) with whatever the backend raises (a bare Exception, or a Rust panic, which
+        pyo3 raises as a BaseException: e.g. a regex of the tokenizer file past its retry
+        limit) as one InputError naming the tokenizer."""
+        try:
+            return list(fn(arg)) if what == "encode" else fn(*arg)
+        except Exception as e:                       # noqa: BLE001
+            why = e
+        except BaseException as e:                   # noqa: BLE001 - pyo3's PanicException only
+            if type(e).__name__ != "PanicException":
+                raise
+            why = e
+        raise InputError(f"the tokenizer ({self.source or self.kind}) failed to {what} the text: "
+                         f"{type(why).__name__}: {str(why).strip()[:200]}") from None
+
+    def _refuse_longer_than(self, text: str, max_tokens: int) -> None:
+        """InputError when text has more than max_tokens tokens, found without tokenizing it
+        whole: more UTF-8 bytes than 2 x max_tokens x the longest vocabulary entry, or a prefix
+        (cut at whitespace) that alone has more than max_tokens + 64 tokens."""
+        n_bytes = len(text.encode("utf-8"))
+        longest = self._longest_piece()
+        if n_bytes > 2 * max_tokens * longest:
+            raise InputError(f"the prompt is {n_bytes} bytes; no token of this vocabulary covers more than {longest}, "
+                             f"so it has more tokens than the context ({max_tokens}); shorten it")
+        cut = 16 * (max_tokens + 64)
+        if len(text) > cut:
+            space = max(text.rfind(" ", cut - 4096, cut), text.rfind("\n", cut - 4096, cut))
+            prefix = text[:space if space > 0 else cut]
+            n = len(self._run("encode", self._b.encode, prefix))
+            if n > max_tokens + 64:
+                raise InputError(f"the prompt has more tokens than the context ({max_tokens}): its first "
+                                 f"{len(prefix)} characters alone are {n} tokens; shorten it")
+
+    def _longest_piece(self) -> int:
+        """Bytes of the longest vocabulary entry (added tokens included), as UTF-8; cached."""
+        if self._longest is None:
+            b = self._b
+            if isinstance(b, _HFBackend):
+                pieces = b.tok.get_vocab(with_added_tokens=True)
+            else:
+                pieces = (b.id_to_piece(i) for i in range(b.vocab_size()))
+            self._longest = max((len(p.encode("utf-8", "surrogatepass")) for p in pieces), default=1) or 1
+        return self._longest
+
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of ``ids`` (special tokens written out unless ``skip_special``)."""
-        return self._b.decode([int(i) for i in ids], skip_special)
+        return self._run("decode", self._b.decode, ([int(i) for i in ids], skip_special))
 
     def id_to_piece(self, i: int) -> str:
         """The vocabulary entry of id ``i`` as stored (e.g. 'Ġthe', '▁the', '<0x0A>')."""
@@ -255,6 +378,7 @@ class Tokenizer:
             tok = HFTok.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception (bad JSON, a merge of unknown tokens, ...)
             raise LoadError(f"{path}: not a valid tokenizer.json ({str(e)[:300]})") from None
+        check_growth(tok, path)
         tc, config, gc = tokenizer_config or {}, config or {}, generation_config or {}
         tc_path = path.parent / "tokenizer_config.json"
         special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
@@ -263,7 +387,7 @@ class Tokenizer:
             raise LoadError(f"{tc_path}: added_tokens_decoder is a JSON {type(atd).__name__}; expected an object "
                             "{id: token}")
         for i, t in atd.items():
-            if not (i.isdigit() and isinstance(t, dict)):
+            if not (i.isascii() and i.isdigit() and isinstance(t, dict)):
                 raise LoadError(f"{tc_path}: added_tokens_decoder entry {i[:40]!r}: {str(t)[:60]} is not "
                                 "\"<id>\": {\"content\": ..., \"special\": ...}")
             if t.get("special"):
@@ -308,13 +432,14 @@ class Tokenizer:
 
         def js(name):
             p = path / name
-            return read_json(p, name) if p.exists() else {}
+            return read_json(p, name) if os.path.lexists(p) else {}
 
         tc, gc = js("tokenizer_config.json"), js("generation_config.json")
         config = config if config is not None else js("config.json")
-        if (path / "tokenizer.json").exists():
+        # lexists: a dangling symlink or a symlink loop is a LoadError from the reader, not "absent"
+        if os.path.lexists(path / "tokenizer.json"):
             return cls.from_tokenizer_json(path / "tokenizer.json", tc, config, gc)
-        if (path / "tokenizer.model").exists():
+        if os.path.lexists(path / "tokenizer.model"):
             tok = cls.from_sentencepiece(path / "tokenizer.model", add_bos=tc.get("add_bos_token", True))
             extra = token_ids(config, "eos_token_id", path / "config.json", path / "tokenizer.model", tok.id_limit)
             tok.eos_ids = list(dict.fromkeys(tok.eos_ids + extra))
@@ -413,16 +538,17 @@ class MissingTokenizer:
     special_ids = frozenset()
     source = None
 
-    def __init__(self, directory, eos_ids: Iterable[int] = ()):
+    def __init__(self, directory, eos_ids: Iterable[int] = (), reason: str | None = None):
         self.directory = Path(directory)
         self.eos_ids = list(eos_ids)
+        self.reason = reason or f"no tokenizer.json or tokenizer.model in {self.directory}"
 
     def __bool__(self) -> bool:          # `if tokenizer:` -- there is none to use
         return False
 
     def _missing(self, *args, **kwargs):
-        raise LoadError(f"no tokenizer.json or tokenizer.model in {self.directory}: text cannot be encoded or "
-                        "decoded without one (add the tokenizer files of the model; token ids work without)")
+        raise LoadError(f"{self.reason}: text cannot be encoded or decoded without a tokenizer (add the "
+                        "tokenizer files of the model; token ids work without)")
 
     encode = decode = id_to_piece = piece_to_id = stream_decoder = _missing
 
@@ -433,7 +559,7 @@ class MissingTokenizer:
     id_limit = vocab_size
 
     def __repr__(self) -> str:
-        return f"none (no tokenizer.json or tokenizer.model in {self.directory})"
+        return f"none ({self.reason})"
 
 
 class StreamDecoder:

@@ -68,6 +68,8 @@ class Layer:
 
 class LlamaForCausalLM:
     """forward(step, kv) -> logits (R, V) of the step's rows that need them."""
+    tp = None          # tensor parallel (sharding.TensorParallel) when the process group has N > 1 ranks
+    tp_root = True     # rank 0 (or no tensor parallelism): adds the residual and row-parallel biases
 
     def __init__(self, config: ModelConfig, layers: list[Layer], embed: hi.Tensor, norm: hi.Tensor,
                  lm_head: hi.Tensor, device, dtype, max_context: int):
@@ -86,6 +88,8 @@ class LlamaForCausalLM:
         packed blocks where the device has kernels for them, "dequantize" widens every weight to
         dtype. Default: $HETINFER_WEIGHTS, else packed when dtype is None and dequantize when a
         dtype is given (so `--dtype f32` runs the file's weights dequantized, exactly)."""
+        from .sharding import shard_for_group
+        ckpt, tp = shard_for_group(ckpt)      # N > 1 ranks: this rank's slices and config
         cfg: ModelConfig = ckpt.config
         weights = weights or os.environ.get("HETINFER_WEIGHTS") or ("packed" if dtype is None else "dequantize")
         dt = hi.dtype(dtype or "f32")
@@ -182,7 +186,8 @@ class LlamaForCausalLM:
         embed = linear(embed_name)[0] if packed_of(embed_name) else put(need(embed_name))
         lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in names else \
             (linear("lm_head.weight")[0] if packed_of("lm_head.weight") else put(need("lm_head.weight")))
-        return cls(cfg, layers, embed, put(need("model.norm.weight")), lm_head, dev, dt, max_context)
+        model = cls(cfg, layers, embed, put(need("model.norm.weight")), lm_head, dev, dt, max_context)
+        return model if tp is None else tp.finish(model)
 
     # --- workspace: a step of up to WS_KEEP rows reuses its buffers (decode steps, and the
     # captured graphs that read them, allocate nothing); longer prefill steps make their own
@@ -236,8 +241,19 @@ class LlamaForCausalLM:
         x, eps = ws["x"], c.rms_norm_eps
         q, k, v = ws["q"], ws["k"], ws["v"]
         profiler.set_layer("embed")
-        ops.embedding(step.input_ids, self.embed, out=x)                       # (T, D) f32
+        if self.tp is None:
+            ops.embedding(step.input_ids, self.embed, out=x)                   # (T, D) f32
+        else:                        # tensor parallel: vocabulary-parallel lookup + all_reduce
+            self.tp.embed(self, step.input_ids, x)
+        fused = self._decode_layers(t, step)
         for i, layer in enumerate(self.layers):
+            if fused:                # decode rows: the whole layer in one call (ops.decode_layer)
+                profiler.set_layer(f"layer {i}")
+                ops.decode_layer(x, layer.attn_norm, fused[i][0], layer.wo, layer.mlp_norm, fused[i][1], layer.w_down,
+                                 kv.k[i], kv.v[i], step.positions, step.slot_mapping, step.context_lens,
+                                 step.block_tables, self.cos, self.sin, num_heads=c.num_attention_heads,
+                                 bqkv=layer.bqkv, eps=eps, style=c.rope_style)
+                continue
             profiler.set_layer(f"layer {i}")
             if t == 1 and layer.wqkv is not None:
                 ops.matmul(x, layer.wqkv, layer.bqkv, layer.wqkv_scales, norm_weight=layer.attn_norm,
@@ -250,7 +266,10 @@ class LlamaForCausalLM:
                                     self.cos, self.sin, c.rope_style)
             ops.paged_attention(q, kv.k[i], kv.v[i], step.query_start, step.context_lens, step.block_tables,
                                 out=ws["attn"])                               # (T, Hq, Dh)
-            ops.matmul(ws["attn_flat"], layer.wo, layer.bo, layer.wo_scales, residual=x, out=x)
+            ops.matmul(ws["attn_flat"], layer.wo, layer.bo, layer.wo_scales, residual=x if self.tp_root else None,
+                       out=x)
+            if self.tp is not None:  # row-parallel o: partial sums (rank 0's holds the residual)
+                ops.all_reduce(x, group=self.tp.group)
             if layer.w_gate_up is not None:
                 ops.matmul(x, layer.w_gate_up, layer.b_gate_up, layer.w_gate_up_scales, norm_weight=layer.mlp_norm,
                            eps=eps, act="swiglu", out=ws["act"])              # (T, F)
@@ -260,10 +279,42 @@ class LlamaForCausalLM:
                                          (ws["gate"], ws["up"])):
                     ops.matmul(x, w, b, sc, norm_weight=layer.mlp_norm, eps=eps, out=o)   # (T, F)
                 ops.swiglu(ws["gate"], ws["up"], out=ws["act"])
-            ops.matmul(ws["act"], layer.w_down, layer.b_down, layer.w_down_scales, residual=x, out=x)
+            ops.matmul(ws["act"], layer.w_down, layer.b_down, layer.w_down_scales, residual=x if self.tp_root else None,
+                       out=x)
+            if self.tp is not None:  # row-parallel down
+                ops.all_reduce(x, group=self.tp.group)
         profiler.set_layer("head")
         rows = ops.embedding(step.logits_rows, x, out=ws["x_rows"])           # (R, D) gathered rows
+        if self.tp is not None:      # vocabulary-parallel head: V/N logits a rank, all_gather
+            return self.tp.head(self, rows, ws["logits"])
         return ops.matmul(rows, self.lm_head, norm_weight=self.norm, eps=eps, out=ws["logits"])  # (R, V)
+
+    DECODE_LAYER_ROWS = 8    # decode steps of up to this many sequences run ops.decode_layer
+
+    def _decode_layers(self, t: int, step):
+        """Per layer (qkv parts, gate/up parts) for ops.decode_layer when this step is decode rows
+        only (one per sequence, at most DECODE_LAYER_ROWS), without tensor parallelism, and the
+        device has a decode_layer kernel for every layer's weights (int8 weights and o / MLP
+        biases: no); else None."""
+        if t > self.DECODE_LAYER_ROWS or step.block_tables.shape[0] != t or self.tp is not None:
+            return None              # (tensor parallel: the layer's all_reduces run between its ops)
+        got = getattr(self, "_decode_parts", False)
+        if got is False:
+            got = []
+            for l in self.layers:
+                if l.wqkv_scales is not None or l.bo is not None or l.b_gate_up is not None or l.b_down is not None \
+                        or any(s is not None for _, s in l.qkv_parts + l.gate_up_parts):
+                    got = None
+                    break
+                try:
+                    registry.lookup("decode_layer", self.device.type, l.wo.dtype)
+                except KernelNotFoundError:
+                    got = None
+                    break
+                got.append(((l.wqkv,) if l.wqkv is not None else tuple(w for w, _ in l.qkv_parts),
+                            (l.w_gate_up,) if l.w_gate_up is not None else tuple(w for w, _ in l.gate_up_parts)))
+            self._decode_parts = got
+        return got
 
     @property
     def weight_bytes(self) -> int:

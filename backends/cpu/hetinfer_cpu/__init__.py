@@ -40,3 +40,10 @@ def register_kernels(register):
     for op, dtypes, fn in KERNELS:
         for dt in dtypes:
             register(op, "cpu", dt, fn)
+    from hetinfer import distributed
+
+    from . import comm
+    distributed.register_communicator("cpu", comm.MPICommunicator)
+    for op, dtypes, fn in comm.KERNELS:         # MPI collectives (mpi4py imported on first use)
+        for dt in dtypes:
+            register(op, "cpu", dt, fn, contiguous=True)

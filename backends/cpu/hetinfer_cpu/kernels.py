@@ -324,6 +324,7 @@ KERNELS = [
     ("matmul", ("i8",), fused(_int8.matmul)),   # C GEMV / dequantized tiles + BLAS (int8.py)
     ("matmul", PACKED, _packed.fused_matmul),   # GGUF blocks: C integer dots / NumPy tiles (packed.py)
     ("embedding", PACKED, _packed.embedding),   # rows of a packed table, dequantized
+    ("decode_layer", PACKED, _packed.decode_layer),   # a decoder layer's decode rows in one C call
     ("rope", FLOATS, rope),
     ("add", FLOATS, add),
     ("swiglu", FLOATS, swiglu),

@@ -18,9 +18,17 @@
    3. hi_pk_dequant: rows of W (or rows picked by ids: embedding) to float32; prefill multiplies
       dequantized tiles with the f32 kernel (packed.py).
    4. hi_pk_quantize_norm / hi_pk_finish: a decode product's rms_norm prologue and its bias,
-      swiglu and residual epilogue, so a product is three C calls. */
+      swiglu and residual epilogue, so a product is three C calls.
+   5. hi_pk_decode_layer (ops.decode_layer): a whole decoder layer for decode rows in one call --
+      norms, 8-bit rounding, the products (row parts in different formats), bias, rope, the paged
+      cache write, attention (vectorized per kv head, its query heads together), swiglu and both
+      residual adds -- so a decode token costs a few calls from Python, not ~200.
+   Decode of one row of a legacy format (the common case) runs dot1_*: two blocks per step into
+   two accumulators, the offset term from dx * sum(q) per block made once per product; every
+   kernel is instantiated with the format and its row count as constants (registers, not stack). */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #ifdef _OPENMP
@@ -304,6 +312,16 @@ typedef void (*dot_fn)(int, const uint8_t *, int64_t, const int8_t *, const floa
                        int64_t, int, float *, int64_t);
 static dot_fn DOT = 0;
 static const char *VARIANT = "c";
+typedef void (*dot1_fn)(int, const uint8_t *, int64_t, const int8_t *, const float *, const float *, float *);
+
+static dot1_fn dot1_for(dot_fn d) {
+#ifdef HAVE_X86
+    if (d == dot_z512 || d == dot_vnni) return dot1_vnni;
+    if (d == dot_avx2) return dot1_avx2;
+#endif
+    (void)d;
+    return 0;
+}
 
 /* level: 0 = the best this CPU supports (AVX-512 VNNI on 512-bit vectors), 1 = VNNI on 256-bit vectors
    at most, 2 = AVX2 at most, 3 = plain C. Returns the variant's name. */
@@ -372,9 +390,27 @@ void hi_pk_matmul(int type, const uint8_t *w, int64_t N, int64_t K, const int8_t
     const int64_t blk = block_of(type), nb = K / blk, rowb = nb * bytes_of(type);
     const int64_t chunks = (N + RC - 1) / RC;
     const dot_fn dot = DOT;
+    /* one row of a legacy format on a SIMD variant: the 1-row kernel, with dx * sum(q) per block */
+    dot1_fn dot1 = (M == 1 && blk == 32) ? dot1_for(DOT) : 0;
+    float xo_stack[512], *xo = 0;
+    if (dot1) {
+        xo = nb <= 512 ? xo_stack : (float *)malloc((size_t)nb * sizeof(float));
+        if (!xo) dot1 = 0;
+        else for (int64_t b = 0; b < nb; b++) xo[b] = xd[b] * (float)(xs[2 * b] + xs[2 * b + 1]);
+    }
     #pragma omp parallel for schedule(dynamic, 1) if (N * K * M >= PAR_MIN)
     for (int64_t c = 0; c < chunks; c++) {
         int64_t n0 = c * RC, n1 = n0 + RC < N ? n0 + RC : N;
+        if (dot1) {
+            for (int64_t n = n0; n < n1; n++) {
+                if (n + PF < N) {
+                    const char *ahead = (const char *)(w + (n + PF) * rowb);
+                    for (int64_t i = 0; i < rowb; i += 64) __builtin_prefetch(ahead + i, 0, 2);
+                }
+                dot1(type, w + n * rowb, nb, xq, xd, xo, out + n);
+            }
+            continue;
+        }
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
             int nr = M - m0 < MR ? (int)(M - m0) : MR;
             for (int64_t n = n0; n < n1; n++) {
@@ -387,6 +423,7 @@ void hi_pk_matmul(int type, const uint8_t *w, int64_t N, int64_t K, const int8_t
             }
         }
     }
+    if (xo && xo != xo_stack) free(xo);
 }
 
 /* out (R, K) f32 = rows of w dequantized: rows ids[0 .. R) (ids not NULL) or r0 .. r0 + R */
@@ -450,4 +487,292 @@ void hi_pk_finish(const float *y, int64_t M, int64_t N, const float *bias, int s
             }
             out[m * no + j] = a + (res ? res[m * no + j] : 0.0f);
         }
+}
+
+/* ---- decode_layer: one decoder layer for B decode rows (one new token per sequence) in one call ----
+   x (B, D) f32 residual stream, updated in place:
+     h = rms_norm(x, attn_norm) -> 8-bit; qkv = h @ Wqkv^T (+ bqkv), Wqkv as 1..3 row parts;
+     q, k rotated at pos[b] (cos / sin tables (P, Dh / 2), half or interleaved pairs);
+     k, v into the pools (NB, BS, Hkv, Dh) at slot[b] (< 0: not written);
+     a = attention of q over keys 0 .. ctx[b] - 1 of sequence b (blocks bt[b, :]), GQA;
+     x += a @ Wo^T;  h = rms_norm(x, mlp_norm);  x += swiglu(h @ Wgu^T) @ Wdown^T.  */
+typedef struct { int32_t type; int32_t pad; const uint8_t *w; int64_t n; } hi_part;
+typedef struct {
+    int64_t D, F, Hq, Hkv, Dh, BS, MB;
+    float eps, scale;
+    int32_t interleaved, nqkv, ngu, pad;
+    const float *attn_norm, *mlp_norm, *bqkv;
+    hi_part qkv[3], gu[2], o, down;
+} hi_layer;
+
+typedef struct { int8_t *q; float *d; int16_t *s; int blk; } act_q;
+
+/* rows of x (M, K) (normalised by nw when not NULL) rounded for a product of format type */
+static void quant_for(act_q *a, int type, const float *x, int64_t M, int64_t K, const float *nw, float eps,
+                      float *tmp) {
+    int blk = block_of(type);
+    if (a->blk == blk) return;
+    hi_pk_quantize_norm(x, M, K, blk, nw, eps, tmp, a->q, a->d, a->s);
+    a->blk = blk;
+}
+
+/* y (M, ldo) columns of the parts one after another */
+static void parts_product(const hi_part *p, int np, const float *x, int64_t M, int64_t K, const float *nw,
+                          float eps, act_q *a32, act_q *a256, float *tmp, float *y, int64_t ldo) {
+    int64_t at = 0;
+    for (int i = 0; i < np; i++) {
+        act_q *a = block_of(p[i].type) == 32 ? a32 : a256;
+        quant_for(a, p[i].type, x, M, K, nw, eps, tmp);
+        hi_pk_matmul(p[i].type, p[i].w, p[i].n, K, a->q, a->d, a->s, M, y + at, ldo);
+        at += p[i].n;
+    }
+}
+
+static void rope_row(float *v, int64_t H, int64_t Dh, const float *c, const float *s, int interleaved) {
+    int64_t h2 = Dh / 2;
+    for (int64_t h = 0; h < H; h++, v += Dh)
+        for (int64_t i = 0; i < h2; i++) {
+            int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + h2;
+            float x1 = v[a], x2 = v[b];
+            v[a] = x1 * c[i] - x2 * s[i];
+            v[b] = interleaved ? x1 * s[i] + x2 * c[i] : x2 * c[i] + x1 * s[i];
+        }
+}
+
+#define ATT_CAT2(a, b) a##_##b
+#define ATT_CAT(a, b) ATT_CAT2(a, b)
+#define ATT(name) ATT_CAT(name, ATT_SFX)
+#define ATT_SFX c
+#define ATT_TARGET
+/* 8 partial sums: the compiler vectorizes them (one sum would be a chain of dependent adds) */
+ATT_TARGET static inline float ATT(dot8)(const float *a, const float *b, int64_t n) {
+    float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) p[j] += a[i + j] * b[i + j];
+    float s = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* g query heads q (g, Dh) of one kv head kh over keys 0 .. len - 1 (rows by the block table
+   tab) -> o (g, Dh); p (g, ld) scratch for the scores */
+ATT_TARGET static void ATT(attend)(const float *q, int64_t g, int64_t Dh, const float *kp, const float *vp, const int32_t *tab,
+                   int64_t len, int64_t BS, int64_t kvrow, int64_t kh, float scale, float *p, int64_t ld, float *o) {
+    float m[16], tot[16];
+    for (int64_t h = 0; h < g; h++) m[h] = -INFINITY;
+    for (int64_t t = 0; t < len; t++) {
+        const float *kr = kp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
+        for (int64_t h = 0; h < g; h++) {
+            float v = ATT(dot8)(q + h * Dh, kr, Dh) * scale;
+            p[h * ld + t] = v;
+            m[h] = v > m[h] ? v : m[h];
+        }
+    }
+    for (int64_t h = 0; h < g; h++) {
+        float s = 0.0f;
+        for (int64_t t = 0; t < len; t++) {
+            float e = expf(p[h * ld + t] - m[h]);
+            p[h * ld + t] = e;
+            s += e;
+        }
+        tot[h] = s;
+    }
+    for (int64_t i = 0; i < g * Dh; i++) o[i] = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        const float *vr = vp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
+        for (int64_t h = 0; h < g; h++) {
+            const float w = p[h * ld + t];
+            float *oh = o + h * Dh;
+            for (int64_t i = 0; i < Dh; i++) oh[i] += w * vr[i];
+        }
+    }
+    for (int64_t h = 0; h < g; h++) {
+        const float inv = tot[h] > 0.0f ? 1.0f / tot[h] : 0.0f;
+        for (int64_t i = 0; i < Dh; i++) o[h * Dh + i] *= inv;
+    }
+}
+
+#undef ATT_SFX
+#undef ATT_TARGET
+#ifdef HAVE_X86
+/* the same compiled for AVX-512 (and AVX2 + FMA): the loops over Dh vectorize 16 (8) wide */
+#define ATT_SFX z512
+#define ATT_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw"), optimize("tree-vectorize")))
+/* 8 partial sums: the compiler vectorizes them (one sum would be a chain of dependent adds) */
+ATT_TARGET static inline float ATT(dot8)(const float *a, const float *b, int64_t n) {
+    float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) p[j] += a[i + j] * b[i + j];
+    float s = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* g query heads q (g, Dh) of one kv head kh over keys 0 .. len - 1 (rows by the block table
+   tab) -> o (g, Dh); p (g, ld) scratch for the scores */
+ATT_TARGET static void ATT(attend)(const float *q, int64_t g, int64_t Dh, const float *kp, const float *vp, const int32_t *tab,
+                   int64_t len, int64_t BS, int64_t kvrow, int64_t kh, float scale, float *p, int64_t ld, float *o) {
+    float m[16], tot[16];
+    for (int64_t h = 0; h < g; h++) m[h] = -INFINITY;
+    for (int64_t t = 0; t < len; t++) {
+        const float *kr = kp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
+        for (int64_t h = 0; h < g; h++) {
+            float v = ATT(dot8)(q + h * Dh, kr, Dh) * scale;
+            p[h * ld + t] = v;
+            m[h] = v > m[h] ? v : m[h];
+        }
+    }
+    for (int64_t h = 0; h < g; h++) {
+        float s = 0.0f;
+        for (int64_t t = 0; t < len; t++) {
+            float e = expf(p[h * ld + t] - m[h]);
+            p[h * ld + t] = e;
+            s += e;
+        }
+        tot[h] = s;
+    }
+    for (int64_t i = 0; i < g * Dh; i++) o[i] = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        const float *vr = vp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
+        for (int64_t h = 0; h < g; h++) {
+            const float w = p[h * ld + t];
+            float *oh = o + h * Dh;
+            for (int64_t i = 0; i < Dh; i++) oh[i] += w * vr[i];
+        }
+    }
+    for (int64_t h = 0; h < g; h++) {
+        const float inv = tot[h] > 0.0f ? 1.0f / tot[h] : 0.0f;
+        for (int64_t i = 0; i < Dh; i++) o[h * Dh + i] *= inv;
+    }
+}
+
+#undef ATT_SFX
+#undef ATT_TARGET
+#define ATT_SFX avx2
+#define ATT_TARGET __attribute__((target("avx2,fma"), optimize("tree-vectorize")))
+/* 8 partial sums: the compiler vectorizes them (one sum would be a chain of dependent adds) */
+ATT_TARGET static inline float ATT(dot8)(const float *a, const float *b, int64_t n) {
+    float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) p[j] += a[i + j] * b[i + j];
+    float s = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* g query heads q (g, Dh) of one kv head kh over keys 0 .. len - 1 (rows by the block table
+   tab) -> o (g, Dh); p (g, ld) scratch for the scores */
+ATT_TARGET static void ATT(attend)(const float *q, int64_t g, int64_t Dh, const float *kp, const float *vp, const int32_t *tab,
+                   int64_t len, int64_t BS, int64_t kvrow, int64_t kh, float scale, float *p, int64_t ld, float *o) {
+    float m[16], tot[16];
+    for (int64_t h = 0; h < g; h++) m[h] = -INFINITY;
+    for (int64_t t = 0; t < len; t++) {
+        const float *kr = kp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
+        for (int64_t h = 0; h < g; h++) {
+            float v = ATT(dot8)(q + h * Dh, kr, Dh) * scale;
+            p[h * ld + t] = v;
+            m[h] = v > m[h] ? v : m[h];
+        }
+    }
+    for (int64_t h = 0; h < g; h++) {
+        float s = 0.0f;
+        for (int64_t t = 0; t < len; t++) {
+            float e = expf(p[h * ld + t] - m[h]);
+            p[h * ld + t] = e;
+            s += e;
+        }
+        tot[h] = s;
+    }
+    for (int64_t i = 0; i < g * Dh; i++) o[i] = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        const float *vr = vp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
+        for (int64_t h = 0; h < g; h++) {
+            const float w = p[h * ld + t];
+            float *oh = o + h * Dh;
+            for (int64_t i = 0; i < Dh; i++) oh[i] += w * vr[i];
+        }
+    }
+    for (int64_t h = 0; h < g; h++) {
+        const float inv = tot[h] > 0.0f ? 1.0f / tot[h] : 0.0f;
+        for (int64_t i = 0; i < Dh; i++) o[h * Dh + i] *= inv;
+    }
+}
+
+#undef ATT_SFX
+#undef ATT_TARGET
+#endif
+typedef void (*attend_fn)(const float *, int64_t, int64_t, const float *, const float *, const int32_t *,
+                          int64_t, int64_t, int64_t, int64_t, float, float *, int64_t, float *);
+
+static attend_fn pick_attend(void) {
+#ifdef HAVE_X86
+    __builtin_cpu_init();
+    if (DOT == dot_z512) return attend_z512;
+    if (DOT == dot_vnni || DOT == dot_avx2) return attend_avx2;
+#endif
+    return attend_c;
+}
+
+void hi_pk_decode_layer(const hi_layer *L, float *x, int64_t B, float *kp, float *vp, const int32_t *pos,
+                        const int32_t *slot, const int32_t *ctx, const int32_t *bt, const float *cos,
+                        const float *sin, int64_t max_ctx) {
+    const int64_t D = L->D, F = L->F, Hq = L->Hq, Hkv = L->Hkv, Dh = L->Dh, BS = L->BS, MB = L->MB;
+    const int64_t nqkv = (Hq + 2 * Hkv) * Dh, kvrow = Hkv * Dh;
+    int64_t kmax = D > F ? D : F;                                /* the longest product input */
+    if (Hq * Dh > kmax) kmax = Hq * Dh;
+    const int64_t g = Hq / Hkv, h2 = Dh / 2;
+    /* scratch: one block (the sizes are small: a few KB per row) */
+    size_t bytes = (size_t)B * (2 * kmax) + 64                 /* q8 for 32 and 256 blocks */
+                 + (size_t)B * (kmax / 32) * 4 * 2 + (size_t)B * (kmax / 16) * 2 * 2 + 256
+                 + (size_t)4 * (kmax + B * nqkv + B * Hq * Dh + B * 2 * F + B * F + B * D)
+                 + (size_t)4 * (max_ctx > 0 ? max_ctx : 1) * Hq * B + 256;
+    char *mem = (char *)malloc(bytes), *at = mem;
+    if (!mem) return;
+#define TAKE(T, n) ((T *)(at = (char *)(((uintptr_t)at + 63) & ~(uintptr_t)63), at += (size_t)(n) * sizeof(T), at - (size_t)(n) * sizeof(T)))
+    act_q a32 = {TAKE(int8_t, B * kmax), TAKE(float, B * (kmax / 32)), TAKE(int16_t, B * (kmax / 16)), 0};
+    act_q a256 = {TAKE(int8_t, B * kmax), TAKE(float, B * (kmax / 32)), TAKE(int16_t, B * (kmax / 16)), 0};
+    float *tmp = TAKE(float, kmax), *qkv = TAKE(float, B * nqkv), *att = TAKE(float, B * Hq * Dh);
+    float *y = TAKE(float, B * 2 * F), *act = TAKE(float, B * F), *yo = TAKE(float, B * D);
+    float *sc = TAKE(float, (max_ctx > 0 ? max_ctx : 1) * Hq * B);
+#undef TAKE
+    /* attention block: qkv product, rope, cache write */
+    parts_product(L->qkv, L->nqkv, x, B, D, L->attn_norm, L->eps, &a32, &a256, tmp, qkv, nqkv);
+    for (int64_t b = 0; b < B; b++) {
+        float *r = qkv + b * nqkv;
+        if (L->bqkv)
+            for (int64_t j = 0; j < nqkv; j++) r[j] += L->bqkv[j];
+        const float *c = cos + (int64_t)pos[b] * h2, *s = sin + (int64_t)pos[b] * h2;
+        rope_row(r, Hq + Hkv, Dh, c, s, L->interleaved);            /* q heads then k heads */
+        if (slot[b] >= 0) {
+            int64_t blk = slot[b] / BS, row = slot[b] % BS;
+            memcpy(kp + (blk * BS + row) * kvrow, r + Hq * Dh, kvrow * 4);
+            memcpy(vp + (blk * BS + row) * kvrow, r + (Hq + Hkv) * Dh, kvrow * 4);
+        }
+    }
+    /* attention: per sequence and kv head, its g query heads meet each key row once */
+    if (!DOT) hi_pk_select(0);
+    const attend_fn attend = pick_attend();
+    #pragma omp parallel for schedule(dynamic, 1) collapse(2) if (B * Hq * max_ctx >= 65536)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t kh = 0; kh < Hkv; kh++)
+            attend(qkv + b * nqkv + kh * g * Dh, g, Dh, kp, vp, bt + b * MB, ctx[b], BS, kvrow, kh,
+                   L->scale, sc + (b * Hkv + kh) * g * max_ctx, max_ctx, att + (b * Hq + kh * g) * Dh);
+    a32.blk = a256.blk = 0;
+    parts_product(&L->o, 1, att, B, Hq * Dh, NULL, 0.0f, &a32, &a256, tmp, yo, D);
+    for (int64_t j = 0; j < B * D; j++) x[j] += yo[j];
+    /* MLP block */
+    a32.blk = a256.blk = 0;
+    parts_product(L->gu, L->ngu, x, B, D, L->mlp_norm, L->eps, &a32, &a256, tmp, y, 2 * F);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < F; j++) {
+            float a = y[b * 2 * F + j];
+            act[b * F + j] = a / (1.0f + expf(-a)) * y[b * 2 * F + F + j];
+        }
+    a32.blk = a256.blk = 0;
+    parts_product(&L->down, 1, act, B, F, NULL, 0.0f, &a32, &a256, tmp, yo, D);
+    for (int64_t j = 0; j < B * D; j++) x[j] += yo[j];
+    free(mem);
 }

@@ -13,6 +13,8 @@ Two paths:
   Prefill (more rows): tiles of weight rows dequantized in C into a buffer that stays in cache,
   multiplied by x with the f32 kernel (f32.py); x is not rounded there (measured 2-3x faster
   than the integer dots at M >= 16 here, whose tiles of 4 rows do not reuse registers enough).
+- decode_layer (ops.decode_layer): a decoder layer of decode rows in one C call (packed.c), the
+  same composed of ops without the library or for tensors it does not take.
 """
 
 from __future__ import annotations
@@ -141,6 +143,21 @@ def _declare(lib) -> None:
     lib.hi_pk_quantize_norm.argtypes = [vp, i64, i64, i64, vp, ctypes.c_float, vp, vp, vp, vp]
     lib.hi_pk_quantize_norm.restype = None
     lib.hi_pk_finish.argtypes, lib.hi_pk_finish.restype = [vp, i64, i64, vp, i32, vp, vp], None
+    lib.hi_pk_decode_layer.argtypes = [ctypes.POINTER(_Layer), vp, i64, vp, vp, vp, vp, vp, vp, vp, vp, i64]
+    lib.hi_pk_decode_layer.restype = None
+
+
+class _Part(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int32), ("pad", ctypes.c_int32), ("w", ctypes.c_void_p), ("n", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    """packed.c's hi_layer: a decoder layer's shapes, norms and packed products."""
+    _fields_ = [(n, ctypes.c_int64) for n in ("D", "F", "Hq", "Hkv", "Dh", "BS", "MB")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        ("interleaved", ctypes.c_int32), ("nqkv", ctypes.c_int32), ("ngu", ctypes.c_int32), ("pad", ctypes.c_int32),
+        ("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("bqkv", ctypes.c_void_p),
+        ("qkv", _Part * 3), ("gu", _Part * 2), ("o", _Part), ("down", _Part)]
 
 
 def _build():
@@ -315,3 +332,111 @@ def _FUSED(*args, **kw):
         from .kernels import fused
         _fused.append(fused(matmul))
     return _fused[0](*args, **kw)
+
+
+# --- decode_layer: a whole decoder layer for decode rows in one C call ----------------------------
+_LAYERS: dict = {}       # id(wo) -> (the tensors the struct points into, kept alive; the struct)
+_STEP: list = []         # the step tensors last seen and their pointers (shared by a step's layers)
+
+
+def _sweep() -> None:
+    """Drop the structs of layers whose o weight only this cache still holds (a model freed):
+    run when a struct is made, so the cache keeps no freed model's weights alive."""
+    import sys
+    for key in [k for k, v in _LAYERS.items() if sys.getrefcount(v[0][2]) <= 2]:
+        del _LAYERS[key]
+
+
+def _ptr(t) -> int:
+    return t.numpy().ctypes.data
+
+
+def _layer_struct(attn_norm, qkv, wo, mlp_norm, gu, w_down, k_pool, bqkv, eps, style, scale, num_heads):
+    refs = (attn_norm, qkv, wo, mlp_norm, gu, w_down, bqkv)
+    key = id(wo)
+    got = _LAYERS.get(key)
+    if got is not None and all(a is b for a, b in zip(got[0][:-1], refs)) and got[0][-1] == (
+            eps, style, scale, num_heads, k_pool.shape):
+        return got[1]
+    nb, bs, hkv, dh = k_pool.shape
+    f = w_down.shape[1] * w_down.dtype.block
+    L = _Layer(D=wo.shape[0], F=f, Hq=num_heads, Hkv=hkv, Dh=dh, BS=bs, MB=0, eps=eps, scale=scale,
+               interleaved=int(style == "interleaved"), nqkv=len(qkv), ngu=len(gu), pad=0,
+               attn_norm=_ptr(attn_norm), mlp_norm=_ptr(mlp_norm), bqkv=None if bqkv is None else _ptr(bqkv))
+    for arr, parts in ((L.qkv, qkv), (L.gu, gu)):
+        for i, p in enumerate(parts):
+            arr[i] = _Part(p.dtype.packed.ggml_type, 0, _ptr(p), p.shape[0])
+    L.o = _Part(wo.dtype.packed.ggml_type, 0, _ptr(wo), wo.shape[0])
+    L.down = _Part(w_down.dtype.packed.ggml_type, 0, _ptr(w_down), w_down.shape[0])
+    _sweep()
+    _LAYERS[key] = (refs + ((eps, style, scale, num_heads, k_pool.shape),), L, ctypes.byref(L))
+    return L
+
+
+def _c_ready(x, attn_norm, qkv, wo, mlp_norm, gu, w_down, k_pool, v_pool, bqkv) -> bool:
+    """The C path's conditions: f32 contiguous x, norms, bias and pools; packed contiguous weights."""
+    if _f32c(x) is None or any(_f32c(t) is None for t in (attn_norm, mlp_norm, k_pool, v_pool)):
+        return False
+    if bqkv is not None and _f32c(bqkv) is None:
+        return False
+    return all(w.dtype.packed is not None and w.numpy().flags.c_contiguous for w in qkv + gu + (wo, w_down))
+
+
+def decode_layer(x, attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_pool, v_pool, positions, slot_mapping,
+                 context_lens, block_tables, cos, sin, num_heads, bqkv, eps, style, scale):
+    """The ("decode_layer", "cpu", packed) kernel: packed.c's hi_pk_decode_layer (norms, 8-bit
+    products, rope, the cache write, attention, swiglu and both residual adds in one call), or
+    the same composed of ops without the library (or for tensors it does not take)."""
+    lib = library()
+    if lib is None or num_heads // k_pool.shape[2] > 16 or \
+            not _c_ready(x, attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_pool, v_pool, bqkv):
+        return _composed(x, attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_pool, v_pool, positions,
+                         slot_mapping, context_lens, block_tables, cos, sin, num_heads, bqkv, eps, style, scale)
+    L = _layer_struct(attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_pool, bqkv, eps, style, scale, num_heads)
+    st = (positions, slot_mapping, context_lens, block_tables, cos, sin)
+    if not _STEP or any(a is not b for a, b in zip(_STEP[0], st)):
+        arrs = [np.ascontiguousarray(t.numpy(), dtype=np.int32) for t in st[:4]] + [_f32c(cos), _f32c(sin)]
+        if arrs[4] is None or arrs[5] is None:
+            arrs[4], arrs[5] = (np.ascontiguousarray(t.numpy(), dtype=F32) for t in (cos, sin))
+        cl = arrs[2]
+        _STEP[:] = [st, arrs, [a.ctypes.data for a in arrs], int(cl.max()) if cl.size else 0,
+                    arrs[3].shape[1]]
+    _, _, (pp, sp, cp, bp, cosp, sinp), max_ctx, mb = _STEP
+    L.MB = mb
+    xa = x.numpy()
+    lib.hi_pk_decode_layer(_LAYERS[id(wo)][2], xa.ctypes.data, xa.shape[0], _ptr(k_pool), _ptr(v_pool), pp, sp,
+                           cp, bp, cosp, sinp, max_ctx)
+
+
+def _composed(x, attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_pool, v_pool, positions, slot_mapping,
+              context_lens, block_tables, cos, sin, num_heads, bqkv, eps, style, scale):
+    """decode_layer as the ops it fuses (any weight and pool dtype the CPU kernels take)."""
+    import hetinfer as hi
+    from hetinfer import ops
+    b, dev = x.shape[0], x.device
+    nb, bs, hkv, dh = k_pool.shape
+    hq, dt = num_heads, k_pool.dtype
+    qkv = hi.empty((b, (hq + 2 * hkv) * dh), dt, dev)
+    at = 0
+    for w in wqkv:
+        n = w.shape[0]
+        ops.matmul(x, w, None if bqkv is None else bqkv[at:at + n], norm_weight=attn_norm, eps=eps,
+                   out=qkv[:, at:at + n])
+        at += n
+    q = qkv[:, :hq * dh].contiguous().view(b, hq, dh)
+    k = qkv[:, hq * dh:(hq + hkv) * dh].contiguous().view(b, hkv, dh)
+    v = qkv[:, (hq + hkv) * dh:].contiguous().view(b, hkv, dh)
+    ops.rope_paged_kv_write(q, k, v, k_pool, v_pool, positions, slot_mapping, cos, sin, style)
+    qs = hi.tensor(np.arange(b + 1, dtype=np.int32), hi.i32, dev)
+    att = ops.paged_attention(q, k_pool, v_pool, qs, context_lens, block_tables, scale=scale)
+    ops.matmul(att.view(b, hq * dh), wo, residual=x, out=x)
+    f = w_down.shape[1] * w_down.dtype.block
+    if len(w_gate_up) == 1:
+        act = ops.matmul(x, w_gate_up[0], norm_weight=mlp_norm, eps=eps, act="swiglu")
+    else:
+        gate, up = (ops.matmul(x, w, norm_weight=mlp_norm, eps=eps) for w in w_gate_up)
+        if gate.shape[1] != f:                       # parts split elsewhere than gate | up
+            y = hi.tensor(np.concatenate([gate.numpy(), up.numpy()], axis=1), gate.dtype, dev)
+            gate, up = y[:, :f].contiguous(), y[:, f:].contiguous()
+        act = ops.swiglu(gate, up)
+    ops.matmul(act, w_down, residual=x, out=x)

@@ -89,3 +89,10 @@ def register_kernels(register):
         extra = (("i8",) if op == "matmul" else ()) + (PACKED if op in PACKED_OPS else ())
         for dt in FLOATS + extra:
             register(op, "cuda", dt, fn)   # strided views handled on the device
+    from hetinfer import distributed
+
+    from . import comm                     # NCCL through CuPy, imported when a world > 1 first uses it
+    distributed.register_communicator("cuda", comm.NCCLCommunicator)
+    for op, fn in comm.KERNELS:
+        for dt in comm.FLOATS:
+            register(op, "cuda", dt, fn, contiguous=True)

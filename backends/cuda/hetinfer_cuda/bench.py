@@ -59,12 +59,18 @@ def shape_config(name: str, max_position: int = 4096):
                        attention_bias=bias, rms_norm_eps=1e-5)
 
 
+# byte offsets of the f16 scale fields in one block of each packed format (hetinfer.packed's layouts)
+_SCALE_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2),
+                 "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+
+
 def random_model(config, dtype="f16", device="cuda", max_context: int = 1024, seed: int = 0,
                  quantize: str | None = None):
     """A Llama/Qwen2 model of config's shapes with hashed uniform weights made on the device:
     linear weights in +-sqrt(3/K) (unit variance through each product), embeddings in
     +-1, norm weights 1. quantize="int8": the linear weights are int8 (hashed bytes) with
-    f16 scales per group of 64 (embeddings and output head stay in dtype, as hetinfer.quant)."""
+    f16 scales per group of 64 (embeddings and output head stay in dtype, as hetinfer.quant);
+    quantize="q4_k", "q8_0" ...: the linear weights are packed GGUF blocks of random bytes."""
     import hetinfer as hi
     from hetinfer.tensor import Tensor
     from hetinfer_models.llama import Layer, LlamaForCausalLM, Qwen2ForCausalLM
@@ -95,9 +101,25 @@ def random_model(config, dtype="f16", device="cuda", max_context: int = 1024, se
         fill_uniform(sc, 0.5 * (3.0 / k) ** 0.5 / 64, (3.0 / k) ** 0.5 / 64, next(seeds))
         return q, sc
 
+    rng = np.random.default_rng(seed)
+
+    def lin_packed(n, k):
+        """A packed (GGUF block) weight of format `quantize`: random quant bytes made on the host,
+        every f16 scale field set so that a product keeps about unit variance."""
+        from hetinfer.packed import fmt, from_blocks
+        f = fmt(quantize)
+        raw = rng.integers(0, 256, size=(n, k // f.block, f.nbytes), dtype=np.uint8)   # (N, K // block, bytes)
+        scale = np.frombuffer(np.float16((3.0 / k) ** 0.5 / 8).tobytes(), np.uint8)
+        for off in _SCALE_FIELDS[f.name]:
+            raw[:, :, off:off + 2] = scale
+        return from_blocks(raw.view(hi.dtype(f.name).np).reshape(n, k // f.block), f.name, device)
+
     layers = []
     for _ in range(c.num_hidden_layers):
-        if quantize == "int8":
+        if quantize not in (None, "int8"):
+            wqkv, wo, wgu, wd = lin_packed(nq + 2 * nkv, D), lin_packed(D, nq), lin_packed(2 * F, D), lin_packed(D, F)
+            sqkv = so = sgu = sd = None
+        elif quantize == "int8":
             (wqkv, sqkv), (wo, so), (wgu, sgu), (wd, sd) = (lin8(nq + 2 * nkv, D), lin8(D, nq),
                                                            lin8(2 * F, D), lin8(D, F))
         else:
@@ -230,7 +252,7 @@ def bench_case(name: str, args, read_gbs: float, device="cuda") -> dict:
     wb, kvb = model.weight_bytes, gen.engine.runner.kv.nbytes
     peak = st["peak"] - before
     res = {"case": name, "engine": "hetinfer-cuda" + ("-eager" if args.eager else "-graphs"),
-           "dtype": args.dtype + ("+int8" if args.quantize else ""), "prompt": args.prompt, "new": args.new,
+           "dtype": args.dtype + (f"+{args.quantize}" if args.quantize else ""), "prompt": args.prompt, "new": args.new,
            "decode_tok_s": round(decode, 1), "decode_tok_s_steady": round(steady, 1),
            "weight_bytes": wb, "roofline_pct": round(100 * steady * wb / (read_gbs * 1e9), 1),
            "roofline_pct_generator": round(100 * decode * wb / (read_gbs * 1e9), 1),
@@ -434,7 +456,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--quantize", choices=["int8"], default=None,
+    p.add_argument("--quantize", choices=["int8", "q4_k", "q8_0", "q4_0", "q6_k"], default=None,
                    help="int8 linear weights (per-group f16 scales); the anchor stays f16")
     p.add_argument("--anchor", default=None, help="path of torch_anchor.py, run after our cases")
     p.add_argument("--anchor-timeout", type=int, default=420)

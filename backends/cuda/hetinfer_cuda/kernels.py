@@ -175,9 +175,9 @@ def _strided(fn, outputs):
 
 # ---------------------------------------------------------------- ops
 def embedding(ids, table, out):
-    if table.dtype.name not in FLOATS:                 # a packed (GGUF block) table
+    if table.dtype.name not in FLOATS:                 # a packed (GGUF block) table, rows whole
         from .packed import packed_embedding
-        return packed_embedding(ids, table, out)
+        return packed_embedding(ids, table if table.is_contiguous else table.contiguous(), out)
     key = table.dtype.name
     dev = _dev(table)
     o32 = out.dtype == DT.f32 and key != "f32"       # an f32 residual stream from T weights
@@ -312,6 +312,8 @@ def matmul(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, r
     pro = int(norm_weight is not None)
     swi = int(act == "swiglu")
     packed = weight.dtype.packed is not None
+    if packed and not weight.is_contiguous:       # the kernels read whole rows of blocks
+        weight = weight.contiguous()
     if packed and K and M <= GEMV_MAX_M:          # GGUF blocks: packed.py's fused GEMV
         from . import packed as PK
         PK.gemv_fused(dev, key, xk, x32, weight, weight.dtype.name, b, nw, eps, pro, swi, rk, r32, o, o32, M, N, K)

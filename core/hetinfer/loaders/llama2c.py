@@ -19,6 +19,7 @@ w1 = gate_proj, w3 = up_proj, w2 = down_proj.
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 from pathlib import Path
@@ -166,7 +167,7 @@ def _tokenizer(path: Path, tokenizer_path, vocab_size: int):
         candidates = [Path(tokenizer_path)]
     else:
         candidates = [path.parent / "tokenizer.model", path.parent / "tokenizer.bin"]
-    tok_path = next((c for c in candidates if c.exists()), None)
+    tok_path = next((c for c in candidates if os.path.lexists(c)), None)
     if tok_path is None:
         raise LoadError(f"{path}: llama2.c checkpoints need a SentencePiece tokenizer.model (or llama2.c's "
                         f"tokenizer.bin); none at {' or '.join(map(str, candidates))} (pass tokenizer_path=...)")
@@ -215,6 +216,12 @@ class Llama2cCheckpoint(Checkpoint):
         if size < end:
             raise LoadError(f"{path}: llama2.c file is truncated: the header (version {self.version}, dim={dim}, "
                             f"n_layers={L}, vocab={vocab}) implies at least {end} bytes, the file has {size}")
+        if size > end:       # export.py writes exactly the layout: a header that lies about a size reads garbage
+            raise LoadError(f"{path}: llama2.c header (version {self.version}, dim={dim}, hidden_dim={hidden}, "
+                            f"n_layers={L}, n_heads={nh}, n_kv_heads={nkv}, vocab={vocab}, seq_len={seq}"
+                            + ("" if self.group_size is None else f", group_size={self.group_size}")
+                            + f") implies {end} bytes but the file has {size} ({size - end} more); the header does "
+                            "not describe this file")
         cfg = ModelConfig(
             architecture="LlamaForCausalLM", vocab_size=vocab, hidden_size=dim, intermediate_size=hidden,
             num_hidden_layers=L, num_attention_heads=nh, num_key_value_heads=nkv, head_dim=dim // nh,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -115,8 +116,25 @@ def read_safetensors_header(path: Path):
         if b1 < e0:
             raise LoadError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section (one ends at byte "
                             f"{e0}, the other begins at {b1}); the file is corrupt")
+    _check_covered(path, spans, size - data_start)
     out = {name: (dt, shape, data_start + b, e - b) for name, (dt, shape, b, e) in entries.items()}
     return out, (memmap(path) if size > data_start else np.zeros(0, np.uint8))
+
+
+def _check_covered(path: Path, spans: list, data_len: int) -> None:
+    """The tensors fill the data section back to back from byte 0 to its end, as the safetensors
+    library's own validation requires (its InvalidOffset / MetadataIncompleteBuffer): a header
+    length or an offset that lies by a few bytes would otherwise read every tensor shifted."""
+    pos = 0
+    for b, e, name in spans:
+        if b != pos:
+            raise LoadError(f"{path}: safetensors header entry {name!r} begins at byte {b} of the data section, but "
+                            f"the tensors before it end at byte {pos}; expected the tensors back to back (the header "
+                            "length or an offset is wrong: the file is corrupt)")
+        pos = e
+    if pos != data_len:
+        raise LoadError(f"{path}: the safetensors tensors end at byte {pos} of the data section, which has {data_len} "
+                        "bytes; expected them to fill it (the header length is wrong or the file is corrupt)")
 
 
 def _index_shards(path: Path, index: Path) -> tuple[list[str], dict[str, str]]:
@@ -147,9 +165,9 @@ class HFCheckpoint(Checkpoint):
                               f"known: {', '.join(KNOWN_ARCHITECTURES)}")
         index = path / "model.safetensors.index.json"
         weight_map = None
-        if index.exists():
+        if os.path.lexists(index):
             shards, weight_map = _index_shards(path, index)
-        elif (path / "model.safetensors").exists():
+        elif os.path.lexists(path / "model.safetensors"):
             shards = ["model.safetensors"]
         else:
             shards = sorted(p.name for p in path.glob("*.safetensors"))
@@ -161,7 +179,7 @@ class HFCheckpoint(Checkpoint):
         mapped = 0
         for shard in progress_bar(shards, len(shards), f"opening {path.name}", progress):
             sp = path / shard
-            if weight_map is not None and not sp.exists():
+            if weight_map is not None and not os.path.lexists(sp):
                 raise LoadError(f"{path}: shard {shard} named in the index is missing")
             entries, mm = read_safetensors_header(sp)
             self._maps[shard] = mm
@@ -206,7 +224,7 @@ def _chat_template(path: Path) -> str | None:
     """tokenizer_config.json's chat_template (a string, or the one named "default" of a list of
     {name, template}), else chat_template.jinja, else None."""
     tc = path / "tokenizer_config.json"
-    template = read_json(tc, "tokenizer_config.json").get("chat_template") if tc.exists() else None
+    template = read_json(tc, "tokenizer_config.json").get("chat_template") if os.path.lexists(tc) else None
     if isinstance(template, list):  # named templates: take the default one
         if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
             raise LoadError(f"{tc}: chat_template is a list whose items are not all {{name, template}} objects "
@@ -216,6 +234,6 @@ def _chat_template(path: Path) -> str | None:
         raise LoadError(f"{tc}: chat_template is a JSON {json_type(template)}; expected a string or a list of "
                         "{name, template} objects")
     jinja = path / "chat_template.jinja"
-    if template is None and jinja.exists():
+    if template is None and os.path.lexists(jinja):
         template = read_text(jinja, "chat_template.jinja")
     return template

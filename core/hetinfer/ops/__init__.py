@@ -410,6 +410,97 @@ def rope_paged_kv_write(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool:
               v_pool=v_pool, positions=positions, slot_mapping=slot_mapping, cos=cos, sin=sin, style=style)
 
 
+def _parts(op, name, w, k, dtypes) -> tuple:
+    """A weight given as one Tensor (N, K // block) or a tuple of row parts -> the tuple."""
+    parts = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+    if not parts:
+        raise ShapeError(f"{op}: {name} has no parts")
+    for i, p in enumerate(parts):
+        _t(op, f"{name}[{i}]", p, dtypes, 2)
+        if p.shape[1] * p.dtype.block != k:
+            raise ShapeError(f"{op}: {name}[{i}] has shape {p.shape} ({p.dtype}); expected {k} input columns")
+    return parts
+
+
+_checked_steps: list = []     # decode_layer: the step tensors last validated (kept alive: ids stay theirs)
+
+
+def decode_layer(x: Tensor, attn_norm: Tensor, wqkv, wo: Tensor, mlp_norm: Tensor, w_gate_up, w_down: Tensor,
+                 k_pool: Tensor, v_pool: Tensor, positions: Tensor, slot_mapping: Tensor, context_lens: Tensor,
+                 block_tables: Tensor, cos: Tensor, sin: Tensor, *, num_heads: int, bqkv: Tensor | None = None,
+                 eps: float = 1e-6, style: str = "half", scale: float | None = None) -> Tensor:
+    """One pre-norm decoder layer (Llama / Qwen2) for B decode rows, row b the one new token of
+    sequence b, fused: x (B, D) f32 is updated in place and returned.
+
+        qkv = matmul(x, wqkv, bqkv, norm_weight=attn_norm, eps)          (B, (Hq + 2 Hkv) Dh)
+        rope_paged_kv_write(q, k, v, k_pool, v_pool, positions, slot_mapping, cos, sin, style)
+        x += paged_attention(q, pools, query_start = 0..B, context_lens, block_tables, scale) @ wo^T
+        x += matmul(matmul(x, w_gate_up, norm_weight=mlp_norm, eps, act="swiglu"), w_down)
+
+    wqkv and w_gate_up are one weight or a tuple of row parts ([q | k | v], [gate | up]) that
+    may differ in format. Hq = num_heads; pools (NB, BS, Hkv, Dh). Packed weights may round the
+    products' inputs to 8 bits per block as matmul does."""
+    op = "decode_layer"
+    _t(op, "x", x, (D.f32,), 2)
+    b, d = x.shape
+    _check_pool(op, k_pool, v_pool, D.FLOATS)
+    nb, bs, hkv, dh = k_pool.shape
+    hq = int(num_heads)
+    if hq <= 0 or hq % hkv:
+        raise ShapeError(f"{op}: num_heads={hq} must be a positive multiple of the pools' {hkv} kv heads")
+    wdt = D.FLOATS + D.PACKED
+    qkv = _parts(op, "wqkv", wqkv, d, wdt)
+    if sum(p.shape[0] for p in qkv) != (hq + 2 * hkv) * dh:
+        raise ShapeError(f"{op}: wqkv has {sum(p.shape[0] for p in qkv)} rows; expected (Hq + 2 Hkv) Dh = "
+                         f"{(hq + 2 * hkv) * dh}")
+    _t(op, "wo", wo, wdt, 2)
+    if wo.shape[0] != d or wo.shape[1] * wo.dtype.block != hq * dh:
+        raise ShapeError(f"{op}: wo has shape {wo.shape} ({wo.dtype}); expected ({d}, {hq * dh} columns)")
+    _t(op, "w_down", w_down, wdt, 2)
+    f = w_down.shape[1] * w_down.dtype.block
+    gu = _parts(op, "w_gate_up", w_gate_up, d, wdt)
+    if w_down.shape[0] != d or sum(p.shape[0] for p in gu) != 2 * f:
+        raise ShapeError(f"{op}: w_gate_up has {sum(p.shape[0] for p in gu)} rows and w_down shape {w_down.shape}; "
+                         f"expected 2 F rows and ({d}, F columns)")
+    for name, t in (("attn_norm", attn_norm), ("mlp_norm", mlp_norm)):
+        _t(op, name, t, D.FLOATS, 1)
+        _shape(op, name, t, (d,))
+    if bqkv is not None:
+        _t(op, "bqkv", bqkv, D.FLOATS, 1)
+        _shape(op, "bqkv", bqkv, ((hq + 2 * hkv) * dh,))
+    _check_style(op, style)
+    positions = _rope_inputs(op, positions, cos, sin, x.device, b, dh)
+    slot_mapping = _index(op, "slot_mapping", slot_mapping, x.device, (b,))
+    context_lens = _index(op, "context_lens", context_lens, x.device, (b,))
+    block_tables = _index(op, "block_tables", block_tables, x.device, ndim=2)
+    mb = block_tables.shape[1]
+    _shape(op, "block_tables", block_tables, (b, mb))
+    step = (positions, slot_mapping, context_lens, block_tables, cos, k_pool.shape)
+    seen = _checked_steps[0] if _checked_steps else None
+    if positions._host and not (seen is not None and all(a is c for a, c in zip(seen[:5], step[:5]))
+                                and seen[5] == step[5]):
+        ps, sl, cl, bt = (t.numpy() for t in (positions, slot_mapping, context_lens, block_tables))
+        if b and (int(ps.min()) < 0 or int(ps.max()) >= cos.shape[0]):
+            raise ShapeError(f"{op}: positions must be in [0, {cos.shape[0]}) (the rope table)")
+        if b and (int(cl.min()) < 1 or int(cl.max()) > mb * bs):
+            raise ShapeError(f"{op}: context_lens must be in [1, {mb * bs}] (block_tables' capacity)")
+        if b and int(sl.max()) >= nb * bs:
+            raise ShapeError(f"{op}: slot {int(sl.max())} is beyond the pools ({nb * bs} slots)")
+        used = np.arange(mb)[None, :] < -(-cl[:, None].astype(np.int64) // bs)
+        if used.any() and (bt[used].min() < 0 or bt[used].max() >= nb):
+            raise ShapeError(f"{op}: block ids in use must be in [0, {nb})")
+        _checked_steps[:] = [step]
+    _same_device(op, x=x, attn_norm=attn_norm, wo=wo, mlp_norm=mlp_norm, w_down=w_down, k_pool=k_pool,
+                 v_pool=v_pool, positions=positions, block_tables=block_tables, bqkv=bqkv, cos=cos)
+    scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(dh))
+    _dispatch(op, wo.dtype, x.device, ("x", "k_pool", "v_pool"), x=x, attn_norm=attn_norm, wqkv=qkv, wo=wo,
+              mlp_norm=mlp_norm, w_gate_up=gu, w_down=w_down, k_pool=k_pool, v_pool=v_pool,
+              positions=positions, slot_mapping=slot_mapping, context_lens=context_lens,
+              block_tables=block_tables, cos=cos, sin=sin, num_heads=hq, bqkv=bqkv, eps=float(eps),
+              style=style, scale=scale)
+    return x
+
+
 def argmax(x: Tensor, out: Tensor | None = None) -> Tensor:
     """x (N,) or (B, N) -> i32 () or (B,)."""
     op = "argmax"
@@ -504,6 +595,44 @@ def sample(logits: Tensor, uniform: Tensor, temperature=1.0, top_k=0, top_p=1.0,
     out = _out(op, out, logits.shape[:1], D.i32, dev, (D.i32,))
     _dispatch(op, logits.dtype, dev, ("out",), logits=logits, uniform=uniform, temperature=temperature,
               top_k=top_k, top_p=top_p, min_p=min_p, out=out)
+    return out
+
+
+# --- collectives (tensor parallelism): over the ranks of a hetinfer.distributed group ---------
+def _group(group):
+    if group is None:
+        from .. import distributed
+        group = distributed.group()
+    return group
+
+
+def all_reduce(x: Tensor, out: Tensor | None = None, group=None) -> Tensor:
+    """out = the sum of x over every rank of group (default: hetinfer.distributed.group());
+    out None or x: in place. World size 1: a copy (nothing when in place). Every rank calls
+    it with the same shape and dtype; the kernel uses group.communicator(device type)."""
+    op = "all_reduce"
+    _t(op, "x", x, D.FLOATS)
+    _same_device(op, x=x, out=out)
+    out = x if out is None else _out(op, out, x.shape, x.dtype, x.device, (x.dtype,))
+    _dispatch(op, x.dtype, x.device, ("out",), x=x, out=out, group=_group(group))
+    return out
+
+
+def all_gather(x: Tensor, dim: int = 0, out: Tensor | None = None, group=None) -> Tensor:
+    """The ranks' x (same shape on every rank) concatenated along dim in rank order: out has
+    x.shape with dim multiplied by the world size. World size 1: a copy."""
+    op = "all_gather"
+    _t(op, "x", x, D.FLOATS)
+    if x.ndim == 0:
+        raise ShapeError(f"{op}: x must have at least one axis")
+    if not -x.ndim <= dim < x.ndim:
+        raise ShapeError(f"{op}: dim {dim} is out of range for x of shape {x.shape}")
+    dim %= x.ndim
+    group = _group(group)
+    shape = x.shape[:dim] + (x.shape[dim] * group.world_size,) + x.shape[dim + 1:]
+    _same_device(op, x=x, out=out)
+    out = _out(op, out, shape, x.dtype, x.device, (x.dtype,))
+    _dispatch(op, x.dtype, x.device, ("out",), x=x, dim=dim, out=out, group=group)
     return out
 
 

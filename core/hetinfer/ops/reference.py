@@ -213,3 +213,35 @@ def sample(logits, uniform, temperature, top_k, top_p, min_p):
     cdf = np.cumsum(p, -1)
     target = f64(uniform)[:, None] * cdf[:, -1:]
     return np.argmax(cdf > target, axis=-1)
+
+
+def all_reduce(xs):
+    """Collectives are defined over the list of every rank's input (world size 1: [x]):
+    the element-wise sum."""
+    return np.sum([f64(x) for x in xs], axis=0)
+
+
+def all_gather(xs, dim=0):
+    """Every rank's input concatenated along dim, in rank order."""
+    return np.concatenate([f64(x) for x in xs], axis=dim)
+
+
+def decode_layer(x, attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_pool, v_pool, positions,
+                 slot_mapping, context_lens, block_tables, cos, sin, num_heads, bqkv=None, eps=1e-6,
+                 style="half", scale=None):
+    """ops.decode_layer with float weights (packed ones dequantized first; tuples of row parts
+    concatenated) -> (x, k_pool, v_pool) after the layer."""
+    cat = lambda w: np.concatenate([f64(p) for p in w]) if isinstance(w, (tuple, list)) else f64(w)  # noqa: E731
+    b = np.asarray(x).shape[0]
+    nb, bs, hkv, dh = np.asarray(k_pool).shape
+    hq = num_heads
+    qkv = matmul(x, cat(wqkv), bqkv, norm_weight=attn_norm, eps=eps)                   # (B, (Hq + 2 Hkv) Dh)
+    q = qkv[:, :hq * dh].reshape(b, hq, dh)
+    k = qkv[:, hq * dh:(hq + hkv) * dh].reshape(b, hkv, dh)
+    v = qkv[:, (hq + hkv) * dh:].reshape(b, hkv, dh)
+    q, kp, vp = rope_paged_kv_write(q, k, v, k_pool, v_pool, positions, slot_mapping, cos, sin, style)
+    sc = scale if scale is not None else 1.0 / np.sqrt(dh)
+    a = paged_attention(q, kp, vp, np.arange(b + 1), context_lens, block_tables, sc)   # (B, Hq, Dh)
+    x = matmul(a.reshape(b, hq * dh), f64(wo), residual=x)
+    h = matmul(x, cat(w_gate_up), norm_weight=mlp_norm, eps=eps, act="swiglu")
+    return matmul(h, f64(w_down), residual=x), kp, vp

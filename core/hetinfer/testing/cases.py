@@ -350,14 +350,15 @@ def _block_tables(case: Case, lengths, bs: int, share: bool):
     return nb, table
 
 
-def _pool(case: Case, nb, bs, hkv, d, table, lengths):
+def _pool(case: Case, nb, bs, hkv, d, table, lengths, dtype=None):
     """A pool with random values in every slot some sequence uses, NaN (poison) elsewhere:
     a kernel reading past a sequence's length gets NaN into its output."""
+    dtype = dtype or case.dtype
     pool = np.full((nb, bs, hkv, d), np.nan, np.float64)
     for row, n in zip(table, lengths):
         slots = np.arange(n)
-        pool[row[slots // bs], slots % bs] = case.normal((n, hkv, d), case.dtype)
-    return pool.astype(case.dtype.np)
+        pool[row[slots // bs], slots % bs] = case.normal((n, hkv, d), dtype)
+    return pool.astype(dtype.np)
 
 
 @builder("paged_attention")
@@ -425,6 +426,94 @@ def rope_paged_kv_write(case: Case):
     case.expect_close("q (rotated in place)", q_t, eq)
     case.expect_close("k_pool", kp_t, ek)
     case.expect_exact("v_pool", vp_t, ev)
+
+
+# --- decode_layer --------------------------------------------------------------------
+@builder("decode_layer")
+def decode_layer(case: Case):
+    """A small decoder layer (its weights of the key dtype; v sometimes q8_0, q/k/v and
+    gate/up sometimes separate parts) over B decode rows of random paged caches."""
+    blk = case.dtype.block if case.dtype.packed is not None else 32
+    if blk == 32:
+        dh = case.draw(st.sampled_from([16, 32, 64]), "head_dim")
+        hkv, g = case.draw(st.integers(1, 3), "kv_heads"), case.draw(st.integers(1, 3), "gqa_ratio")
+        if (hkv * g * dh) % 32:
+            g *= 2
+    else:
+        dh, hkv = 64, case.draw(st.sampled_from([1, 2, 4]), "kv_heads")
+        g = case.draw(st.sampled_from([1, 2]), "gqa_ratio") * (4 // hkv)
+    hq = hkv * g
+    d = blk * case.draw(st.integers(1, 3 if blk == 32 else 2), "D blocks")
+    f = blk * case.draw(st.integers(1, 3 if blk == 32 else 2), "F blocks")
+    b = case.draw(st.integers(1, 4), "rows")
+    bs = case.draw(st.sampled_from([1, 4, 16]), "block_size")
+    lengths = [case.draw(st.integers(1, 40), f"seq[{i}].context_len") for i in range(b)]
+    nb, table = _block_tables(case, lengths, bs, False)
+    slots = np.array([table[i, (n - 1) // bs] * bs + (n - 1) % bs for i, n in enumerate(lengths)], np.int32)
+    style = case.draw(st.sampled_from(["half", "interleaved"]), "style")
+    scale = case.draw(st.sampled_from([None, 0.5]), "scale")       # 0.5: peaked attention weights
+    n_pos = max(lengths) + case.draw(st.integers(0, 8), "table.extra")
+    cos, sin = rope_tables(n_pos, dh, 10000.0)
+    split_qkv = case.draw(st.booleans(), "q, k, v as parts?")
+    v_q8 = split_qkv and case.draw(st.booleans(), "v in q8_0?")
+    split_gu = case.draw(st.booleans(), "gate, up as parts?")
+
+    def weight(name, n, k, dt=case.dtype):
+        if dt.packed is not None:
+            w = packed_blocks(case.rng, dt, n, k, 1.0 / np.sqrt(k))
+            return case.input(name, w, dt), R.dequantize_packed(w, dt)
+        w = case.normal((n, k), dt, 1.0 / np.sqrt(k))
+        return case.input(name, w, dt), w.astype(np.float64)
+    rows = (hq * dh, hkv * dh, hkv * dh)
+    if split_qkv:
+        parts = [weight(f"w{n}", r, d, D.q8_0 if (n == "v" and v_q8) else case.dtype) for n, r in zip("qkv", rows)]
+    else:
+        parts = [weight("wqkv", sum(rows), d)]
+    wqkv_t, wqkv = tuple(p[0] for p in parts), tuple(p[1] for p in parts)
+    gparts = [weight(n, f, d) for n in ("w_gate", "w_up")] if split_gu else [weight("w_gate_up", 2 * f, d)]
+    wgu_t, wgu = tuple(p[0] for p in gparts), tuple(p[1] for p in gparts)
+    wo_t, wo = weight("wo", d, hq * dh)
+    wd_t, wd = weight("w_down", d, f)
+    norms = [(case.normal((d,), D.f32, 0.3).astype(np.float64) + 1.0).astype(np.float32) for _ in range(2)]
+    bqkv = case.normal((sum(rows),), D.f32, 0.3) if case.draw(st.booleans(), "bqkv?") else None
+    x = case.normal((b, d), D.f32)
+    kp = _pool(case, nb, bs, hkv, dh, table, lengths, D.f32)
+    vp = _pool(case, nb, bs, hkv, dh, table, lengths, D.f32)
+    pos = np.array([n - 1 for n in lengths], np.int32)
+    x_t, kp_t, vp_t = case.inout("x", x), case.inout("k_pool", kp), case.inout("v_pool", vp)
+    an_t, mn_t = case.input("attn_norm", norms[0]), case.input("mlp_norm", norms[1])
+    b_t = case.input("bqkv", bqkv) if bqkv is not None else None
+    pos_t = case.input("positions", pos, "i32", layout=False)
+    sl_t = case.input("slot_mapping", slots, "i32", layout=False)
+    cl_t = case.input("context_lens", np.asarray(lengths, np.int32), "i32", layout=False)
+    bt_t = case.input("block_tables", table, "i32", layout=False)
+    cos_t, sin_t = case.input("cos", cos), case.input("sin", sin)
+    case.call = lambda: hetinfer.ops.decode_layer(
+        x_t, an_t, wqkv_t if split_qkv else wqkv_t[0], wo_t, mn_t, wgu_t if split_gu else wgu_t[0], wd_t, kp_t, vp_t,
+        pos_t, sl_t, cl_t, bt_t, cos_t, sin_t, num_heads=hq, bqkv=b_t, eps=1e-5, style=style, scale=scale)
+    ex, ek, ev = R.decode_layer(x, norms[0], wqkv, wo, norms[1], wgu, wd, kp, vp, pos, slots, lengths, table,
+                                cos, sin, hq, bqkv=bqkv, eps=1e-5, style=style, scale=scale)
+    # packed weights round each product's input to 8 bits per block (matmul's contract): a few
+    # 1/254 relative errors compounded through the layer, allowed as a bound proportional to
+    # the magnitudes |input| @ |W|^T of the layer's products (cancellation makes outputs small)
+    loose = 0.0 if case.dtype.packed is None and not v_q8 else 0.03
+    xf = x.astype(np.float64)
+    att = np.abs(R.paged_attention(np.zeros((b, hq, dh)), ek, ev, np.arange(b + 1), lengths, table, 1.0)
+                 ) + np.nanmax(np.abs(ev))                                       # >= |attention rows|
+    x1 = xf + (ex - xf)                                                          # the stream after the layer
+    rowmax = lambda a: np.broadcast_to(np.abs(a).max(-1, keepdims=True), a.shape)  # noqa: E731
+    # the 8-bit rounding moves each value by up to its row's max / 254 (packed_rounding_bound)
+    hmag = rowmax(R.rms_norm(x1, norms[1], 1e-5)) @ np.abs(np.concatenate(wgu)).T  # |gate|, |up| scale
+    act = (1.1 * hmag[:, :f] + np.abs(hmag[:, :f])) * hmag[:, f:]
+    mag_x = np.abs(xf) + rowmax(att.reshape(b, -1)) @ np.abs(wo).T + rowmax(act) @ np.abs(wd).T
+    mag_x = np.maximum(mag_x, mag_x.max() * 1e-3)
+    case.expect_close("x (in place)", x_t, ex, mag=mag_x, bound=loose * mag_x)
+    live = np.zeros(kp.shape[:2], bool)
+    live[slots // bs, slots % bs] = True
+    for name, t, want, pool in (("k_pool", kp_t, ek, kp), ("v_pool", vp_t, ev, vp)):
+        m = np.where(np.isnan(want), 0.0, np.abs(want))
+        m = np.maximum(m, np.nanmax(m[live]) if live.any() else 1.0)
+        case.expect_close(name, t, want, mag=m, bound=loose * m)
 
 
 # --- argmax --------------------------------------------------------------------------
@@ -552,3 +641,37 @@ def sample(case: Case):
 
 
 __all__ = ["CASES", "builder", "MAX_HIDDEN"]
+
+
+# --- collectives (at the current world size: 1 in the conformance suite) ----------------
+def _world():
+    from hetinfer import distributed
+    return distributed.group()
+
+
+@builder("all_reduce")
+def all_reduce(case: Case):
+    d = case.draw(hidden(), "dim")
+    lead = case.draw(lead_shape(16), "lead")
+    x = case.normal(lead + (d,), case.dtype)
+    x_t = case.input("x", x)
+    out = case.output("out", x.shape, case.dtype)
+    g = _world()
+    if g.world_size != 1:       # the multi-process test (tests/test_tensor_parallel.py) checks N ranks
+        raise AssertionError("the all_reduce conformance case runs at world size 1")
+    case.call = lambda: hetinfer.ops.all_reduce(x_t, out=out)
+    case.expect_exact("out", out, R.all_reduce([x]))
+
+
+@builder("all_gather")
+def all_gather(case: Case):
+    d = case.draw(hidden(), "dim")
+    lead = case.draw(lead_shape(16), "lead")
+    x = case.normal(lead + (d,), case.dtype)
+    dim = case.draw(st.integers(-x.ndim, x.ndim - 1), "gather dim")
+    x_t = case.input("x", x)
+    out = case.output("out", x.shape, case.dtype)
+    if _world().world_size != 1:
+        raise AssertionError("the all_gather conformance case runs at world size 1")
+    case.call = lambda: hetinfer.ops.all_gather(x_t, dim=dim, out=out)
+    case.expect_exact("out", out, R.all_gather([x], dim))
