@@ -399,3 +399,26 @@ def test_weights_that_do_not_fit_are_an_out_of_memory_error(hf_dir, monkeypatch)
     monkeypatch.setattr(cls, "from_checkpoint", classmethod(lambda c, *a, **k: refuse()))
     with pytest.raises(OutOfMemoryError, match=r"do not fit in host memory .*Unable to allocate .*GiB available"):
         hi.engine.load(hf_dir, progress=False)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2, 0.6, 1.5])
+def test_an_interrupt_during_start_up_exits_quietly_with_130(delay):
+    """Ctrl-C while the model loads (after Python's own imports: the first progress byte on
+    stderr), while kernels build and during the first tokens: exit status 130 and the one line
+    "interrupted", never a traceback (a run that finished first exits 0)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "hetinfer", "generate", "-n", "64", "Hello"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = p.stderr.read(1)                     # start-up has begun printing (loading the model)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    p.wait(timeout=120)
+    err = (first + rest).decode(errors="replace")
+    assert "Traceback" not in err, err
+    assert p.returncode in (130, 0), (p.returncode, err)
+    if p.returncode == 130:
+        assert err.strip().splitlines()[-1].endswith("interrupted"), err

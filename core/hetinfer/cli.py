@@ -468,7 +468,11 @@ def _plugin_commands(sub) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:                    # plugins load while the parser is built: an interrupt there is quiet too
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     if getattr(args, "n", "x") is None and args.command == "generate" and not args.story:
         args.n = 128
     tp = getattr(args, "tensor_parallel", 1)
