@@ -470,8 +470,11 @@ class Tokenizer:
             if model == "gpt2":
                 spelling = bytes_to_unicode()
                 alphabet = set(spelling.values())
-                vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-                         for i, t in enumerate(tokens)}
+                if set("".join(tokens)) <= alphabet:        # the usual case: already byte-level spelt
+                    vocab = dict(zip(tokens, range(len(tokens))))
+                else:
+                    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+                             for i, t in enumerate(tokens)}
                 # llama.cpp's LLAMA3 pre-type (and Llama 3's tokenizer.json) sets ignore_merges: a
                 # pre-token that is itself in the vocabulary is one token, whatever the merges say
                 ignore = f["pre"] in IGNORE_MERGES_PRE

@@ -88,6 +88,7 @@ def meta_bool(meta: dict, key: str, path, default=REQUIRED, needed_for: str = "t
 
 
 _ELEMENT = {"string": lambda x: isinstance(x, str), "integer": _is_int, "number": _is_real}
+_TYPES = {"string": {str}, "integer": {int}, "number": {int, float}}   # the exact types the reader makes
 
 
 def meta_list(meta: dict, key: str, path, element: str, default=REQUIRED, length: tuple[int, str] | None = None,
@@ -100,7 +101,8 @@ def meta_list(meta: dict, key: str, path, element: str, default=REQUIRED, length
     if not isinstance(v, list):
         raise LoadError(f"{path}: GGUF metadata {key!r} holds {describe(v)}; expected an array of {element}s")
     ok = _ELEMENT[element]
-    for i, x in enumerate(v):
+    fine = set(map(type, v)) <= _TYPES[element] and (element != "number" or all(map(math.isfinite, v)))
+    for i, x in enumerate(() if fine else v):      # the fast check in C loops; only a failure is located
         if not ok(x):
             raise LoadError(f"{path}: GGUF metadata {key!r}[{i}] is {describe(x)}; expected an array of "
                             f"{element}s")
