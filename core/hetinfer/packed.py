@@ -51,17 +51,18 @@ class Format:
     block: int         # elements per block
     nbytes: int        # bytes per block
     act_block: int     # activation values per 8-bit rounding block a kernel may use
+    scales: tuple      # byte offsets of the block's f16 scale fields (d, and m / dmin where there is one)
 
 
 FORMATS = (
-    Format("q8_0", "Q8_0", 8, 32, 34, 32),
-    Format("q4_0", "Q4_0", 2, 32, 18, 32),
-    Format("q4_1", "Q4_1", 3, 32, 20, 32),
-    Format("q5_0", "Q5_0", 6, 32, 22, 32),
-    Format("q5_1", "Q5_1", 7, 32, 24, 32),
-    Format("q4_k", "Q4_K", 12, 256, 144, 256),
-    Format("q5_k", "Q5_K", 13, 256, 176, 256),
-    Format("q6_k", "Q6_K", 14, 256, 210, 256),
+    Format("q8_0", "Q8_0", 8, 32, 34, 32, (0,)),
+    Format("q4_0", "Q4_0", 2, 32, 18, 32, (0,)),
+    Format("q4_1", "Q4_1", 3, 32, 20, 32, (0, 2)),
+    Format("q5_0", "Q5_0", 6, 32, 22, 32, (0,)),
+    Format("q5_1", "Q5_1", 7, 32, 24, 32, (0, 2)),
+    Format("q4_k", "Q4_K", 12, 256, 144, 256, (0, 2)),
+    Format("q5_k", "Q5_K", 13, 256, 176, 256, (0, 2)),
+    Format("q6_k", "Q6_K", 14, 256, 210, 256, (208,)),
 )
 BY_GGUF = {f.gguf: f for f in FORMATS}
 

@@ -59,11 +59,6 @@ def shape_config(name: str, max_position: int = 4096):
                        attention_bias=bias, rms_norm_eps=1e-5)
 
 
-# byte offsets of the f16 scale fields in one block of each packed format (hetinfer.packed's layouts)
-_SCALE_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2),
-                 "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
-
-
 def random_model(config, dtype="f16", device="cuda", max_context: int = 1024, seed: int = 0,
                  quantize: str | None = None):
     """A Llama/Qwen2 model of config's shapes with hashed uniform weights made on the device:
@@ -110,7 +105,7 @@ def random_model(config, dtype="f16", device="cuda", max_context: int = 1024, se
         f = fmt(quantize)
         raw = rng.integers(0, 256, size=(n, k // f.block, f.nbytes), dtype=np.uint8)   # (N, K // block, bytes)
         scale = np.frombuffer(np.float16((3.0 / k) ** 0.5 / 8).tobytes(), np.uint8)
-        for off in _SCALE_FIELDS[f.name]:
+        for off in f.scales:
             raw[:, :, off:off + 2] = scale
         return from_blocks(raw.view(hi.dtype(f.name).np).reshape(n, k // f.block), f.name, device)
 

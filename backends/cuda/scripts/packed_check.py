@@ -102,8 +102,7 @@ def random_packed(name: str, N: int, K: int, rng) -> np.ndarray:
         pass
     nb = K // f.block
     raw = rng.integers(0, 256, (N, nb, f.nbytes), dtype=np.uint8)
-    fields = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}[name]
-    for off in fields:        # d (and dmin): |value| <~ 63 * 15 * d
+    for off in f.scales:      # d (and dmin): |value| <~ 63 * 15 * d
         d = rng.uniform(0.5, 1.0, (N, nb)).astype(np.float16) * np.float16(4.0 / (63 * 15 * np.sqrt(K)))
         raw[:, :, off:off + 2] = d.view(np.uint8).reshape(N, nb, 2)
     return raw.reshape(N, nb * f.nbytes)

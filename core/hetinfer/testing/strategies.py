@@ -144,10 +144,8 @@ def packed_blocks(rng: np.random.Generator, dtype, n: int, k: int, scale: float 
         # q4_k / q5_k: |x| <= d 63 31 + dmin 63; q6_k: |x| <= d 128 32
         unit = scale / (63 * 16) if f.name != "q6_k" else scale / (128 * 32)
         d = (rng.uniform(0.5, 2.0, size=raw.shape[:2] + (2,)) * unit).astype(np.float16).view(np.uint8)
-        if f.name == "q6_k":
-            raw[:, :, 208:210] = d[:, :, :2]
-        else:
-            raw[:, :, 0:4] = d                                   # d, dmin
+        for i, off in enumerate(f.scales):                       # d (q4_k / q5_k: and dmin)
+            raw[:, :, off:off + 2] = d[:, :, 2 * i:2 * i + 2]
         raw = raw.reshape(n, -1)
     return np.ascontiguousarray(raw).view(D.dtype(dtype).np)  # (N, K // block)
 
