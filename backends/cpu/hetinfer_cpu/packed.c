@@ -544,163 +544,19 @@ static void rope_row(float *v, int64_t H, int64_t Dh, const float *c, const floa
 #define ATT(name) ATT_CAT(name, ATT_SFX)
 #define ATT_SFX c
 #define ATT_TARGET
-/* 8 partial sums: the compiler vectorizes them (one sum would be a chain of dependent adds) */
-ATT_TARGET static inline float ATT(dot8)(const float *a, const float *b, int64_t n) {
-    float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) p[j] += a[i + j] * b[i + j];
-    float s = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* g query heads q (g, Dh) of one kv head kh over keys 0 .. len - 1 (rows by the block table
-   tab) -> o (g, Dh); p (g, ld) scratch for the scores */
-ATT_TARGET static void ATT(attend)(const float *q, int64_t g, int64_t Dh, const float *kp, const float *vp, const int32_t *tab,
-                   int64_t len, int64_t BS, int64_t kvrow, int64_t kh, float scale, float *p, int64_t ld, float *o) {
-    float m[16], tot[16];
-    for (int64_t h = 0; h < g; h++) m[h] = -INFINITY;
-    for (int64_t t = 0; t < len; t++) {
-        const float *kr = kp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
-        for (int64_t h = 0; h < g; h++) {
-            float v = ATT(dot8)(q + h * Dh, kr, Dh) * scale;
-            p[h * ld + t] = v;
-            m[h] = v > m[h] ? v : m[h];
-        }
-    }
-    for (int64_t h = 0; h < g; h++) {
-        float s = 0.0f;
-        for (int64_t t = 0; t < len; t++) {
-            float e = expf(p[h * ld + t] - m[h]);
-            p[h * ld + t] = e;
-            s += e;
-        }
-        tot[h] = s;
-    }
-    for (int64_t i = 0; i < g * Dh; i++) o[i] = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        const float *vr = vp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
-        for (int64_t h = 0; h < g; h++) {
-            const float w = p[h * ld + t];
-            float *oh = o + h * Dh;
-            for (int64_t i = 0; i < Dh; i++) oh[i] += w * vr[i];
-        }
-    }
-    for (int64_t h = 0; h < g; h++) {
-        const float inv = tot[h] > 0.0f ? 1.0f / tot[h] : 0.0f;
-        for (int64_t i = 0; i < Dh; i++) o[h * Dh + i] *= inv;
-    }
-}
-
+#include "packed_attention.inc"
 #undef ATT_SFX
 #undef ATT_TARGET
 #ifdef HAVE_X86
 /* the same compiled for AVX-512 (and AVX2 + FMA): the loops over Dh vectorize 16 (8) wide */
 #define ATT_SFX z512
 #define ATT_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw"), optimize("tree-vectorize")))
-/* 8 partial sums: the compiler vectorizes them (one sum would be a chain of dependent adds) */
-ATT_TARGET static inline float ATT(dot8)(const float *a, const float *b, int64_t n) {
-    float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) p[j] += a[i + j] * b[i + j];
-    float s = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* g query heads q (g, Dh) of one kv head kh over keys 0 .. len - 1 (rows by the block table
-   tab) -> o (g, Dh); p (g, ld) scratch for the scores */
-ATT_TARGET static void ATT(attend)(const float *q, int64_t g, int64_t Dh, const float *kp, const float *vp, const int32_t *tab,
-                   int64_t len, int64_t BS, int64_t kvrow, int64_t kh, float scale, float *p, int64_t ld, float *o) {
-    float m[16], tot[16];
-    for (int64_t h = 0; h < g; h++) m[h] = -INFINITY;
-    for (int64_t t = 0; t < len; t++) {
-        const float *kr = kp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
-        for (int64_t h = 0; h < g; h++) {
-            float v = ATT(dot8)(q + h * Dh, kr, Dh) * scale;
-            p[h * ld + t] = v;
-            m[h] = v > m[h] ? v : m[h];
-        }
-    }
-    for (int64_t h = 0; h < g; h++) {
-        float s = 0.0f;
-        for (int64_t t = 0; t < len; t++) {
-            float e = expf(p[h * ld + t] - m[h]);
-            p[h * ld + t] = e;
-            s += e;
-        }
-        tot[h] = s;
-    }
-    for (int64_t i = 0; i < g * Dh; i++) o[i] = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        const float *vr = vp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
-        for (int64_t h = 0; h < g; h++) {
-            const float w = p[h * ld + t];
-            float *oh = o + h * Dh;
-            for (int64_t i = 0; i < Dh; i++) oh[i] += w * vr[i];
-        }
-    }
-    for (int64_t h = 0; h < g; h++) {
-        const float inv = tot[h] > 0.0f ? 1.0f / tot[h] : 0.0f;
-        for (int64_t i = 0; i < Dh; i++) o[h * Dh + i] *= inv;
-    }
-}
-
+#include "packed_attention.inc"
 #undef ATT_SFX
 #undef ATT_TARGET
 #define ATT_SFX avx2
 #define ATT_TARGET __attribute__((target("avx2,fma"), optimize("tree-vectorize")))
-/* 8 partial sums: the compiler vectorizes them (one sum would be a chain of dependent adds) */
-ATT_TARGET static inline float ATT(dot8)(const float *a, const float *b, int64_t n) {
-    float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) p[j] += a[i + j] * b[i + j];
-    float s = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* g query heads q (g, Dh) of one kv head kh over keys 0 .. len - 1 (rows by the block table
-   tab) -> o (g, Dh); p (g, ld) scratch for the scores */
-ATT_TARGET static void ATT(attend)(const float *q, int64_t g, int64_t Dh, const float *kp, const float *vp, const int32_t *tab,
-                   int64_t len, int64_t BS, int64_t kvrow, int64_t kh, float scale, float *p, int64_t ld, float *o) {
-    float m[16], tot[16];
-    for (int64_t h = 0; h < g; h++) m[h] = -INFINITY;
-    for (int64_t t = 0; t < len; t++) {
-        const float *kr = kp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
-        for (int64_t h = 0; h < g; h++) {
-            float v = ATT(dot8)(q + h * Dh, kr, Dh) * scale;
-            p[h * ld + t] = v;
-            m[h] = v > m[h] ? v : m[h];
-        }
-    }
-    for (int64_t h = 0; h < g; h++) {
-        float s = 0.0f;
-        for (int64_t t = 0; t < len; t++) {
-            float e = expf(p[h * ld + t] - m[h]);
-            p[h * ld + t] = e;
-            s += e;
-        }
-        tot[h] = s;
-    }
-    for (int64_t i = 0; i < g * Dh; i++) o[i] = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        const float *vr = vp + ((int64_t)tab[t / BS] * BS + t % BS) * kvrow + kh * Dh;
-        for (int64_t h = 0; h < g; h++) {
-            const float w = p[h * ld + t];
-            float *oh = o + h * Dh;
-            for (int64_t i = 0; i < Dh; i++) oh[i] += w * vr[i];
-        }
-    }
-    for (int64_t h = 0; h < g; h++) {
-        const float inv = tot[h] > 0.0f ? 1.0f / tot[h] : 0.0f;
-        for (int64_t i = 0; i < Dh; i++) o[h * Dh + i] *= inv;
-    }
-}
-
+#include "packed_attention.inc"
 #undef ATT_SFX
 #undef ATT_TARGET
 #endif

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -126,9 +127,9 @@ _FLAGS = (["-O3", "-fopenmp"], ["-O3"])
 
 
 def c_source() -> str:
-    """packed.c with packed_simd.inc pasted where it is included (the cache key hashes all of it)."""
-    simd = (_HERE / "packed_simd.inc").read_text()
-    return (_HERE / "packed.c").read_text().replace('#include "packed_simd.inc"', simd)
+    """packed.c with each local .inc file (packed_simd.inc, packed_attention.inc) pasted where it is
+    included (the compiler gets one source; the cache key hashes all of it)."""
+    return re.sub(r'#include "(\w+\.inc)"', lambda m: (_HERE / m[1]).read_text(), (_HERE / "packed.c").read_text())
 
 
 def _declare(lib) -> None:
