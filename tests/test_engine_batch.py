@@ -137,3 +137,22 @@ def test_budget_line_says_blocks_tokens_and_fit(model):
     eng = LLMEngine(model, None, max_context=128, kv_cache_memory=1 << 20)
     line = eng.budget.line()
     assert f"{eng.blocks.num_blocks} blocks of 16 tokens" in line and "sequence(s) of the full context (128)" in line
+
+
+def test_layers_built_by_hand_prefill_as_the_loaded_ones(model):
+    """A Layer made from its fused weights alone (as hetinfer_cuda.bench.random_model makes
+    them, no qkv_parts given) computes q/k/v in prefill steps: same tokens as the loaded model."""
+    from hetinfer_models.llama import Layer
+    layers = [Layer(attn_norm=l.attn_norm, wqkv=l.wqkv, bqkv=l.bqkv, wo=l.wo, mlp_norm=l.mlp_norm,
+                    w_gate_up=l.w_gate_up, w_down=l.w_down, qkv_rows=l.qkv_rows) for l in model.layers]
+    assert all(len(l.qkv_parts) == 3 for l in layers)
+    again = type(model)(model.config, layers, model.embed, model.norm, model.lm_head, model.device, model.dtype,
+                        model.max_context)
+    prompts = _prompts(3, seed=5, lo=20)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = [s.output_ids for s in LLMEngine(model, None, max_context=128).generate(prompts, params)]
+    assert [s.output_ids for s in LLMEngine(again, None, max_context=128).generate(prompts, params)] == want
+    with pytest.raises(hi.ConfigError, match="qkv_rows"):
+        Layer(attn_norm=model.layers[0].attn_norm, wqkv=model.layers[0].wqkv, bqkv=None, wo=model.layers[0].wo,
+              mlp_norm=model.layers[0].mlp_norm, w_gate_up=model.layers[0].w_gate_up, w_down=model.layers[0].w_down,
+              qkv_rows=(1, 2, 3))

@@ -214,6 +214,46 @@ def test_smollm2_packed_text_and_perplexity_match_dequantized(smollm2):
     assert got[:upto] == ref[:upto], (ckpt.tokenizer.decode(got), ckpt.tokenizer.decode(ref))
 
 
+@pytest.mark.slow
+def test_qwen25_q4_k_m_packed_matches_dequantized():
+    """The real Qwen2.5-Coder-0.5B Q4_K_M file (Q4_K, Q5_0, Q6_K, Q8_0 parts) run packed against
+    the same file dequantized to f32, teacher-forced over 256 tokens of tests/data's text, on
+    $HETINFER_PACKED_DEVICE (cpu; cuda on the GPU machine, packed with f16 activations there):
+    perplexity within 2%, top-1 agreement >= 90% with every flip a near-tie (f32 top-2 margin
+    < 0.5 nats), and greedy code from a chat prompt that reads as code."""
+    import os
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from _fixtures_loaders import qwen_path
+    from hetinfer.engine import Generator, load
+    from hetinfer_models.llama import LlamaForCausalLM
+    from test_quant import TEXT, logits_all, nll
+    path = qwen_path()
+    if path is None:
+        pytest.skip("the Qwen2.5 GGUF is not there (../shared/models/fetch-qwen2.5-0.5b.sh, or HETINFER_QWEN_GGUF)")
+    dev = os.environ.get("HETINFER_PACKED_DEVICE", "cpu")
+    model, ckpt = load(path, dev, None if dev == "cpu" else "f16", max_context=512, progress=False, weights="packed")
+    assert {l.wo.dtype.name for l in model.layers} <= {"q4_k", "q5_0", "q5_k", "q6_k", "q8_0"}
+    deq = LlamaForCausalLM.from_checkpoint(ckpt, dev, "f32", max_context=512, progress=False)
+    ids = ckpt.tokenizer.encode(TEXT)[:257]
+    a, b = logits_all(deq, ids)[:256], logits_all(model, ids)[:256]
+    tg = np.array(ids[1:])
+    ppl_a, ppl_b = np.exp(nll(a, tg).mean()), np.exp(nll(b, tg).mean())
+    top2 = np.sort(a, -1)[:, -2:]
+    agree = a.argmax(-1) == b.argmax(-1)
+    print(f"Qwen2.5 Q4_K_M on {dev}, packed vs dequantized f32, 256 tokens: top-1 agreement {agree.mean():.2%}, "
+          f"perplexity {ppl_a:.3f} -> {ppl_b:.3f} ({ppl_b / ppl_a - 1:+.2%}), largest flipped margin "
+          f"{(top2[~agree, 1] - top2[~agree, 0]).max(initial=0):.3f}")
+    assert abs(ppl_b / ppl_a - 1) < 0.02
+    assert agree.mean() >= 0.90 and (top2[~agree, 1] - top2[~agree, 0] < 0.5).all()
+    from hetinfer.chat_template import ChatTemplate
+    prompt = ckpt.tokenizer.encode(ChatTemplate.from_checkpoint(ckpt).render(
+        [{"role": "user", "content": "Write a Python function that checks whether a number is prime."}],
+        add_generation_prompt=True), add_bos=False)
+    got = ckpt.tokenizer.decode(list(Generator(model, ckpt.tokenizer, 512).generate(prompt, max_new_tokens=80)))
+    print(f"Qwen2.5 packed on {dev}: {got!r}")
+    assert "def " in got and "return" in got
+
+
 def test_mixed_formats_model_matches_dequantized(tmp_path):
     """A tiny llama-arch GGUF (q/k rows permuted in the file) whose parts are packed differently,
     as in Q4_K_M files: q, k Q4_0 with v Q8_0 (three products), gate Q5_1 with up Q4_1 (two, then

@@ -31,7 +31,8 @@ def serve_args(args, concurrency: int) -> list[str]:
     out = ["--device", args.device, "--dtype", args.dtype, "--max-num-seqs", str(concurrency),
            "--max-queued", str(max(256, concurrency))]
     for flag, v in (("--model", args.model), ("--max-context", args.max_context),
-                    ("--kv-cache-memory", args.kv_cache_memory), ("--api-key", args.api_key)):
+                    ("--kv-cache-memory", args.kv_cache_memory), ("--api-key", args.api_key),
+                    ("--weights", args.weights)):
         if v is not None:
             out += [flag, str(v)]
     return out + (["--eager"] if args.eager else []) + list(args.serve_arg)
@@ -65,6 +66,8 @@ def offline(args, concurrency: int, specs) -> dict:
     if args.kv_cache_memory:
         from hetinfer.cli import _bytes
         opts["kv_cache_memory"] = _bytes(args.kv_cache_memory)
+    if args.weights:
+        opts["weights"] = args.weights
     llm = LLM(args.model, args.device, args.dtype, args.max_context, eager=args.eager, **opts)
     prompts = [s.prompt if s.endpoint == "completions" else
                llm.tokenizer.encode(llm.chat_template.render([{"role": "user", "content": s.prompt}]), add_bos=False)
@@ -76,7 +79,8 @@ def offline(args, concurrency: int, specs) -> dict:
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t0
     n = sum(len(o.token_ids) for o in outs)
-    return {"offline": True, "device": args.device, "dtype": args.dtype, "max_num_seqs": concurrency,
+    return {"offline": True, "device": args.device, "dtype": args.dtype, "weights": args.weights,
+            "max_num_seqs": concurrency,
             "requests": len(outs), "output_tokens": n, "duration_s": round(wall, 3),
             "output_throughput_tok_s": round(n / wall, 2)}
 
@@ -92,6 +96,8 @@ def main(argv=None) -> int:
     g.add_argument("--dtype", default="f32")
     g.add_argument("--max-context", type=int, default=None)
     g.add_argument("--kv-cache-memory", default=None, help="e.g. 4G")
+    g.add_argument("--weights", choices=["packed", "dequantize"], default=None,
+                   help="a GGUF's packed blocks kept or widened to --dtype (server and --offline)")
     g.add_argument("--eager", action="store_true")
     g.add_argument("--serve-arg", action="append", default=[], help="one more hetinfer serve argument (repeat)")
     g.add_argument("--offline", action="store_true", help="also the engine's offline batched figure")

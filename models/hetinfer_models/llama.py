@@ -56,6 +56,13 @@ class Layer:
     # gate and up as (weight, scales) when not fused (w_gate_up None): two products, then swiglu
     gate_up_parts: tuple = ()
 
+    def __post_init__(self):
+        if not self.qkv_parts and self.wqkv is not None:     # fused q/k/v: row views of it
+            if sum(self.qkv_rows) != self.wqkv.shape[0]:
+                raise ConfigError(f"Layer: qkv_rows {self.qkv_rows} do not add up to wqkv's {self.wqkv.shape[0]} rows")
+            self.qkv_parts = tuple(zip(self.split(self.wqkv, self.qkv_rows),
+                                       self.split(self.wqkv_scales, self.qkv_rows)))
+
     @staticmethod
     def split(w, rows):
         """Row-slices of a fused weight, bias or scales: contiguous views, no copy."""
@@ -154,8 +161,7 @@ class LlamaForCausalLM:
                         cfg.num_key_value_heads * cfg.head_dim)
             fused = linear(*qkv_names)
             if fused is not None:
-                wqkv, sqkv = fused
-                qkv_parts = tuple(zip(Layer.split(wqkv, qkv_rows), Layer.split(sqkv, qkv_rows)))
+                (wqkv, sqkv), qkv_parts = fused, ()          # parts: row views, made by Layer
             else:
                 wqkv = sqkv = None
                 qkv_parts = tuple(linear(n) for n in qkv_names)

@@ -129,6 +129,10 @@ def _strided_copy(src: Tensor, sstrides, dst: Tensor, dstrides) -> None:
         return
     # drop unit dims; the kernel takes at most 8
     dims = [(s, a, b) for s, a, b in zip(shape, sstrides, dstrides) if s != 1]
+    size = src.dtype.itemsize
+    if size not in (1, 2, 4, 8):       # packed blocks (18, 34, 144 ... bytes): copied as bytes
+        dims = [(s, a * size, b * size) for s, a, b in dims] + [(size, 1, 1)]
+        n, size = n * size, 1
     if len(dims) > _COPY_MAXDIM:
         raise ShapeError(f"strided copy on cuda: more than {_COPY_MAXDIM} non-unit dims in {shape}")
     lay = _Layout2()
@@ -136,7 +140,7 @@ def _strided_copy(src: Tensor, sstrides, dst: Tensor, dstrides) -> None:
     for i, (s, a, b) in enumerate(dims):
         lay.shape[i], lay.sstride[i], lay.dstride[i] = s, a, b
     dev = _dev(src)
-    _launch(dev, "f32", f"strided_copy_{src.dtype.itemsize}", (_grid_1d(dev, n),), (256,),
+    _launch(dev, "f32", f"strided_copy_{size}", (_grid_1d(dev, n),), (256,),
             [Arg.ptr(_p(src)), Arg.ptr(_p(dst)), Arg.i64(n), lay])
 
 
@@ -150,6 +154,12 @@ def _gather(t: Tensor) -> Tensor:
 def _scatter(c: Tensor, t: Tensor) -> None:
     """Write contiguous c into view t."""
     _strided_copy(c, _contig_strides(c.shape), t, t.strides)
+
+
+def _packed_rows(w: Tensor) -> Tensor:
+    """A packed weight as the kernels read it: whole rows of blocks, contiguous, 16-byte aligned
+    (a view that is strided or starts mid-row of an 18-, 34- ... byte block is copied)."""
+    return w if w.is_contiguous and _p(w) % 16 == 0 else _gather(w)
 
 
 def _strided(fn, outputs):
@@ -177,7 +187,7 @@ def _strided(fn, outputs):
 def embedding(ids, table, out):
     if table.dtype.name not in FLOATS:                 # a packed (GGUF block) table, rows whole
         from .packed import packed_embedding
-        return packed_embedding(ids, table if table.is_contiguous else table.contiguous(), out)
+        return packed_embedding(ids, _packed_rows(table), out)
     key = table.dtype.name
     dev = _dev(table)
     o32 = out.dtype == DT.f32 and key != "f32"       # an f32 residual stream from T weights
@@ -312,8 +322,8 @@ def matmul(x, weight, bias, scales, out, norm_weight=None, eps=1e-6, act=None, r
     pro = int(norm_weight is not None)
     swi = int(act == "swiglu")
     packed = weight.dtype.packed is not None
-    if packed and not weight.is_contiguous:       # the kernels read whole rows of blocks
-        weight = weight.contiguous()
+    if packed:
+        weight = _packed_rows(weight)
     if packed and K and M <= GEMV_MAX_M:          # GGUF blocks: packed.py's fused GEMV
         from . import packed as PK
         PK.gemv_fused(dev, key, xk, x32, weight, weight.dtype.name, b, nw, eps, pro, swi, rk, r32, o, o32, M, N, K)
