@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     g.add_argument("--num-requests", type=int, default=32)
     g.add_argument("--input-len", default="128", help="prompt tokens (words for chats): N or LO:HI")
     g.add_argument("--output-len", default="128", help="max_tokens: N or LO:HI")
+    g.add_argument("--token-ids", default="1000:20000", help="range LO:HI the prompt token ids are drawn from")
     g.add_argument("--chat-share", type=float, default=0.0, help="share of chats (0: all completions)")
     g.add_argument("--stream-share", type=float, default=1.0, help="share of streaming requests")
     g.add_argument("--no-ignore-eos", action="store_true", help="let requests end at EOS")
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     specs = loadgen.make_specs(args.num_requests, args.seed, loadgen.span(args.input_len),
                                loadgen.span(args.output_len), args.chat_share, args.stream_share,
-                               ignore_eos=not args.no_ignore_eos)
+                               ignore_eos=not args.no_ignore_eos, token_ids=loadgen.span(args.token_ids))
     failed = 0
     for c in levels:
         if args.url:

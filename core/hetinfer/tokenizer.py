@@ -156,8 +156,9 @@ def hf_id_limit(tok) -> int:
 class _HFBackend:
     """A tokenizers.Tokenizer."""
 
-    def __init__(self, tok):
+    def __init__(self, tok, id_limit: int | None = None):
         self.tok = tok
+        self._limit = id_limit           # known by the builder (a GGUF vocabulary: its length)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -526,8 +527,9 @@ class Tokenizer:
         bos = ids.get("tokenizer.ggml.bos_token_id")
         eos = [ids[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if ids.get(k) is not None]
         add_bos = default_bos if f["add_bos"] is None else f["add_bos"]
-        return cls(_HFBackend(tok), bos_id=bos, eos_ids=eos, add_bos=add_bos, special_ids=special,
-                   kind=f"gguf-{model}")
+        # every token, added ones included, is one of the GGUF array's: ids 0 .. len(tokens) - 1
+        return cls(_HFBackend(tok, id_limit=len(tokens)), bos_id=bos, eos_ids=eos, add_bos=add_bos,
+                   special_ids=special, kind=f"gguf-{model}")
 
 
 class MissingTokenizer:

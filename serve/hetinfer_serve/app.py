@@ -142,7 +142,9 @@ class Server:
         return out, offset
 
     async def run_choices(self, jobs, request: Request, num_logprobs: int | None = None):
-        """Submit (index, ids, params) jobs; yield their Events until all finished. On exit
+        """Submit (index, ids, params) jobs; yield lists of their Events (all that have arrived
+        since the last: under load a stream sends several tokens' chunks in one write) until all
+        finished. On exit
         (done, error, timeout, cancellation by a client disconnect) unfinished ones are aborted.
         Several choices of one prompt (n > 1): the first runs alone until its prefill is done,
         then the others join and take its full prompt blocks from the prefix cache."""
@@ -166,28 +168,37 @@ class Server:
         deadline = t0 + self.config.request_timeout
         try:
             while left:
-                try:
-                    ev = await asyncio.wait_for(queue.get(), max(deadline - time.perf_counter(), 0.001))
-                except asyncio.TimeoutError:
-                    raise APIError(408, f"the request ran past the server's timeout "
-                                        f"({self.config.request_timeout:g} s)", code="timeout") from None
+                if queue.empty():
+                    try:
+                        got = [await asyncio.wait_for(queue.get(), max(deadline - time.perf_counter(), 0.001))]
+                    except asyncio.TimeoutError:
+                        raise APIError(408, f"the request ran past the server's timeout "
+                                            f"({self.config.request_timeout:g} s)", code="timeout") from None
+                else:
+                    got = []
+                while not queue.empty():
+                    got.append(queue.get_nowait())
                 now = time.perf_counter()
-                for index, ids, params in later.pop(ev.index, ()):     # the prompt is in the cache now
-                    self.loop.submit(rids[index], index, ids, params, queue, num_logprobs)
-                if ev.num_tokens:
-                    if not first:
-                        self.metrics.ttft.observe(now - t0)
-                    first.setdefault(ev.index, now)
-                    ntok[ev.index] = ntok.get(ev.index, 0) + ev.num_tokens
-                    self.metrics.generation_tokens.inc(ev.num_tokens)
-                if ev.finished:
-                    left.discard(ev.index)
-                    if ev.error is None:
-                        self.metrics.requests.labels(ev.finish_reason or "stop").inc()
-                        n = ntok.get(ev.index, 0)
-                        if n > 1:
-                            self.metrics.tpot.observe((now - first[ev.index]) / (n - 1))
-                yield ev
+                tokens = 0
+                for ev in got:
+                    for index, ids, params in later.pop(ev.index, ()):     # the prompt is in the cache now
+                        self.loop.submit(rids[index], index, ids, params, queue, num_logprobs)
+                    if ev.num_tokens:
+                        if not first:
+                            self.metrics.ttft.observe(now - t0)
+                        first.setdefault(ev.index, now)
+                        ntok[ev.index] = ntok.get(ev.index, 0) + ev.num_tokens
+                        tokens += ev.num_tokens
+                    if ev.finished:
+                        left.discard(ev.index)
+                        if ev.error is None:
+                            self.metrics.requests.labels(ev.finish_reason or "stop").inc()
+                            n = ntok.get(ev.index, 0)
+                            if n > 1:
+                                self.metrics.tpot.observe((now - first[ev.index]) / (n - 1))
+                if tokens:
+                    self.metrics.generation_tokens.inc(tokens)
+                yield got
             self.metrics.e2e.observe(time.perf_counter() - t0)
         finally:
             waiting = {j[0] for js in later.values() for j in js}      # never submitted
@@ -361,15 +372,18 @@ def create_app(server: Server, lifespan=None) -> FastAPI:
                             yield chunk(index, role=True)
                         elif echo_texts is not None:
                             yield chunk(index, echo_texts[index // n])
-                    async for ev in server.run_choices(jobs, request, nlp):
-                        completion += ev.num_tokens
-                        if ev.error is not None:
-                            status = 503 if server.loop.failed else 400
-                            yield _sse(APIError(status, ev.error).body())
-                            continue
-                        if ev.text or ev.finished or ev.logprobs:
-                            yield chunk(ev.index, ev.text, ev.finish_reason if ev.finished else None,
-                                        lps=ev.logprobs)
+                    async for batch in server.run_choices(jobs, request, nlp):
+                        out = []                  # the batch's chunks in one write
+                        for ev in batch:
+                            completion += ev.num_tokens
+                            if ev.error is not None:
+                                status = 503 if server.loop.failed else 400
+                                out.append(_sse(APIError(status, ev.error).body()))
+                            elif ev.text or ev.finished or ev.logprobs:
+                                out.append(chunk(ev.index, ev.text, ev.finish_reason if ev.finished else None,
+                                                 lps=ev.logprobs))
+                        if out:
+                            yield b"".join(out)
                 except APIError as e:          # e.g. the timeout
                     yield _sse(e.body())
                 if include_usage:
@@ -386,14 +400,15 @@ def create_app(server: Server, lifespan=None) -> FastAPI:
 
         async def collect():
             nonlocal completion
-            async for ev in server.run_choices(jobs, request, nlp):
-                if ev.error is not None:
-                    raise APIError(503 if server.loop.failed else 400, ev.error)
-                completion += ev.num_tokens
-                texts[ev.index].append(ev.text)
-                lps[ev.index].extend(ev.logprobs or [])
-                if ev.finished:
-                    reasons[ev.index] = ev.finish_reason
+            async for batch in server.run_choices(jobs, request, nlp):
+                for ev in batch:
+                    if ev.error is not None:
+                        raise APIError(503 if server.loop.failed else 400, ev.error)
+                    completion += ev.num_tokens
+                    texts[ev.index].append(ev.text)
+                    lps[ev.index].extend(ev.logprobs or [])
+                    if ev.finished:
+                        reasons[ev.index] = ev.finish_reason
 
         async def disconnected():
             while True:

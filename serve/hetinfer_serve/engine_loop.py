@@ -42,10 +42,20 @@ class _Req:
     stop_ids: set = field(default_factory=set)
 
     def post(self, ev: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
-        except RuntimeError:          # the event loop is closed: nobody is listening
-            pass
+        _post(self.loop, [(self.queue, ev)])
+
+
+def _put_all(items) -> None:
+    for queue, ev in items:
+        queue.put_nowait(ev)
+
+
+def _post(loop, items) -> None:
+    """Hand events to their queues on their event loop: one wake-up of the loop for the lot."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:              # the event loop is closed: nobody is listening
+        pass
 
 
 class EngineLoop:
@@ -60,6 +70,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self.num_inflight = 0                       # requests added and not finished (any thread reads)
         self._thread = threading.Thread(target=self._run, name="hetinfer-engine", daemon=True)
+        self._outbox: dict = {}                     # a step's events per event loop, posted together
 
     def _count(self, d: int) -> None:
         with self._lock:
@@ -141,8 +152,9 @@ class EngineLoop:
                 text.append(st.flush())
                 reason = "stop" if st.stopped or reason in ("stop", "abort") else "length"
                 self._finish(req)
-            req.post(Event(req.index, "".join(text), len(o.new_token_ids), finished, reason,
-                           prompt_tokens=o.seq.num_prompt_tokens, logprobs=lps))
+            self._outbox.setdefault(req.loop, []).append(
+                (req.queue, Event(req.index, "".join(text), len(o.new_token_ids), finished, reason,
+                                  prompt_tokens=o.seq.num_prompt_tokens, logprobs=lps)))
         except Exception as e:                       # e.g. a decoder error: this request only
             self._finish(req)
             try:
@@ -175,6 +187,9 @@ class EngineLoop:
                 return
             for o in outputs:
                 self._deliver(o)
+            for loop, items in self._outbox.items():
+                _post(loop, items)
+            self._outbox.clear()
             if self.on_step is not None:
                 try:
                     self.on_step(time.perf_counter())

@@ -164,6 +164,7 @@ class _Reader:
         in one loop: a vocabulary is 50k-150k of them, the header's hot loop."""
         buf, pos, end, out = self.buf, self.pos, len(self.buf), []
         unpack, append = _U64.unpack_from, out.append
+        view = memoryview(buf)                         # slices without copies, decoded in place
         for _ in range(count):
             if pos + 8 > end:
                 self.pos = pos
@@ -172,7 +173,7 @@ class _Reader:
             if n > 1 << 24 or pos + 8 + n > end:
                 self.pos = pos
                 return out + [self.string() for _ in range(count - len(out))]   # its errors
-            append(bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"))
+            append(str(view[pos + 8:pos + 8 + n], "utf-8", "replace"))
             pos += 8 + n
         self.pos = pos
         return out
@@ -221,6 +222,9 @@ class _Reader:
         arr = np.frombuffer(self.buf, dtype=np.dtype(_NP[etype]), count=count, offset=self.pos).copy()
         self.pos += count * least
         return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
+
+
+VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores", "tokenizer.ggml.merges")
 
 
 def read_gguf(path: Path):
@@ -497,7 +501,8 @@ def _arch_config(meta: dict, tensors: dict, path: Path, freq_factors=None) -> Mo
 
 
 class GGUFCheckpoint(Checkpoint):
-    """A GGUF file; see the module docstring."""
+    """A GGUF file; see the module docstring. .metadata: the header's key/values, less the
+    vocabulary arrays (VOCAB_ARRAYS), which live on in .tokenizer."""
 
     format = "gguf"
 
@@ -530,6 +535,8 @@ class GGUFCheckpoint(Checkpoint):
             tok = MissingTokenizer(path, cfg.eos_token_ids, reason=f"{path} holds no vocabulary (GGUF metadata "
                                    "'tokenizer.ggml.tokens' is absent)")
         template = meta_str(meta, "tokenizer.chat_template", path, None)
+        for key in VOCAB_ARRAYS:       # built into the tokenizer: not kept twice (~100k strings)
+            meta.pop(key, None)
         super().__init__(path, cfg, tok, template, file_size(path))
         self._check_storage()
 

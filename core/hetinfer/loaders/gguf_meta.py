@@ -9,6 +9,7 @@ Python int (never a bool or a float) and a float key an int or a finite float.
 from __future__ import annotations
 
 import math
+from operator import methodcaller
 
 from ..errors import LoadError
 
@@ -140,11 +141,11 @@ def vocab_fields(meta: dict, path) -> dict:
         raise LoadError(f"{path}: GGUF metadata 'tokenizer.ggml.tokens' is empty; expected the vocabulary")
     n = (len(tokens), "'tokenizer.ggml.tokens'")
     merges = meta_list(meta, "tokenizer.ggml.merges", path, "string", None)
-    pairs = None if merges is None else [tuple(m.split(" ", 1)) for m in merges]
-    for i, pair in enumerate(pairs or ()):
-        if len(pair) != 2:
-            raise LoadError(f"{path}: GGUF metadata 'tokenizer.ggml.merges'[{i}] is {describe(merges[i])}; "
-                            "expected two tokens separated by a space")
+    pairs = None if merges is None else list(map(tuple, map(methodcaller("split", " ", 1), merges)))
+    if pairs is not None and not all(len(p) == 2 for p in pairs):
+        i = next(i for i, p in enumerate(pairs) if len(p) != 2)
+        raise LoadError(f"{path}: GGUF metadata 'tokenizer.ggml.merges'[{i}] is {describe(merges[i])}; "
+                        "expected two tokens separated by a space")
     return {
         "model": meta_str(meta, "tokenizer.ggml.model", path, None),
         "pre": meta_str(meta, "tokenizer.ggml.pre", path, None),
