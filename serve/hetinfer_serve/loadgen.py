@@ -61,6 +61,16 @@ class Record:
     error: str | None = None
 
 
+
+def wait_until(pred, what: str, limit: float = 60.0) -> None:
+    """Poll pred() every 50 ms until it is true; AssertionError naming `what` after limit s."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting: {what}")
+
 def span(text: str) -> tuple[int, int]:
     """'128' -> (128, 128); '32:256' -> (32, 256)."""
     lo, _, hi = str(text).partition(":")
