@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 from .errors import DTypeError
@@ -14,9 +13,18 @@ from .packed import FORMATS, Format
 @dataclass(frozen=True, eq=False)      # DTypes are singletons: identity is equality
 class DType:
     name: str          # short name used in kernel keys: "f32", "bf16", "i8", "q4_k" ...
-    np: np.dtype       # numpy dtype of one element (bf16 through ml_dtypes; a packed block: np.void)
+    _np: object        # numpy dtype of one element (a packed block: np.void), or a function making
+                       # it on first use (bf16: ml_dtypes, ~8 MB and 0.1 s that f32 / f16 runs skip)
     is_float: bool
     packed: Format | None = None    # packed formats: one element is one block (hetinfer.packed)
+
+    @property
+    def np(self) -> np.dtype:
+        v = self._np
+        if not isinstance(v, np.dtype):
+            v = np.dtype(v())
+            object.__setattr__(self, "_np", v)
+        return v
 
     @property
     def itemsize(self) -> int:
@@ -36,7 +44,12 @@ class DType:
 
 f32 = DType("f32", np.dtype(np.float32), True)
 f16 = DType("f16", np.dtype(np.float16), True)
-bf16 = DType("bf16", np.dtype(ml_dtypes.bfloat16), True)
+def _bfloat16():
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+
+
+bf16 = DType("bf16", _bfloat16, True)
 i8 = DType("i8", np.dtype(np.int8), False)
 i32 = DType("i32", np.dtype(np.int32), False)
 i64 = DType("i64", np.dtype(np.int64), False)
@@ -54,7 +67,7 @@ _ALIASES = {
     "bfloat16": bf16,
     "int8": i8, "int32": i32, "int64": i64,
 }
-_BY_NP = {d.np: d for d in ALL if d.packed is None}   # a packed dtype is always named
+_BY_NP = {d.np: d for d in ALL if d.packed is None and d is not bf16}   # a packed dtype is always named
 
 
 def dtype(x) -> DType:
@@ -70,7 +83,7 @@ def dtype(x) -> DType:
         npd = np.dtype(x)
     except TypeError:
         raise DTypeError(f"cannot interpret {x!r} as a dtype; expected one of {', '.join(BY_NAME)}") from None
-    d = _BY_NP.get(npd)
+    d = _BY_NP.get(npd) or (bf16 if npd.name == "bfloat16" and npd == bf16.np else None)
     if d is None:
         raise DTypeError(f"numpy dtype {npd} is not supported; expected one of "
                          + ", ".join(f"{d.name} ({d.np})" for d in ALL if d.packed is None))

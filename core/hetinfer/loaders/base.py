@@ -17,26 +17,27 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-import ml_dtypes
 import numpy as np
 
 from ..config import ModelConfig
 from ..errors import LoadError
 from .files import file_size  # noqa: F401  (re-exported: the loaders import it from here)
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BF16)
+def bf16_np() -> np.dtype:
+    """numpy's bfloat16 dtype (ml_dtypes, imported on first use: hetinfer.dtypes.bf16)."""
+    from ..dtypes import bf16
+    return bf16.np
 
 
 def normalize_dtype(dtype) -> np.dtype:
     """np.float32 / np.float16 / ml_dtypes.bfloat16 (or their names) -> np.dtype; else LoadError."""
     if isinstance(dtype, str) and dtype.lower() in ("bf16", "bfloat16"):
-        return BF16
+        return bf16_np()
     try:
         dt = np.dtype(dtype)
     except TypeError:
         dt = None
-    if dt not in SUPPORTED_DTYPES:
+    if dt not in (np.dtype(np.float32), np.dtype(np.float16)) and not (dt is not None and dt.name == "bfloat16"):
         raise LoadError(f"unsupported output dtype {dtype!r}; expected one of float32, float16, bfloat16")
     return dt
 

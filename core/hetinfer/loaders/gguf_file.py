@@ -27,7 +27,7 @@ import numpy as np
 
 from ..config import KNOWN_ARCHITECTURES, ModelConfig
 from ..errors import ConfigError, LoadError
-from .base import BF16, Checkpoint, file_size, memmap, progress_bar, release_pages
+from .base import Checkpoint, bf16_np, file_size, memmap, progress_bar, release_pages
 from .gguf_meta import describe, meta_float, meta_int, meta_list, meta_str, special_token_ids
 
 GGUF_MAGIC = b"GGUF"
@@ -586,7 +586,7 @@ class GGUFCheckpoint(Checkpoint):
         elif qt.name == "F16":
             arr = data.view(np.float16).reshape(shape)
         elif qt.name == "BF16":
-            arr = data.view(BF16).reshape(shape)
+            arr = data.view(bf16_np()).reshape(shape)
         elif qt.name in SUPPORTED_QUANTS:
             rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
             arr = dequantize(data.reshape(rows, -1), qt).reshape(shape)  # (rows, cols) float32

@@ -18,11 +18,11 @@ import numpy as np
 
 from .. import quant
 from ..errors import LoadError
-from .base import BF16
+from .base import bf16_np
 from .files import read_json
 from .safetensors_hf import HFCheckpoint
 
-_DT = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16, "I8": np.dtype(np.int8)}
+_DT = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": None, "I8": np.dtype(np.int8)}
 
 
 def is_int8_dir(path: Path) -> bool:
@@ -65,7 +65,7 @@ class Int8Checkpoint(HFCheckpoint):
         if dt not in _DT:
             raise LoadError(f"{self.path / shard}: tensor {name!r} is stored as {dt}; supported here: "
                             f"{', '.join(_DT)}")
-        want = int(np.prod(shape)) * _DT[dt].itemsize
+        want = int(np.prod(shape)) * (_DT[dt] or bf16_np()).itemsize
         if nbytes != want:
             raise LoadError(f"{self.path / shard}: tensor {name!r} has {nbytes} bytes but shape {shape} in {dt} "
                             f"needs {want}; the file is corrupt")
@@ -80,7 +80,7 @@ class Int8Checkpoint(HFCheckpoint):
                 got += n
         finally:
             os.close(fd)
-        return np.frombuffer(buf, _DT[dt]).reshape(shape)
+        return np.frombuffer(buf, _DT[dt] or bf16_np()).reshape(shape)
 
     def _stored_dtype(self, name):
         dt = super()._stored_dtype(name)

@@ -18,10 +18,10 @@ import numpy as np
 
 from ..config import KNOWN_ARCHITECTURES, ModelConfig
 from ..errors import ConfigError, LoadError
-from .base import BF16, Checkpoint, file_size, memmap, progress_bar
+from .base import Checkpoint, bf16_np, file_size, memmap, progress_bar
 from .files import decode_utf8, inside_name, json_type, parse_json, read_json, read_text
 
-_ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16, "F64": np.dtype("<f8")}
+_ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": None, "F64": np.dtype("<f8")}
 # every whole-byte dtype of the safetensors format, with its size: a file may hold any of them
 # (the loaders read the float ones; int8 directories I8 too)
 ST_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
@@ -216,7 +216,7 @@ class HFCheckpoint(Checkpoint):
         if dt not in _ST_DTYPES:
             raise LoadError(f"{self.path / shard}: tensor {name!r} is stored as {dt}; supported: "
                             f"{', '.join(_ST_DTYPES)}")
-        arr = self._maps[shard][start:start + nbytes].view(_ST_DTYPES[dt]).reshape(shape)
+        arr = self._maps[shard][start:start + nbytes].view(_ST_DTYPES[dt] or bf16_np()).reshape(shape)
         return arr.astype(np.float32) if dt == "F64" else arr
 
 

@@ -7,7 +7,7 @@ example is reproducible from hypothesis' report (the NumPy seed is drawn too).""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
