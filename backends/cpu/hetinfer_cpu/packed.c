@@ -427,34 +427,6 @@ void hi_pk_matmul(int type, const uint8_t *w, int64_t N, int64_t K, const int8_t
 }
 
 /* out (R, K) f32 = rows of w dequantized: rows ids[0 .. R) (ids not NULL) or r0 .. r0 + R */
-void hi_pk_dequant(int type, const uint8_t *w, int64_t K, const int64_t *ids, int64_t r0, int64_t R, float *out) {
-    const int64_t blk = block_of(type), nb = K / blk, rowb = nb * bytes_of(type);
-    #pragma omp parallel for schedule(static) if (R * K >= ((int64_t)1 << 20))
-    for (int64_t r = 0; r < R; r++) {
-        const uint8_t *row = w + (ids ? ids[r] : r0 + r) * rowb;
-        float *o = out + r * K;
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *p = row + b * bytes_of(type);
-            if (type < T_Q4_K) {
-                uint8_t u[32];
-                float d, c;
-                unpack_legacy(type, p, u, &d, &c);
-                if (type == T_Q8_0)
-                    for (int j = 0; j < 32; j++) o[32 * b + j] = d * (float)(int8_t)p[2 + j];
-                else
-                    for (int j = 0; j < 32; j++) o[32 * b + j] = d * (float)u[j] - c;
-            } else {
-                uint8_t u[256];
-                int sc[16], mn[16];
-                float d, dmin;
-                unpack_k(type, p, u);
-                kscales(type, p, sc, mn, &d, &dmin);
-                for (int j = 0; j < 256; j++)
-                    o[256 * b + j] = d * (float)sc[j / 16] * (float)u[j] - dmin * (float)mn[j / 16];
-            }
-        }
-    }
-}
 
 /* decode's prologue in one pass: x (M, K) f32, rms-normalised by nw (K,) when nw is not NULL
    (x / sqrt(mean(x^2) + eps) * nw, in f32), then quantized as hi_pk_quantize. tmp (K,) scratch */
@@ -560,6 +532,25 @@ static void rope_row(float *v, int64_t H, int64_t Dh, const float *c, const floa
 #undef ATT_SFX
 #undef ATT_TARGET
 #endif
+#define ATT_SFX c
+#define ATT_TARGET
+#include "packed_dequant.inc"
+#undef ATT_SFX
+#undef ATT_TARGET
+#ifdef HAVE_X86
+#define ATT_SFX z512
+#define ATT_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512dq,avx512bw"), optimize("tree-vectorize", "fp-contract=off")))
+#include "packed_dequant.inc"
+#undef ATT_SFX
+#undef ATT_TARGET
+#define ATT_SFX avx2
+#define ATT_TARGET __attribute__((target("avx2,fma,f16c"), optimize("tree-vectorize", "fp-contract=off")))
+#include "packed_dequant.inc"
+#undef ATT_SFX
+#undef ATT_TARGET
+#endif
+typedef void (*dequant_fn)(int, const uint8_t *, int64_t, float *);
+
 typedef void (*attend_fn)(const float *, int64_t, int64_t, const float *, const float *, const int32_t *,
                           int64_t, int64_t, int64_t, int64_t, float, float *, int64_t, float *);
 
@@ -570,6 +561,24 @@ static attend_fn pick_attend(void) {
     if (DOT == dot_vnni || DOT == dot_avx2) return attend_avx2;
 #endif
     return attend_c;
+}
+
+/* the dequantize variant of the instruction set the products use (hi_pk_select) */
+static dequant_fn pick_dequant(void) {
+#ifdef HAVE_X86
+    if (DOT == dot_z512) return dequant_row_z512;
+    if (DOT == dot_vnni || DOT == dot_avx2) return dequant_row_avx2;
+#endif
+    return dequant_row_c;
+}
+
+void hi_pk_dequant(int type, const uint8_t *w, int64_t K, const int64_t *ids, int64_t r0, int64_t R, float *out) {
+    const int64_t blk = block_of(type), nb = K / blk, rowb = nb * bytes_of(type);
+    if (!DOT) hi_pk_select(0);
+    const dequant_fn row_fn = pick_dequant();
+    #pragma omp parallel for schedule(static) if (R * K >= ((int64_t)1 << 20))
+    for (int64_t r = 0; r < R; r++)
+        row_fn(type, w + (ids ? ids[r] : r0 + r) * rowb, nb, out + r * K);
 }
 
 void hi_pk_decode_layer(const hi_layer *L, float *x, int64_t B, float *kp, float *vp, const int32_t *pos,

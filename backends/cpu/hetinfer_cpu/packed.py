@@ -30,7 +30,9 @@ from .int8 import LazyLibrary, build_library
 
 F32 = np.dtype(np.float32)
 SMALL_M = 8            # rows of x up to which the integer dot products run; more: dequantized tiles
-_TILE = 1 << 19        # f32 values of a dequantized tile of weight rows (2 MiB)
+_TILE = 1 << 19        # f32 values of a dequantized tile of weight rows (2 MiB) ...
+_TILE_ROWS = 512       # ... and at least this many rows: the f32 kernel ran Qwen2.5's down product
+                       # (K = 4864: 107 rows a 2 MiB tile) at 52 GFLOP/s, 78 with 512 rows
 
 
 # --- NumPy dequantizers: blocks (R, nbytes) uint8 -> (R, block) float32 ----------------------
@@ -127,7 +129,7 @@ _FLAGS = (["-O3", "-fopenmp"], ["-O3"])
 
 
 def c_source() -> str:
-    """packed.c with each local .inc file (packed_simd.inc, packed_attention.inc) pasted where it is
+    """packed.c with each local .inc file (packed_simd.inc, packed_attention.inc, packed_dequant.inc) pasted where it is
     included (the compiler gets one source; the cache key hashes all of it)."""
     return re.sub(r'#include "(\w+\.inc)"', lambda m: (_HERE / m[1]).read_text(), (_HERE / "packed.c").read_text())
 
@@ -292,7 +294,7 @@ def _tiles(lib, f, w: np.ndarray, x2: np.ndarray, o2: np.ndarray) -> None:
     from . import f32 as _f32k
     from .int8 import _tile
     n, k = w.shape[0], x2.shape[1]
-    step = max(1, _TILE // k)
+    step = max(_TILE_ROWS, _TILE // k)
     part = np.empty(x2.shape[0] * min(step, n), F32)                        # (M, rows of a tile)
     for r0 in range(0, n, step):
         r1 = min(r0 + step, n)
