@@ -145,6 +145,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session():
     try:
         c.expect("> ")
         c.sendline("Write a long story about a dragon who learns to bake bread.")
+        c.expect_exact("bake bread.")            # the terminal's echo of the line, not the answer
         c.expect(r"\w+\s+\w+\s+\w+")            # the answer has started streaming
         c.sendintr()
         c.expect(r"\[stopped\]")
