@@ -498,5 +498,18 @@ def main(argv=None) -> int:
         return 0
 
 
+def entry() -> None:
+    """The `hetinfer` command: main() and its exit status, which a Ctrl-C arriving after the
+    work is done (while the interpreter tears down) must not turn into a death by SIGINT."""
+    import signal
+    try:
+        code = main()
+    except KeyboardInterrupt:    # in the moment after main() returned
+        print("\ninterrupted", file=sys.stderr)
+        code = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -514,36 +514,27 @@ static void rope_row(float *v, int64_t H, int64_t Dh, const float *c, const floa
 #define ATT_CAT2(a, b) a##_##b
 #define ATT_CAT(a, b) ATT_CAT2(a, b)
 #define ATT(name) ATT_CAT(name, ATT_SFX)
+/* each variant: attention (its loops over Dh vectorize 16 or 8 wide) and the dequantize of a row
+   (no FMA contraction there: bit-exact with the plain C one) */
 #define ATT_SFX c
 #define ATT_TARGET
 #include "packed_attention.inc"
-#undef ATT_SFX
-#undef ATT_TARGET
-#ifdef HAVE_X86
-/* the same compiled for AVX-512 (and AVX2 + FMA): the loops over Dh vectorize 16 (8) wide */
-#define ATT_SFX z512
-#define ATT_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw"), optimize("tree-vectorize")))
-#include "packed_attention.inc"
-#undef ATT_SFX
-#undef ATT_TARGET
-#define ATT_SFX avx2
-#define ATT_TARGET __attribute__((target("avx2,fma"), optimize("tree-vectorize")))
-#include "packed_attention.inc"
-#undef ATT_SFX
-#undef ATT_TARGET
-#endif
-#define ATT_SFX c
-#define ATT_TARGET
 #include "packed_dequant.inc"
 #undef ATT_SFX
 #undef ATT_TARGET
 #ifdef HAVE_X86
 #define ATT_SFX z512
+#define ATT_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw"), optimize("tree-vectorize")))
+#include "packed_attention.inc"
+#undef ATT_TARGET
 #define ATT_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512dq,avx512bw"), optimize("tree-vectorize", "fp-contract=off")))
 #include "packed_dequant.inc"
 #undef ATT_SFX
 #undef ATT_TARGET
 #define ATT_SFX avx2
+#define ATT_TARGET __attribute__((target("avx2,fma"), optimize("tree-vectorize")))
+#include "packed_attention.inc"
+#undef ATT_TARGET
 #define ATT_TARGET __attribute__((target("avx2,fma,f16c"), optimize("tree-vectorize", "fp-contract=off")))
 #include "packed_dequant.inc"
 #undef ATT_SFX
