@@ -1574,47 +1574,30 @@ HOSTILE_TEMPLATES = [
 ]
 
 
+# templates whose hostile work the sandbox bounds without an error (the render may succeed)
+TEMPLATES_MAY_RENDER = ("tojson-deep", "mutate", "wordwrap", "sum-huge", "slice-huge", "strftime-huge", "pow-left",
+                        "loop-filter")
+
+
 def template_cases(c: Corpus, b: dict, fx) -> None:
     hf = b["hf"]
     tc = json.loads((hf / "tokenizer_config.json").read_text())
+
+    def add_chat(cid, path, expect, text, story=False):
+        """One case: `hetinfer chat` on path with one line of text (and `generate --story`), and
+        the API's chat with the same message."""
+        runs = [("chat", ["chat", "--model", str(path), "-n", "4", "--max-context", "64", "--kv-cache-memory", KV],
+                 text.encode() + b"\n/exit\n")]
+        if story:
+            runs.append(("story", ["generate", "--story", "--model", str(path), "-n", "4", "--max-context", "64",
+                                   "--kv-cache-memory", KV], None))
+        c.add(cid, "template", path, expect, runs=runs,
+              api={"op": "chat", "path": str(path), "messages": [{"role": "user", "content": text}]})
+
     for label, src in HOSTILE_TEMPLATES:
         d = link_dir(hf, c.new_path("template"), skip=("tokenizer_config.json",))
         (d / "tokenizer_config.json").write_text(json.dumps(dict(tc, chat_template=src)))
-        runs = [
-            (
-                "chat",
-                ["chat", "--model", str(d), "-n", "4", "--max-context", "64", "--kv-cache-memory", KV],
-                b"w3 w4\n/exit\n",
-            ),
-            (
-                "story",
-                ["generate", "--story", "--model", str(d), "-n", "4", "--max-context", "64", "--kv-cache-memory", KV],
-                None,
-            ),
-        ]
-        expect = (
-            "any"
-            if label
-            in (
-                "tojson-deep",
-                "mutate",
-                "wordwrap",
-                "sum-huge",
-                "slice-huge",
-                "strftime-huge",
-                "pow-left",
-                "loop-filter",
-            )
-            else "error"
-        )
-        c.add(
-            f"template/{label}",
-            "template",
-            d,
-            expect,
-            runs=runs,
-            api={"op": "chat", "path": str(d), "messages": [{"role": "user", "content": "w3 w4"}]},
-        )
+        add_chat(f"template/{label}", d, "any" if label in TEMPLATES_MAY_RENDER else "error", "w3 w4", story=True)
     # a few through GGUF metadata, and a jinja file
     src = b["gguf"].read_bytes()
     for label, tsrc in HOSTILE_TEMPLATES[:12]:
@@ -1622,40 +1605,12 @@ def template_cases(c: Corpus, b: dict, fx) -> None:
         g.set_kv("tokenizer.chat_template", enc(STRING, tsrc))
         p = c.new_path("template", ".gguf")
         p.write_bytes(g.build())
-        runs = [
-            (
-                "chat",
-                ["chat", "--model", str(p), "-n", "4", "--max-context", "64", "--kv-cache-memory", KV],
-                b"hello\n/exit\n",
-            )
-        ]
-        c.add(
-            f"template/gguf/{label}",
-            "template",
-            p,
-            "error" if label not in ("mutate",) else "any",
-            runs=runs,
-            api={"op": "chat", "path": str(p), "messages": [{"role": "user", "content": "hello"}]},
-        )
+        add_chat(f"template/gguf/{label}", p, "any" if label == "mutate" else "error", "hello")
     for label, tsrc in HOSTILE_TEMPLATES[:6]:
         d = link_dir(hf, c.new_path("template"), skip=("tokenizer_config.json",))
         (d / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tc.items() if k != "chat_template"}))
         (d / "chat_template.jinja").write_text(tsrc)
-        runs = [
-            (
-                "chat",
-                ["chat", "--model", str(d), "-n", "4", "--max-context", "64", "--kv-cache-memory", KV],
-                b"w3\n/exit\n",
-            )
-        ]
-        c.add(
-            f"template/jinja/{label}",
-            "template",
-            d,
-            "error",
-            runs=runs,
-            api={"op": "chat", "path": str(d), "messages": [{"role": "user", "content": "w3"}]},
-        )
+        add_chat(f"template/jinja/{label}", d, "error", "w3")
 
 
 # --- flags and prompts --------------------------------------------------------------------------------
