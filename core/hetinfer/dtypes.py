@@ -44,6 +44,8 @@ class DType:
 
 f32 = DType("f32", np.dtype(np.float32), True)
 f16 = DType("f16", np.dtype(np.float16), True)
+
+
 def _bfloat16():
     import ml_dtypes
     return ml_dtypes.bfloat16

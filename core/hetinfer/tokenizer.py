@@ -179,7 +179,7 @@ class _HFBackend:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def id_limit(self) -> int:
-        if getattr(self, "_limit", None) is None:        # a dict of the whole vocabulary: once
+        if self._limit is None:        # a dict of the whole vocabulary: once
             self._limit = hf_id_limit(self.tok)
         return self._limit
 

@@ -70,7 +70,6 @@ class EngineLoop:
         self._lock = threading.Lock()
         self.num_inflight = 0                       # requests added and not finished (any thread reads)
         self._thread = threading.Thread(target=self._run, name="hetinfer-engine", daemon=True)
-        self._outbox: dict = {}                     # a step's events per event loop, posted together
 
     def _count(self, d: int) -> None:
         with self._lock:
@@ -129,7 +128,9 @@ class EngineLoop:
                     except Exception:
                         pass
 
-    def _deliver(self, o) -> None:
+    def _deliver(self, o, outbox: dict) -> None:
+        """o's new text as an Event, added to outbox (event loop -> [(queue, Event)]) to be posted
+        with the step's others; errors are posted at once."""
         req = self._reqs.get(o.request_id)
         if req is None:                              # aborted or already answered
             return
@@ -152,7 +153,7 @@ class EngineLoop:
                 text.append(st.flush())
                 reason = "stop" if st.stopped or reason in ("stop", "abort") else "length"
                 self._finish(req)
-            self._outbox.setdefault(req.loop, []).append(
+            outbox.setdefault(req.loop, []).append(
                 (req.queue, Event(req.index, "".join(text), len(o.new_token_ids), finished, reason,
                                   prompt_tokens=o.seq.num_prompt_tokens, logprobs=lps)))
         except Exception as e:                       # e.g. a decoder error: this request only
@@ -185,11 +186,11 @@ class EngineLoop:
                     self._wake.wait(0.5)
                     self._wake.clear()
                 return
+            outbox: dict = {}                        # the step's events, one wake-up per event loop
             for o in outputs:
-                self._deliver(o)
-            for loop, items in self._outbox.items():
+                self._deliver(o, outbox)
+            for loop, items in outbox.items():
                 _post(loop, items)
-            self._outbox.clear()
             if self.on_step is not None:
                 try:
                     self.on_step(time.perf_counter())

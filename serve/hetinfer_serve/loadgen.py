@@ -61,7 +61,6 @@ class Record:
     error: str | None = None
 
 
-
 def wait_until(pred, what: str, limit: float = 60.0) -> None:
     """Poll pred() every 50 ms until it is true; AssertionError naming `what` after limit s."""
     end = time.monotonic() + limit
@@ -70,6 +69,7 @@ def wait_until(pred, what: str, limit: float = 60.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"gave up waiting: {what}")
+
 
 def span(text: str) -> tuple[int, int]:
     """'128' -> (128, 128); '32:256' -> (32, 256)."""

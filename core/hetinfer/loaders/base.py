@@ -23,6 +23,7 @@ from ..config import ModelConfig
 from ..errors import LoadError
 from .files import file_size  # noqa: F401  (re-exported: the loaders import it from here)
 
+
 def bf16_np() -> np.dtype:
     """numpy's bfloat16 dtype (ml_dtypes, imported on first use: hetinfer.dtypes.bf16)."""
     from ..dtypes import bf16
@@ -37,7 +38,7 @@ def normalize_dtype(dtype) -> np.dtype:
         dt = np.dtype(dtype)
     except TypeError:
         dt = None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float16)) and not (dt is not None and dt.name == "bfloat16"):
+    if dt is None or (dt not in (np.dtype(np.float32), np.dtype(np.float16)) and dt.name != "bfloat16"):
         raise LoadError(f"unsupported output dtype {dtype!r}; expected one of float32, float16, bfloat16")
     return dt
 
