@@ -2,14 +2,19 @@
 on a free localhost port with SmolLM2, talked to with the official `openai` client and httpx:
 completions and chat, streaming and not, equal to the offline LLM at temperature 0; 16
 concurrent streaming chats; a client disconnect frees the KV blocks; each bad request class
-gets its status and OpenAI-shaped message; the API key; SIGTERM drains and exits 0."""
+gets its status and OpenAI-shaped message; the API key; SIGTERM drains and exits 0; the engine
+process dying fails its requests and /health; a corrupt model file is one clear error."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -359,6 +364,40 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
         s.stop()
 
 
+def test_the_engine_process_dying_fails_its_requests_and_health():
+    """The engine core runs in its own process: killed mid-stream, the open stream ends with an
+    error naming it, /health turns 503, later requests get 503; the HTTP process stays up."""
+    s = ServerProc()
+    try:
+        pid = int(re.search(r"engine process \(pid (\d+)\)", "".join(s.lines)).group(1))
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if len(lines) == 3:
+                        os.kill(pid, signal.SIGKILL)
+        assert lines[-1] == "data: [DONE]"
+        assert "engine process exited" in json.loads(lines[-2][6:])["error"]["message"]
+        h = httpx.get(s.url + "/health")
+        assert h.status_code == 503 and "engine process exited" in h.json()["error"]
+        e = _err(httpx.post(s.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}), 503)
+        assert "engine" in e["message"]
+    finally:
+        s.stop()
+
+
+def test_a_corrupt_model_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 20)      # a header that lies
+    r = subprocess.run([sys.executable, "-m", "hetinfer", "serve", "--model", str(bad), "--port", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "hetinfer: error:" in r.stderr and "broken.gguf" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
 def test_chat_page_is_served_without_the_key(server):
     r = httpx.get(server.url + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
@@ -371,13 +410,14 @@ def test_engine_failure_is_503_on_health_and_requests(llm):
 
     from hetinfer.engine import LLMEngine
     from hetinfer_serve.app import ServeConfig, Server
+    from hetinfer_serve.engine_loop import EngineLoop
 
     eng = LLMEngine(llm.model, llm.tokenizer, max_context=256, kv_cache_memory=16 << 20)
 
     def boom():
         raise RuntimeError("the device fell off the bus")
     eng.step = boom
-    srv = Server(eng, llm.tokenizer, llm.chat_template, ServeConfig(model_name=MODEL))
+    srv = Server(EngineLoop(eng, llm.tokenizer), llm.chat_template, ServeConfig(model_name=MODEL))
 
     with _in_process(srv) as c:
         assert c.get("/health").status_code == 200
@@ -397,9 +437,9 @@ def _in_process(srv):
 
     @asynccontextmanager
     async def lifespan(app):
-        srv.loop.start()
+        srv.engine.start()
         yield
-        srv.loop.shutdown()
+        srv.engine.shutdown()
     return TestClient(create_app(srv, lifespan=lifespan))
 
 
@@ -407,9 +447,11 @@ def test_a_request_past_the_timeout_is_408_and_aborted(llm):
 
     from hetinfer.engine import LLMEngine
     from hetinfer_serve.app import ServeConfig, Server
+    from hetinfer_serve.engine_loop import EngineLoop
 
     eng = LLMEngine(llm.model, llm.tokenizer, max_context=512, kv_cache_memory=32 << 20)
-    srv = Server(eng, llm.tokenizer, llm.chat_template, ServeConfig(model_name=MODEL, request_timeout=0.5))
+    srv = Server(EngineLoop(eng, llm.tokenizer), llm.chat_template,
+                 ServeConfig(model_name=MODEL, request_timeout=0.5))
 
     with _in_process(srv) as c:
         body = {"prompt": "Hi", "max_tokens": 480, "ignore_eos": True}       # far beyond 0.5 s on a CPU
@@ -417,5 +459,5 @@ def test_a_request_past_the_timeout_is_408_and_aborted(llm):
         assert "timeout" in e["message"]
         lines = [ln for ln in c.post("/v1/completions", json=body | {"stream": True}).text.splitlines() if ln]
         assert "timeout" in lines[-2] and lines[-1] == "data: [DONE]"
-        _wait_until(lambda: not eng.has_unfinished() and srv.loop.num_inflight == 0, "the aborts")
+        _wait_until(lambda: not eng.has_unfinished() and srv.engine.num_inflight == 0, "the aborts")
         assert eng.blocks.num_free == eng.blocks.num_blocks

@@ -6,4 +6,5 @@ except KeyboardInterrupt:
     print("\ninterrupted", file=sys.stderr)
     sys.exit(130)
 
-entry()
+if __name__ == "__main__":     # not when a spawned process (multiprocessing) imports this as __mp_main__
+    entry()

@@ -19,7 +19,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hetinfer.errors import HetinferError, InputError
 
-from .engine_loop import EngineLoop
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, APIError, parse
 
 STATIC = Path(__file__).parent / "static"
@@ -35,28 +34,27 @@ class ServeConfig:
 
 
 class _EngineCollector:
-    """Gauges and counters read from engine.stats() at scrape time."""
+    """Gauges and counters read from the engine core's stats at scrape time."""
 
     def __init__(self, engine):
         self.engine = engine
 
     def collect(self):
         st = self.engine.stats()
+        total = st["num_blocks"]
         for name, doc, v in (("running", "requests in the running batch", st["running"]),
                              ("waiting", "requests waiting to be scheduled", st["waiting"]),
-                             ("kv_blocks_total", "KV cache blocks", st["num_blocks"]),
-                             ("kv_blocks_used", "KV cache blocks in use", st["num_blocks"] - st["free_blocks"]),
-                             ("kv_cache_usage", "share of KV blocks in use",
-                              1 - st["free_blocks"] / max(st["num_blocks"], 1)),
+                             ("kv_blocks_total", "KV cache blocks", total),
+                             ("kv_blocks_used", "KV cache blocks in use", total - st["free_blocks"]),
+                             ("kv_cache_usage", "share of KV blocks in use", 1 - st["free_blocks"] / max(total, 1)),
                              ("prefix_cache_hit_rate", "share of prompt blocks found in the prefix cache",
                               st["prefix_hit_rate"])):
             g = GaugeMetricFamily(f"hetinfer_{name}", doc)
             g.add_metric([], float(v))
             yield g
-        blocks = self.engine.blocks
         for name, doc, v in (("preemptions", "sequences preempted", st["preemptions"]),
-                             ("prefix_cache_hits", "prompt blocks found in the prefix cache", blocks.hits),
-                             ("prefix_cache_queries", "full prompt blocks looked up", blocks.queries),
+                             ("prefix_cache_hits", "prompt blocks found in the prefix cache", st["prefix_hits"]),
+                             ("prefix_cache_queries", "full prompt blocks looked up", st["prefix_queries"]),
                              ("engine_steps", "engine steps", st["steps"])):
             c = CounterMetricFamily(f"hetinfer_{name}", doc)
             c.add_metric([], float(v))
@@ -81,11 +79,13 @@ class Metrics:
 
 
 class Server:
-    """The app's state: the engine loop, the tokenizer, the chat template, the limits."""
+    """The app's state: the engine client (EngineProcess, or EngineLoop in this process), its
+    tokenizer, the chat template, the limits."""
 
-    def __init__(self, engine, tokenizer, chat_template, config: ServeConfig):
-        self.engine, self.tokenizer, self.template, self.config = engine, tokenizer, chat_template, config
-        self.loop = EngineLoop(engine, tokenizer)
+    def __init__(self, engine, chat_template, config: ServeConfig):
+        self.engine, self.template, self.config = engine, chat_template, config
+        self.tokenizer = engine.tokenizer
+        self.info = engine.info
         self.metrics = Metrics(engine)
         self.created = int(time.time())
         self._pieces: dict[int, str] = {}
@@ -97,7 +97,7 @@ class Server:
                                 f"'{self.config.model_name}'", param="model", code="model_not_found")
 
     def check_ids(self, ids: list[int], what: str = "prompt") -> list[int]:
-        vocab = self.engine.model.config.vocab_size
+        vocab = self.info.vocab_size
         for t in ids:
             if not 0 <= t < vocab:
                 raise APIError(400, f"'{what}': token id {t} is outside the vocabulary [0, {vocab})", param=what)
@@ -105,16 +105,16 @@ class Server:
 
     def check_fits(self, ids: list[int], max_tokens: int) -> None:
         try:
-            self.engine.scheduler.check(len(ids), max_tokens)
+            self.info.check(len(ids), max_tokens)
         except InputError as e:
             raise APIError(400, str(e), param="prompt" if ids else None, code="context_length_exceeded") from None
 
     def check_capacity(self, n: int) -> None:
-        if self.loop.failed:
-            raise APIError(503, f"the engine failed: {self.loop.failed}")
-        cap = self.engine.scheduler.max_num_seqs + self.config.max_queued
-        if self.loop.num_inflight + n > cap:
-            raise APIError(429, f"the server is busy: {self.loop.num_inflight} sequences queued or running "
+        if self.engine.failed:
+            raise APIError(503, f"the engine failed: {self.engine.failed}")
+        cap = self.info.max_num_seqs + self.config.max_queued
+        if self.engine.num_inflight + n > cap:
+            raise APIError(429, f"the server is busy: {self.engine.num_inflight} sequences queued or running "
                                 f"(at most {cap}); retry later", code="queue_full")
 
     def token_text(self, t: int) -> str:
@@ -158,7 +158,7 @@ class Server:
             if head != job[0]:
                 later.setdefault(head, []).append(job)
                 continue
-            self.loop.submit(rids[job[0]], job[0], job[1], job[2], queue, num_logprobs)
+            self.engine.submit(rids[job[0]], job[0], job[1], job[2], queue, num_logprobs)
         for ids in {id(j[1]): j[1] for j in jobs}.values():
             self.metrics.prompt_tokens.inc(len(ids))
         left = set(rids)
@@ -182,7 +182,7 @@ class Server:
                 tokens = 0
                 for ev in got:
                     for index, ids, params in later.pop(ev.index, ()):     # the prompt is in the cache now
-                        self.loop.submit(rids[index], index, ids, params, queue, num_logprobs)
+                        self.engine.submit(rids[index], index, ids, params, queue, num_logprobs)
                     if ev.num_tokens:
                         if not first:
                             self.metrics.ttft.observe(now - t0)
@@ -204,7 +204,7 @@ class Server:
             waiting = {j[0] for js in later.values() for j in js}      # never submitted
             left -= waiting
             for index in left:
-                self.loop.abort(rids[index])
+                self.engine.abort(rids[index])
             if left:
                 self.metrics.aborted.inc(len(left))
 
@@ -256,6 +256,24 @@ class Guard:
         return await self.app(scope, receive, send)
 
 
+def merge_events(batch: list) -> list:
+    """The events that waited together, one per choice (texts and logprobs joined): under load
+    a client gets one chunk of several tokens rather than a chunk per token, as from vLLM."""
+    out, last = [], {}
+    for ev in batch:
+        m = last.get(ev.index)
+        if m is not None and not m.finished and ev.error is None:
+            m.text += ev.text
+            m.num_tokens += ev.num_tokens
+            m.finished, m.finish_reason = ev.finished, ev.finish_reason
+            if ev.logprobs:
+                m.logprobs = (m.logprobs or []) + ev.logprobs
+            continue
+        out.append(ev)
+        last[ev.index] = ev
+    return out
+
+
 def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
@@ -284,8 +302,8 @@ def create_app(server: Server, lifespan=None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if server.loop.failed:
-            return JSONResponse({"status": "failed", "error": server.loop.failed}, 503)
+        if server.engine.failed:
+            return JSONResponse({"status": "failed", "error": server.engine.failed}, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -295,7 +313,7 @@ def create_app(server: Server, lifespan=None) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "hetinfer", "max_model_len": server.engine.max_context}]}
+                                            "owned_by": "hetinfer", "max_model_len": server.info.max_context}]}
 
     @app.get("/")
     async def page():
@@ -318,7 +336,7 @@ def create_app(server: Server, lifespan=None) -> FastAPI:
             ids = tok.encode(text, add_bos=False)
         else:
             ids = tok.encode(req.prompt, add_bos=None if req.add_special_tokens else False)
-        return {"tokens": ids, "count": len(ids), "max_model_len": server.engine.max_context}
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.info.max_context}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
@@ -331,7 +349,7 @@ def create_app(server: Server, lifespan=None) -> FastAPI:
         nlp = req.num_logprobs()
         jobs = []
         for p, ids in enumerate(prompts):
-            default = 16 if not chat else max(server.engine.max_context - len(ids), 1)
+            default = 16 if not chat else max(server.info.max_context - len(ids), 1)
             for j in range(n):
                 params = req.to_sampling_params(default, seed_offset=j)
                 server.check_fits(ids, params.max_tokens)
@@ -374,10 +392,10 @@ def create_app(server: Server, lifespan=None) -> FastAPI:
                             yield chunk(index, echo_texts[index // n])
                     async for batch in server.run_choices(jobs, request, nlp):
                         out = []                  # the batch's chunks in one write
-                        for ev in batch:
+                        for ev in merge_events(batch):
                             completion += ev.num_tokens
                             if ev.error is not None:
-                                status = 503 if server.loop.failed else 400
+                                status = 503 if server.engine.failed else 400
                                 out.append(_sse(APIError(status, ev.error).body()))
                             elif ev.text or ev.finished or ev.logprobs:
                                 out.append(chunk(ev.index, ev.text, ev.finish_reason if ev.finished else None,
@@ -403,7 +421,7 @@ def create_app(server: Server, lifespan=None) -> FastAPI:
             async for batch in server.run_choices(jobs, request, nlp):
                 for ev in batch:
                     if ev.error is not None:
-                        raise APIError(503 if server.loop.failed else 400, ev.error)
+                        raise APIError(503 if server.engine.failed else 400, ev.error)
                     completion += ev.num_tokens
                     texts[ev.index].append(ev.text)
                     lps[ev.index].extend(ev.logprobs or [])

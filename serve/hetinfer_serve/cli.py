@@ -1,4 +1,4 @@
-"""The `serve` verb: its flags, loading the model, uvicorn, and draining on SIGTERM."""
+"""The `serve` verb: its flags, the engine process, uvicorn, and draining on SIGTERM."""
 
 from __future__ import annotations
 
@@ -55,25 +55,31 @@ def run(args) -> int:
     import uvicorn
 
     from hetinfer.chat_template import ChatTemplate
-    from hetinfer.cli import engine_options
-    from hetinfer.engine import LLMEngine, load
+    from hetinfer.engine import default_model_path
+    from hetinfer.loaders import load_checkpoint
 
     from .app import ServeConfig, Server, create_app
+    from .engine_process import EngineProcess
 
-    model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=False,
-                       quantize=args.quantize, weights=args.weights)
-    opts = engine_options(args) | {"verbose": False}
-    engine = LLMEngine(model, ckpt.tokenizer, max_context=args.max_context, graphs=not args.eager, **opts)
+    engine = EngineProcess(args)          # the model loads in the engine process meanwhile
+    print(f"hetinfer serve: loading the model in the engine process (pid {engine.pid})", flush=True)
+    try:
+        ckpt = load_checkpoint(args.model or default_model_path(), progress=False)   # tokenizer, template
+        template = ChatTemplate.from_checkpoint(ckpt)
+        info = engine.wait_ready(ckpt.tokenizer)
+    except BaseException:
+        engine.shutdown()
+        raise
     config = ServeConfig(model_name=_model_name(args), api_key=args.api_key or None,
                          max_body_bytes=args.max_body_bytes, max_queued=args.max_queued,
                          request_timeout=args.request_timeout)
-    server = Server(engine, ckpt.tokenizer, ChatTemplate.from_checkpoint(ckpt), config)
+    server = Server(engine, template, config)
 
     @asynccontextmanager
     async def lifespan(app):
-        server.loop.start()
+        engine.start()
         yield
-        server.loop.shutdown()
+        engine.shutdown()
 
     app = create_app(server, lifespan=lifespan)
 
@@ -81,7 +87,7 @@ def run(args) -> int:
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started:
-                print(engine.budget.line(), flush=True)
+                print(info.budget_line, flush=True)
                 auth = "API key required" if config.api_key else "no API key"
                 print(f"hetinfer serve: {config.model_name} on http://{args.host}:{args.port} ({auth})", flush=True)
 
@@ -97,7 +103,10 @@ def run(args) -> int:
     cfg = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on",
                          timeout_graceful_shutdown=args.grace, access_log=False)
     srv = _Server(cfg)
-    srv.run()
+    try:
+        srv.run()
+    finally:
+        engine.shutdown()
     if not srv.started:
         print(f"hetinfer serve: could not start on {args.host}:{args.port}", file=sys.stderr)
         return 1

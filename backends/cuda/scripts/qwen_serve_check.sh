@@ -5,7 +5,9 @@
 # the openai client (tests/test_cuda_serve.py); PART=bench: tools/serve_bench.py at 16 and 64
 # clients with the offline engine figure, and the torch anchor's batched decode of the same shape.
 # MODEL=random: no GGUF here; a random-weight checkpoint of Qwen2.5-0.5B's shapes (f16, HF
-# directory, random_checkpoint.py) serves the serve test and the benchmark; PART=all runs both.
+# directory, random_checkpoint.py) serves the serve test and the benchmark (PART=bench: the benchmark only).
+# The GGUF's parts: each call before copies its .models/qwen.part.* to /tmp/hetinfer-models
+# (mkdir -p /tmp/hetinfer-models && cp .models/qwen.* /tmp/hetinfer-models/); assembled here.
 set -u
 OUT=${OUT:-/tmp/hetinfer-out}
 cd "$(dirname "$0")/../../.."
@@ -18,9 +20,15 @@ if [ "${MODEL:-}" = random ]; then
   Q=/tmp/qwen2.5-0.5b-shape
   [ -d $Q ] || timeout 200 python3 backends/cuda/scripts/random_checkpoint.py qwen2.5-0.5b $Q 2>&1 | tail -2
   export HETINFER_CUDA_SERVE_ARGS="--dtype f16"
-  HETINFER_CUDA_SERVE_MODEL=$Q timeout -s ABRT 200 python3 -m pytest -q -s -rfs -p no:cacheprovider tests/test_cuda_serve.py 2>&1 \
-    | tee "$OUT/test_cuda_serve.log" | grep -E "chat on cuda|passed|failed|Error" | cut -c1-300
+  [ "$PART" = bench ] || HETINFER_CUDA_SERVE_MODEL=$Q timeout -s ABRT 200 python3 -m pytest -q -s -rfs -p no:cacheprovider \
+    tests/test_cuda_serve.py 2>&1 | tee "$OUT/test_cuda_serve.log" | grep -E "chat on cuda|passed|failed|Error" | cut -c1-300
   PART=bench
+fi
+M=/tmp/hetinfer-models
+if [ ! -e "$Q" ] && [ -f $M/qwen.sha256 ]; then           # the parts stashed by earlier calls
+  cat $M/qwen.part.* > "$Q"
+  [ "$(sha256sum "$Q" | cut -d' ' -f1)" = "$(cat $M/qwen.sha256)" ] && echo "Qwen GGUF assembled, sha256 ok" \
+    || { echo "Qwen GGUF sha256 mismatch (parts: $(ls $M | tr '\n' ' '))"; rm -f "$Q"; }
 fi
 [ -e "$Q" ] || { echo "no $Q"; exit 1; }
 if [ "$PART" = tests ]; then

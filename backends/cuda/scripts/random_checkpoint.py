@@ -15,6 +15,7 @@ from pathlib import Path
 SHAPES = {   # hidden, ffn, layers, heads, kv heads, vocab, model_type, tied, rope theta
     "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, "qwen2", True, 1000000.0),
     "tinyllama-1.1b": (2048, 5632, 22, 32, 4, 32000, "llama", False, 10000.0),
+    "tiny": (64, 256, 2, 4, 2, 32000, "llama", True, 10000.0),     # a CPU proxy of the server's own cost
 }
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

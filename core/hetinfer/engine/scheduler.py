@@ -44,6 +44,22 @@ class SchedulerOutput:
         return bool(self.scheduled) and all(s.num_tokens == 1 and s.needs_logits for s in self.scheduled)
 
 
+def check_fits(num_prompt: int, max_tokens: int, max_model_len: int, num_blocks: int, block_size: int) -> None:
+    """InputError for a request that could never run: beyond the context or the whole KV pool
+    (the scheduler's check, also made by a server process that holds only these numbers)."""
+    if num_prompt < 1:
+        raise InputError("the prompt has no tokens")
+    total = num_prompt + max_tokens
+    if total > max_model_len:
+        raise InputError(f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) is {total} "
+                         f"tokens; the context holds {max_model_len}. Shorten the prompt or "
+                         "lower max_tokens")
+    cap = num_blocks * block_size
+    if total > cap:
+        raise InputError(f"the prompt plus max_tokens is {total} tokens; the whole KV cache holds {cap} "
+                         f"({num_blocks} blocks of {block_size}). Raise the KV budget or lower max_tokens")
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int = 4096):
@@ -62,18 +78,7 @@ class Scheduler:
     # --- requests ------------------------------------------------------------------
     def check(self, num_prompt: int, max_tokens: int) -> None:
         """Refuse a request that could never run: beyond the context or the whole pool."""
-        if num_prompt < 1:
-            raise InputError("the prompt has no tokens")
-        total = num_prompt + max_tokens
-        if total > self.max_model_len:
-            raise InputError(f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) is {total} "
-                             f"tokens; the context holds {self.max_model_len}. Shorten the prompt or "
-                             "lower max_tokens")
-        cap = self.blocks.num_blocks * self.blocks.block_size
-        if total > cap:
-            raise InputError(f"the prompt plus max_tokens is {total} tokens; the whole KV cache holds {cap} "
-                             f"({self.blocks.num_blocks} blocks of {self.blocks.block_size}). Raise the KV "
-                             "budget or lower max_tokens")
+        check_fits(num_prompt, max_tokens, self.max_model_len, self.blocks.num_blocks, self.blocks.block_size)
 
     def add(self, seq: Sequence) -> None:
         self.check(seq.num_prompt_tokens, seq.params.max_tokens)
