@@ -32,7 +32,7 @@ if [ ! -e "$Q" ] && [ -f $M/qwen.sha256 ]; then           # the parts stashed by
 fi
 [ -e "$Q" ] || { echo "no $Q"; exit 1; }
 if [ "$PART" = tests ]; then
-  timeout -s ABRT 200 python3 -m pytest -q -rf -p no:cacheprovider --hetinfer-device=cuda --hetinfer-examples=20 \
+  [ "${CONF:-1}" = 1 ] && timeout -s ABRT 200 python3 -m pytest -q -rf -p no:cacheprovider --hetinfer-device=cuda --hetinfer-examples=20 \
     -k "q8_0 or q4_0 or q4_1 or q5_0 or q5_1 or q4_k or q5_k or q6_k" core/hetinfer/testing/conformance.py 2>&1 \
     | tee "$OUT/conformance_packed.log" | tail -6
   P="Write a Python function that checks whether a number is prime."
