@@ -83,6 +83,14 @@ def test_ready_line_and_health(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
+def test_decode_graphs_are_captured_before_the_first_request(server):
+    """The engine core warms up before the ready line: greedy and sampled decode graphs for each
+    batch bucket up to --max-num-seqs 32 (1, 2, 4, 8, 16, 24, 32)."""
+    out = "".join(server.lines)
+    assert "14 decode step graphs captured" in out, out
+    assert out.index("graphs captured") < out.index(f"http://127.0.0.1:{server.port}")     # before ready
+
+
 def test_completion_equals_offline_generate(client, llm, model_id):
     prompt = "def fibonacci(n):"
     want = llm.generate(prompt, SamplingParams(max_tokens=32))[0]

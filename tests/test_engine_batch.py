@@ -156,3 +156,22 @@ def test_layers_built_by_hand_prefill_as_the_loaded_ones(model):
         Layer(attn_norm=model.layers[0].attn_norm, wqkv=model.layers[0].wqkv, bqkv=None, wo=model.layers[0].wo,
               mlp_norm=model.layers[0].mlp_norm, w_gate_up=model.layers[0].w_gate_up, w_down=model.layers[0].w_down,
               qkv_rows=(1, 2, 3))
+
+
+def test_warm_up_captures_each_decode_bucket_once_and_leaves_nothing_behind(model):
+    """warm_up() on an engine whose runner 'captures' by running the step eagerly (a CPU stand-in
+    for CUDA graphs): one graph per batch bucket up to max_num_seqs and sampling kind, every
+    block free again, no request left, and the requests after it get the tokens they get alone."""
+    from hetinfer.engine.runner import SEQ_BUCKETS
+    eng = LLMEngine(model, None, max_context=128, block_size=8, max_num_seqs=16)
+    assert eng.warm_up() == 0                          # no graphs on the CPU: nothing to do
+    eng.runner.capture = lambda body: body
+    n = eng.warm_up()
+    assert n == 2 * len([b for b in SEQ_BUCKETS if b <= 16])
+    assert not eng.has_unfinished() and eng.blocks.num_free == eng.blocks.num_blocks
+    prompts, params = _prompts(6, seed=5), [SamplingParams(max_tokens=12, ignore_eos=True)] * 6
+    got = [s.output_ids for s in eng.generate(prompts, params)]
+    assert got == _alone(model, prompts, params)
+    eng.add_request([5], SamplingParams(max_tokens=2))
+    with pytest.raises(hi.InputError, match="before any request"):
+        eng.warm_up()

@@ -54,7 +54,13 @@ async def drive(args, url: str, concurrency: int, specs) -> dict:
     summary |= loadgen.summarize(records, wall)
     if after:
         summary["server"] = {k: after.get(f"hetinfer_{k}", 0) - before.get(f"hetinfer_{k}", 0)
-                             for k in ("preemptions_total", "prompt_tokens_total", "generation_tokens_total")}
+                             for k in ("preemptions_total", "prompt_tokens_total", "generation_tokens_total",
+                                       "graph_captures_total", "eager_steps_total")}
+        for k in ("time_to_first_token_seconds", "core_time_to_first_token_seconds", "core_step_seconds",
+                  "core_first_token_step_seconds"):                                   # means, as the server saw them
+            d = {x: after.get(f"hetinfer_{k}_{x}", 0) - before.get(f"hetinfer_{k}_{x}", 0) for x in ("sum", "count")}
+            summary["server"][k.replace("seconds", "mean_ms")] = (round(1e3 * d["sum"] / d["count"], 3)
+                                                                  if d["count"] else None)
     return summary
 
 
@@ -74,6 +80,7 @@ def offline(args, concurrency: int, specs) -> dict:
                for s in specs]
     params = [SamplingParams(max_tokens=s.max_tokens, ignore_eos=s.ignore_eos, temperature=args.temperature,
                              seed=args.seed + s.index) for s in specs]
+    llm.engine.warm_up()                                   # the decode graphs, as the server captures them
     llm.generate(prompts[:1], SamplingParams(max_tokens=8))                     # warm-up
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)

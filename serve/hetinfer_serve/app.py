@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hetinfer.errors import HetinferError, InputError
@@ -55,10 +55,21 @@ class _EngineCollector:
         for name, doc, v in (("preemptions", "sequences preempted", st["preemptions"]),
                              ("prefix_cache_hits", "prompt blocks found in the prefix cache", st["prefix_hits"]),
                              ("prefix_cache_queries", "full prompt blocks looked up", st["prefix_queries"]),
-                             ("engine_steps", "engine steps", st["steps"])):
+                             ("engine_steps", "engine steps", st["steps"]),
+                             ("graph_captures", "step graphs captured", st["graph_captures"]),
+                             ("eager_steps", "steps run without a graph (first use of a shape, penalties, "
+                                             "logprobs, no graphs)", st["eager_steps"])):
             c = CounterMetricFamily(f"hetinfer_{name}", doc)
             c.add_metric([], float(v))
             yield c
+        for name, doc, key in (
+                ("core_time_to_first_token_seconds", "time from a request reaching the engine core to its "
+                 "first token (the rest of time to first token is HTTP, queues and pipes)", "first_token"),
+                ("core_step_seconds", "engine step time", "step"),
+                ("core_first_token_step_seconds", "time of the steps that gave some request its first token",
+                 "first_step")):
+            yield SummaryMetricFamily(f"hetinfer_{name}", doc, count_value=st[f"{key}_count"],
+                                      sum_value=st[f"{key}_sum"])
 
 
 class Metrics:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -43,6 +44,11 @@ class CoreInfo:
 class EngineCore:
     def __init__(self, engine):
         self.engine = engine
+        self._added: dict[str, float] = {}       # request -> when it was added, until its first token
+        self.first_token_sum = 0.0               # seconds from add to the first token, in this process
+        self.first_token_count = 0
+        self.step_sum, self.num_steps = 0.0, 0   # engine steps: seconds, count
+        self.first_step_sum, self.num_first_steps = 0.0, 0     # the steps that gave a first token
 
     def info(self) -> CoreInfo:
         e = self.engine
@@ -56,6 +62,7 @@ class EngineCore:
         except Exception as e:                   # bad input found late: this request only
             return CoreOutput(rid, [], True, None, 0, error=str(e))
         seq.num_logprobs = num_logprobs
+        self._added[rid] = time.perf_counter()
         return None
 
     def abort(self, rid: str) -> None:
@@ -69,17 +76,37 @@ class EngineCore:
 
     def step(self) -> list[CoreOutput]:
         out = []
-        for o in self.engine.step():
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        now = time.perf_counter()
+        self.step_sum += now - start
+        self.num_steps += 1
+        first = False
+        for o in outputs:
             seq, new = o.seq, o.new_token_ids
+            t0 = self._added.pop(o.request_id, None) if (new or o.finished) else None
+            if t0 is not None and new:
+                self.first_token_sum += now - t0
+                self.first_token_count += 1
+                first = True
             lps = None
             if seq.num_logprobs is not None and new:
                 lps = seq.logprobs[len(seq.logprobs) - len(new):]
             out.append(CoreOutput(o.request_id, list(new), o.finished, o.finish_reason, seq.num_prompt_tokens, lps))
+        if first:
+            self.first_step_sum += now - start
+            self.num_first_steps += 1
         return out
 
     def stats(self) -> dict:
         b = self.engine.blocks
-        return self.engine.stats() | {"prefix_hits": b.hits, "prefix_queries": b.queries}
+        return self.engine.stats() | {"prefix_hits": b.hits, "prefix_queries": b.queries,
+                                      "first_token_sum": self.first_token_sum,
+                                      "first_token_count": self.first_token_count,
+                                      "step_sum": self.step_sum, "step_count": self.num_steps,
+                                      "first_step_sum": self.first_step_sum, "first_step_count": self.num_first_steps,
+                                      "graph_captures": self.engine.runner.num_captures,
+                                      "eager_steps": self.engine.runner.num_eager}
 
 
 def build_engine(args):
@@ -89,7 +116,12 @@ def build_engine(args):
     model, ckpt = load(args.model, args.device, args.dtype, args.max_context, progress=False,
                        quantize=args.quantize, weights=args.weights)
     opts = engine_options(args) | {"verbose": False}
-    return LLMEngine(model, ckpt.tokenizer, max_context=args.max_context, graphs=not args.eager, **opts)
+    engine = LLMEngine(model, ckpt.tokenizer, max_context=args.max_context, graphs=not args.eager, **opts)
+    t0 = time.perf_counter()
+    n = engine.warm_up()
+    if n:
+        print(f"hetinfer serve: {n} decode step graphs captured in {time.perf_counter() - t0:.1f} s", flush=True)
+    return engine
 
 
 # --- the engine core's own process --------------------------------------------------------

@@ -141,9 +141,9 @@ async def _stream(client, path, spec: Spec, rec: Record, model, temperature, t0)
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
-            if line == "data: [DONE]":
-                done = True
-                break
+            if line == "data: [DONE]":       # read on to the end: the connection goes back to the pool
+                done = True                  # (a response left unread is closed, and the next request
+                continue                     # would pay for a new connection)
             obj = json.loads(line[6:])
             if "error" in obj:
                 rec.error = obj["error"].get("message")

@@ -137,6 +137,26 @@ class LLMEngine:
             self.step()
         return seqs
 
+    def warm_up(self) -> int:
+        """Capture the decode step graphs before serving: for each batch bucket up to
+        max_num_seqs, greedy and sampled, that many 1-token requests run 3 steps (the eager
+        warm-up, the capture, a replay), so that the first requests of a server do not pay for
+        them. Mixed prefill shapes are still captured on their second use. Nothing to do (0)
+        without graphs; else the number of graphs captured. Call it before any request."""
+        if self.runner.capture is None:
+            return 0
+        if self.has_unfinished():
+            raise InputError("warm_up() runs before any request is added")
+        from .runner import SEQ_BUCKETS
+        before = self.runner.num_captures
+        for temperature in (0.0, 1.0):
+            for b in SEQ_BUCKETS:
+                if b > self.scheduler.max_num_seqs:
+                    break
+                params = SamplingParams(max_tokens=3, temperature=temperature, ignore_eos=True, seed=0)
+                self.generate([[0]] * b, params)
+        return self.runner.num_captures - before
+
     def stats(self) -> dict:
         s = self.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "free_blocks": self.blocks.num_free,
