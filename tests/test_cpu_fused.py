@@ -133,7 +133,10 @@ def test_smollm2_decode_runs_one_call_per_layer_and_matches_unfused(smollm2, mon
     assert len(calls) == (23 + len(ids)) * len(model.layers)
     a, b = got
     rel = np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
-    assert rel[:2].max() < 1e-5 and np.median(rel) < 0.05 and rel.max() < 0.2, rel   # as far as from f32
+    # position 0 (attention over one token) runs the same operations both ways; from position 1
+    # on, the fused attention's f32 rounding differs (by SIMD path: AVX-512 here) and can move an
+    # activation across an 8-bit step, as the docstring says
+    assert rel[0] < 1e-5 and np.median(rel) < 0.05 and rel.max() < 0.2, rel   # as far as from f32
     top2 = np.sort(b, -1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 0.25
     at = slice(len(prompt) - 1, len(ids) - 1)                    # the steps that chose the fused tokens
