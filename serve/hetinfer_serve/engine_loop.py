@@ -6,17 +6,16 @@ this one serves an engine built in-process (tests, embedding the app)."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import sys
 import threading
 import traceback
 
 from .engine_core import EngineCore
-from .output_processor import Event, OutputProcessor, Request
+from .output_processor import EngineClient, Event, OutputProcessor, Request
 
 
-class EngineLoop:
+class EngineLoop(EngineClient):
     def __init__(self, engine, tokenizer):
         self.core = EngineCore(engine)
         self.info = self.core.info()
@@ -26,14 +25,6 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="hetinfer-engine", daemon=True)
-
-    @property
-    def failed(self) -> str | None:
-        return self.out.failed
-
-    @property
-    def num_inflight(self) -> int:
-        return self.out.num_inflight
 
     def stats(self) -> dict:
         return self.core.stats()                     # plain ints, read from any thread
@@ -46,18 +37,13 @@ class EngineLoop:
         self._wake.set()
         self._thread.join(timeout)
 
-    # --- called from the event loop ---------------------------------------------------
-    def submit(self, rid: str, index: int, ids: list[int], params, queue: asyncio.Queue,
-               num_logprobs: int | None = None) -> None:
-        req = Request(rid, index, ids, params, queue, asyncio.get_running_loop(), num_logprobs)
-        if self.out.open(req):
-            self._cmds.append(("add", req))
-            self._wake.set()
+    def _add(self, req: Request) -> None:
+        self._cmds.append(("add", req))
+        self._wake.set()
 
-    def abort(self, rid: str) -> None:
-        if self.out.close(rid):
-            self._cmds.append(("abort", rid))
-            self._wake.set()
+    def _abort(self, rid: str) -> None:
+        self._cmds.append(("abort", rid))
+        self._wake.set()
 
     # --- the engine thread ----------------------------------------------------------
     def _commands(self) -> None:

@@ -22,7 +22,7 @@ from hetinfer import errors
 from hetinfer.errors import HetinferError
 
 from .engine_core import CoreInfo, run_core
-from .output_processor import OutputProcessor, Request
+from .output_processor import EngineClient, OutputProcessor, Request
 
 
 DIRECT_BYTES = 16384           # commands up to this size are written from the event loop
@@ -40,7 +40,7 @@ def _core_error(name: str, message: str) -> HetinferError:
     return HetinferError(f"the engine process could not start: {name}: {message}")
 
 
-class EngineProcess:
+class EngineProcess(EngineClient):
     def __init__(self, args):
         ctx = multiprocessing.get_context("spawn")          # no fork: CUDA and threads
         cmd_r, self._cmd = ctx.Pipe(duplex=False)
@@ -86,14 +86,6 @@ class EngineProcess:
         self.out = OutputProcessor(tokenizer)
         return self.info
 
-    @property
-    def failed(self) -> str | None:
-        return self.out.failed
-
-    @property
-    def num_inflight(self) -> int:
-        return self.out.num_inflight
-
     def stats(self) -> dict:
         return self._stats
 
@@ -115,16 +107,11 @@ class EngineProcess:
             self.proc.kill()
             self.proc.join(5)
 
-    # --- called from the event loop ---------------------------------------------------
-    def submit(self, rid: str, index: int, ids: list[int], params, queue: asyncio.Queue,
-               num_logprobs: int | None = None) -> None:
-        req = Request(rid, index, ids, params, queue, asyncio.get_running_loop(), num_logprobs)
-        if self.out.open(req):
-            self._send(("add", rid, ids, params, req.stop_ids, num_logprobs))
+    def _add(self, req: Request) -> None:
+        self._send(("add", req.rid, req.ids, req.params, req.stop_ids, req.num_logprobs))
 
-    def abort(self, rid: str) -> None:
-        if self.out.close(rid):
-            self._send(("abort", rid))
+    def _abort(self, rid: str) -> None:
+        self._send(("abort", rid))
 
     def _send(self, msg) -> None:
         """Write msg now if it is small and nothing waits before it; else queue it for the sender
@@ -174,7 +161,7 @@ class EngineProcess:
     def _handle(self, msg) -> None:
         if msg[0] == "out":
             self._stats = msg[2]
-            for rid in self.out.process(msg[1]):
-                self._send(("abort", rid))
+            for rid in self.out.process(msg[1]):          # ended here by a stop string
+                self._abort(rid)
         elif msg[0] == "failed":
             self.out.fail_all(msg[1])

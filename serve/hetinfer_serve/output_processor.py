@@ -1,7 +1,7 @@
 """The HTTP side of a request's tokens: text from the engine core's token ids (stop strings
 held back by TextStream), then Events to the request's asyncio queue, a whole step's events
-handed to their event loop in one wake-up. Both engine clients use it: EngineLoop from its
-engine thread, EngineProcess from the thread that reads the core process's messages."""
+handed to their event loop in one wake-up. Both engine clients (EngineClient below) use it:
+EngineLoop from its engine thread, EngineProcess on the event loop as the core's messages come."""
 
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def post(loop, items) -> None:
 
 
 class OutputProcessor:
-    """The open requests. open/close run on the event loop, process in the engine's thread
-    (dict operations and the counter under a lock: either side may end a request)."""
+    """The open requests. open/close run on the event loop, process where the client reads the
+    engine's outputs (EngineLoop: its engine thread), so the dict and the counter change under a
+    lock: either side may end a request."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -140,3 +141,35 @@ class OutputProcessor:
             reason = "stop" if st.stopped or reason in ("stop", "abort") else "length"
         return Event(req.index, "".join(text), len(o.new_token_ids), finished, reason,
                      prompt_tokens=o.num_prompt_tokens, logprobs=lps)
+
+
+class EngineClient:
+    """What the server uses of an engine client (EngineLoop, EngineProcess): a request is opened
+    in the client's OutputProcessor (`out`), then handed to the engine by its _add / _abort."""
+
+    out: OutputProcessor
+
+    @property
+    def failed(self) -> str | None:
+        return self.out.failed
+
+    @property
+    def num_inflight(self) -> int:
+        return self.out.num_inflight
+
+    # --- called from the event loop ---------------------------------------------------
+    def submit(self, rid: str, index: int, ids: list[int], params, queue: asyncio.Queue,
+               num_logprobs: int | None = None) -> None:
+        req = Request(rid, index, ids, params, queue, asyncio.get_running_loop(), num_logprobs)
+        if self.out.open(req):
+            self._add(req)
+
+    def abort(self, rid: str) -> None:
+        if self.out.close(rid):
+            self._abort(rid)
+
+    def _add(self, req: Request) -> None:
+        raise NotImplementedError
+
+    def _abort(self, rid: str) -> None:
+        raise NotImplementedError
