@@ -5,11 +5,14 @@ Against --url, or (no --url) it starts `hetinfer serve` itself on a free localho
 from hetinfer_serve.loadgen: seeded random prompt and output lengths (--input-len and
 --output-len take N or LO:HI), token-id prompts to /v1/completions (exact lengths) and/or
 chats of random words (--chat-share), streaming (--stream-share; TTFT and TPOT need it),
-sent by --concurrency clients (a comma list runs each level) or Poisson arrivals at --rate.
+sent by --concurrency clients (a comma list runs each level) or Poisson arrivals at --rate,
+spread over --client-procs processes (one Python client parses about 8k chunks/s, less than
+a fast server streams).
 Prints JSON lines: one per request with --per-request, one summary per level (output
 tokens/s, TTFT, TPOT, inter-token and end-to-end latency p50/p90/p99, failures); --offline
 adds the engine's own batched figure for the same requests (LLM.generate, in this process,
-after the server it started has stopped).
+after the server it started has stopped). cpu_s_per_s: CPU seconds per second of the run of
+the client processes, the server's HTTP process and its engine core (one near 1.0 is the limit).
 
     python tools/serve_bench.py --device cuda --dtype f16 --model qwen2.5-0.5b --concurrency 16,64 \\
         --num-requests 256 --input-len 128 --output-len 128 --offline
@@ -21,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import resource
 import sys
 import time
 
@@ -38,20 +43,57 @@ def serve_args(args, concurrency: int) -> list[str]:
     return out + (["--eager"] if args.eager else []) + list(args.serve_arg)
 
 
-async def drive(args, url: str, concurrency: int, specs) -> dict:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc; None elsewhere or when gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def cpu_snapshot(server_pid: int | None) -> dict:
+    """CPU seconds of this client (with its finished client processes), and of the server
+    started here and its engine core process: which process is the limit shows as ~1 s/s."""
+    ru = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    out = {"client": sum(r.ru_utime + r.ru_stime for r in ru)}
+    if server_pid is not None:
+        out["http"] = cpu_seconds(server_pid)
+        kids = child_pids(server_pid)
+        out["core"] = cpu_seconds(kids[-1]) if kids else None
+    return out
+
+
+async def drive(args, url: str, concurrency: int, specs, server_pid: int | None = None) -> dict:
     async with loadgen.client_for(url, args.api_key, concurrency, args.timeout) as client:
         model = args.served_model or await loadgen.first_model(client)
         for w in loadgen.make_specs(args.warmup, args.seed + 10**6, loadgen.span(args.input_len), (8, 8)):
             await loadgen.run(client, [w], model, 1)
         before = await loadgen.metrics(client) if args.hetinfer_metrics else {}
-        records, wall = await loadgen.run(client, specs, model, concurrency, args.rate, args.temperature, args.seed)
+        procs = args.client_procs or loadgen.default_procs(concurrency)
+        cpu0 = cpu_snapshot(server_pid)
+        records, wall = await asyncio.to_thread(loadgen.run_procs, url, args.api_key, specs, model, concurrency,
+                                                procs, args.rate, args.temperature, args.seed, args.timeout)
+        cpu1 = cpu_snapshot(server_pid)
         after = await loadgen.wait_idle(client) if args.hetinfer_metrics else {}
     if args.per_request:
         for r in records:
             print(json.dumps(loadgen.record_line(r)), flush=True)
     summary = {"url": url, "model": model, "concurrency": None if args.rate else concurrency, "rate": args.rate,
+               "client_procs": procs,
                "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed}
     summary |= loadgen.summarize(records, wall)
+    summary["cpu_s_per_s"] = {k: round((cpu1[k] - cpu0[k]) / wall, 3) if cpu1.get(k) is not None and
+                              cpu0.get(k) is not None and wall else None for k in cpu1}
     if after:
         summary["server"] = {k: after.get(f"hetinfer_{k}", 0) - before.get(f"hetinfer_{k}", 0)
                              for k in ("preemptions_total", "prompt_tokens_total", "generation_tokens_total",
@@ -120,6 +162,8 @@ def main(argv=None) -> int:
     g.add_argument("--no-ignore-eos", action="store_true", help="let requests end at EOS")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--warmup", type=int, default=1, help="requests sent (and not counted) first")
+    g.add_argument("--client-procs", type=int, default=None,
+                   help="processes the clients are spread over (default: one per 8 clients, at most cores/4)")
     g.add_argument("--timeout", type=float, default=600.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--per-request", action="store_true", help="also one JSON line per request")
@@ -139,7 +183,7 @@ def main(argv=None) -> int:
         else:
             from hetinfer_serve.proc import ServeProcess
             with ServeProcess(*serve_args(args, c), ready_timeout=900, echo=sys.stderr) as srv:
-                summary = asyncio.run(drive(args, srv.url, c, specs))
+                summary = asyncio.run(drive(args, srv.url, c, specs, srv.proc.pid))
         print(json.dumps(summary), flush=True)
         failed += summary["failed"]
         if args.offline:

@@ -21,6 +21,8 @@ from hetinfer.errors import HetinferError, InputError
 
 from .protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, APIError, parse
 
+_TIMEOUT = object()                       # put in a request's queue when it runs past the timeout
+
 STATIC = Path(__file__).parent / "static"
 
 
@@ -176,19 +178,16 @@ class Server:
         t0 = time.perf_counter()
         first: dict[int, float] = {}
         ntok: dict[int, int] = {}
-        deadline = t0 + self.config.request_timeout
+        loop = asyncio.get_running_loop()           # the timeout: one timer per request, not one per wait
+        timer = loop.call_at(loop.time() + self.config.request_timeout, queue.put_nowait, _TIMEOUT)
         try:
             while left:
-                if queue.empty():
-                    try:
-                        got = [await asyncio.wait_for(queue.get(), max(deadline - time.perf_counter(), 0.001))]
-                    except asyncio.TimeoutError:
-                        raise APIError(408, f"the request ran past the server's timeout "
-                                            f"({self.config.request_timeout:g} s)", code="timeout") from None
-                else:
-                    got = []
+                got = [await queue.get()] if queue.empty() else []
                 while not queue.empty():
                     got.append(queue.get_nowait())
+                if any(ev is _TIMEOUT for ev in got):
+                    raise APIError(408, f"the request ran past the server's timeout "
+                                        f"({self.config.request_timeout:g} s)", code="timeout")
                 now = time.perf_counter()
                 tokens = 0
                 for ev in got:
@@ -212,6 +211,7 @@ class Server:
                 yield got
             self.metrics.e2e.observe(time.perf_counter() - t0)
         finally:
+            timer.cancel()
             waiting = {j[0] for js in later.values() for j in js}      # never submitted
             left -= waiting
             for index in left:
@@ -285,8 +285,25 @@ def merge_events(batch: list) -> list:
     return out
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False)         # one encoder (json.dumps makes one per call)
+
+
 def _sse(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + _JSON.encode(obj).encode() + b"\n\n"
+
+
+def chunk_head(cid: str, obj: str, created: int, model: str) -> str:
+    """The part of a stream's chunks that never changes, up to its choice's index."""
+    head = _JSON.encode({"id": cid, "object": obj, "created": created, "model": model})
+    return f'data: {head[:-1]}, "choices": [{{"index": '
+
+
+def text_chunk(head: str, chat: bool, index: int, text: str, finish: str | None) -> bytes:
+    """_sse() of a chunk with text and no logprobs, byte for byte, with only the text encoded
+    (the hot path of streaming: a chunk per token per client)."""
+    body = f'"delta": {{"content": {_JSON.encode(text)}}}' if chat else f'"text": {_JSON.encode(text)}'
+    reason = "null" if finish is None else _JSON.encode(finish)
+    return f'{head}{index}, {body}, "logprobs": null, "finish_reason": {reason}}}]}}\n\n'.encode()
 
 
 def create_app(server: Server, lifespan=None) -> FastAPI:
@@ -381,7 +398,11 @@ def create_app(server: Server, lifespan=None) -> FastAPI:
 
             offsets = {i: len(echo_texts[i // n]) if echo_texts else 0 for i, _, _ in jobs}
 
+            head = chunk_head(cid, chunk_obj, created, cfg.model_name)
+
             def chunk(index, text=None, finish=None, role=False, lps=None):
+                if text and not lps and not role:            # the common chunk
+                    return text_chunk(head, chat, index, text, finish)
                 logprobs = None
                 if lps:
                     logprobs, offsets[index] = server.format_logprobs(lps, chat, offsets[index])

@@ -4,13 +4,16 @@ httpx and asyncio: tools/serve_bench.py and the CI load test both drive a server
 make_specs() draws a seeded, reproducible list of requests (completions with a token-id
 prompt of an exact length, or chats of random words; streaming or not; output lengths; a few
 that hang up mid-stream); run() sends them at a fixed concurrency (or Poisson arrivals) and
-returns one Record per request; summarize() turns those into throughput, TTFT, TPOT,
+returns one Record per request (run_procs: the same, the clients spread over several
+processes, so that the client's own parsing is never the limit); summarize() turns those into throughput, TTFT, TPOT,
 inter-token latency and end-to-end percentiles and the failures."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import os
 import random
 import time
 from collections import Counter
@@ -203,6 +206,49 @@ async def run(client: httpx.AsyncClient, specs: list[Spec], model: str, concurre
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
     return [records[s.index] for s in specs], wall
+
+
+def default_procs(concurrency: int) -> int:
+    """Client processes for a level: one per 8 clients, at most a quarter of the cores (one
+    Python process parses about 8k SSE chunks/s through httpx, less than a fast server sends)."""
+    return max(1, min((os.cpu_count() or 1) // 4, math.ceil(concurrency / 8)))
+
+
+def _run_part(url, api_key, specs, model, concurrency, rate, temperature, seed, timeout, go_at=None):
+    if go_at is not None:                       # the processes start together
+        time.sleep(max(go_at - time.perf_counter(), 0))
+
+    async def go():
+        async with client_for(url, api_key, concurrency, timeout) as client:
+            return await run(client, specs, model, concurrency, rate, temperature, seed)
+    start = time.perf_counter()                 # CLOCK_MONOTONIC: one clock for all processes
+    records, wall = asyncio.run(go())
+    return records, start, start + wall
+
+
+def run_procs(url: str, api_key: str | None, specs: list[Spec], model: str, concurrency: int = 8,
+              procs: int = 1, rate: float | None = None, temperature: float = 0.0, seed: int = 0,
+              timeout: float = 600.0):
+    """run() with the clients spread over `procs` processes: process i sends specs[i::procs]
+    with its share of the concurrency (or of the Poisson rate: the sum of the processes'
+    arrivals is Poisson at `rate`). (records in spec order, wall s from the first start to the
+    last end.)"""
+    procs = max(1, min(procs, concurrency if not rate else len(specs), len(specs)))
+    if procs == 1:
+        records, start, end = _run_part(url, api_key, specs, model, concurrency, rate, temperature, seed, timeout)
+        return records, end - start
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    go_at = time.perf_counter() + 2.0 + 0.2 * procs        # time for the processes to start
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futs = [pool.submit(_run_part, url, api_key, specs[i::procs], model, shares[i],
+                            rate / procs if rate else None, temperature, seed + i, timeout, go_at)
+                for i in range(procs)]
+        parts = [f.result() for f in futs]
+    by_index = {r.index: r for recs, _, _ in parts for r in recs}
+    wall = max(end for _, _, end in parts) - min(start for _, start, _ in parts)
+    return [by_index[s.index] for s in specs], wall
 
 
 def parse_metrics(text: str) -> dict[str, float]:

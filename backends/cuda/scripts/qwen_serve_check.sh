@@ -4,8 +4,9 @@
 # and dequantized f16, the packed-vs-dequantized slow test, `hetinfer serve --device cuda` with
 # the openai client (tests/test_cuda_serve.py); PART=bench: tools/serve_bench.py at 16 and 64
 # clients with the offline engine figure, and the torch anchor's batched decode of the same shape.
-# MODEL=random: no GGUF here; a random-weight checkpoint of Qwen2.5-0.5B's shapes (f16, HF
-# directory, random_checkpoint.py) serves the serve test and the benchmark (PART=bench: the benchmark only).
+# MODEL=random: no GGUF here; random-weight checkpoints of the SHAPES (default qwen2.5-0.5b; f16, HF
+# directories, random_checkpoint.py) serve the serve test (the first shape) and the benchmark
+# (PART=bench: the benchmark only). Each benchmark also runs 16 clients at each MNBT step token budget.
 # The GGUF's parts: each call before copies its .models/qwen.part.* to /tmp/hetinfer-models
 # (mkdir -p /tmp/hetinfer-models && cp .models/qwen.* /tmp/hetinfer-models/); assembled here.
 set -u
@@ -16,13 +17,33 @@ STEPS=" " bash backends/cuda/scripts/device_check.sh > "$OUT/install.log" 2>&1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 Q=/tmp/hetinfer-models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 PART=${PART:-tests}
+bench() {   # $1: the model; $2: a name for the output files
+  timeout -s ABRT 330 python3 tools/serve_bench.py --device cuda --dtype f16 ${WEIGHTS:+--weights $WEIGHTS} --model "$1" \
+    --max-context 1024 --kv-cache-memory 8G --concurrency 16,64 --num-requests ${NREQ:-256} --input-len 128 --output-len 128 \
+    --offline 2> "$OUT/serve_bench_$2.err" | tee "$OUT/serve_bench_$2.jsonl"
+  tail -3 "$OUT/serve_bench_$2.err"
+  for t in ${MNBT:-512}; do         # 16 clients with a smaller step token budget: prompts prefill over several steps
+    echo "--- 16 clients, --max-num-batched-tokens $t"
+    timeout -s ABRT 120 python3 tools/serve_bench.py --device cuda --dtype f16 --model "$1" --max-context 1024 \
+      --kv-cache-memory 8G --concurrency 16 --num-requests ${NREQ:-256} --input-len 128 --output-len 128 \
+      --serve-arg=--max-num-batched-tokens --serve-arg=$t 2>> "$OUT/serve_bench_$2.err" | tee -a "$OUT/serve_bench_$2.jsonl"
+  done
+}
 if [ "${MODEL:-}" = random ]; then
-  Q=/tmp/qwen2.5-0.5b-shape
-  [ -d $Q ] || timeout 200 python3 backends/cuda/scripts/random_checkpoint.py qwen2.5-0.5b $Q 2>&1 | tail -2
   export HETINFER_CUDA_SERVE_ARGS="--dtype f16"
-  [ "$PART" = bench ] || HETINFER_CUDA_SERVE_MODEL=$Q timeout -s ABRT 200 python3 -m pytest -q -s -rfs -p no:cacheprovider \
-    tests/test_cuda_serve.py 2>&1 | tee "$OUT/test_cuda_serve.log" | grep -E "chat on cuda|passed|failed|Error" | cut -c1-300
-  PART=bench
+  first=1
+  for shape in ${SHAPES:-qwen2.5-0.5b}; do
+    Q=/tmp/$shape-shape
+    [ -d $Q ] || timeout 200 python3 backends/cuda/scripts/random_checkpoint.py $shape $Q 2>&1 | tail -2
+    [ "$PART" = bench ] || [ $first = 0 ] || HETINFER_CUDA_SERVE_MODEL=$Q timeout -s ABRT 200 python3 -m pytest -q -s -rfs \
+      -p no:cacheprovider tests/test_cuda_serve.py 2>&1 | tee "$OUT/test_cuda_serve.log" | grep -E "chat on cuda|passed|failed|Error" | cut -c1-300
+    first=0
+    echo "=== serve bench, random $shape"
+    bench $Q $shape
+  done
+  [ -f .carry/torch_anchor.py ] && timeout -s ABRT 150 python3 .carry/torch_anchor.py --models $(echo ${SHAPES:-qwen2.5-0.5b} | tr " " ",") \
+    --batch 1,16,64 --prompt 128 --new 128 2>&1 | tee "$OUT/anchor.log" | grep -E "^\{|Error" | cut -c1-400
+  exit 0
 fi
 M=/tmp/hetinfer-models
 if [ ! -e "$Q" ] && [ -f $M/qwen.sha256 ]; then           # the parts stashed by earlier calls
@@ -46,10 +67,7 @@ if [ "$PART" = tests ]; then
   HETINFER_CUDA_SERVE_MODEL=$Q timeout -s ABRT 240 python3 -m pytest -q -s -rfs -p no:cacheprovider tests/test_cuda_serve.py 2>&1 \
     | tee "$OUT/test_cuda_serve.log" | grep -E "chat on cuda|passed|failed|Error" | cut -c1-600
 else
-  timeout -s ABRT 330 python3 tools/serve_bench.py --device cuda --dtype f16 ${WEIGHTS:+--weights $WEIGHTS} --model "$Q" \
-    --max-context 1024 --kv-cache-memory 8G --concurrency 16,64 --num-requests ${NREQ:-256} --input-len 128 --output-len 128 \
-    --offline 2> "$OUT/serve_bench.err" | tee "$OUT/serve_bench.jsonl"
-  tail -3 "$OUT/serve_bench.err"
+  bench "$Q" qwen-gguf
   [ -f .carry/torch_anchor.py ] && timeout -s ABRT 150 python3 .carry/torch_anchor.py --models qwen2.5-0.5b --batch 1,16,64 \
     --prompt 128 --new 128 2>&1 | tee "$OUT/anchor.log" | grep -E "^\{|Error" | cut -c1-400
 fi
