@@ -83,11 +83,13 @@ def test_ready_line_and_health(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
-def test_decode_graphs_are_captured_before_the_first_request(server):
-    """The engine core warms up before the ready line: greedy and sampled decode graphs for each
-    batch bucket up to --max-num-seqs 32 (1, 2, 4, 8, 16, 24, 32)."""
+def test_step_graphs_are_captured_before_the_first_request(server):
+    """The engine core warms up before the ready line: greedy and sampled graphs for each decode
+    batch bucket up to --max-num-seqs 32 (1, 2, 4, 8, 16, 24, 32) and each prefill token bucket
+    a 2048-token step with 33 padded sequences reaches (the buckets of 34 .. 2080 rows: 48, 64,
+    96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 2560)."""
     out = "".join(server.lines)
-    assert "14 decode step graphs captured" in out, out
+    assert "40 step graphs captured (14 decode, 26 prefill)" in out, out
     assert out.index("graphs captured") < out.index(f"http://127.0.0.1:{server.port}")     # before ready
 
 

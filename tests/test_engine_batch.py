@@ -158,20 +158,28 @@ def test_layers_built_by_hand_prefill_as_the_loaded_ones(model):
               qkv_rows=(1, 2, 3))
 
 
-def test_warm_up_captures_each_decode_bucket_once_and_leaves_nothing_behind(model):
+def test_warm_up_captures_each_step_shape_once_and_leaves_nothing_behind(model):
     """warm_up() on an engine whose runner 'captures' by running the step eagerly (a CPU stand-in
-    for CUDA graphs): one graph per batch bucket up to max_num_seqs and sampling kind, every
-    block free again, no request left, and the requests after it get the tokens they get alone."""
+    for CUDA graphs): one graph per decode batch bucket up to max_num_seqs and per prefill token
+    bucket the budget reaches, for each sampling kind; every block free again, no request left;
+    the requests after it get the tokens they get alone, and their steps (prefills, chunks,
+    mixed, decode) all replay a graph warm_up captured: none is captured or run eagerly later."""
     from hetinfer.engine.runner import SEQ_BUCKETS
-    eng = LLMEngine(model, None, max_context=128, block_size=8, max_num_seqs=16)
-    assert eng.warm_up() == 0                          # no graphs on the CPU: nothing to do
+    eng = LLMEngine(model, None, max_context=128, block_size=8, max_num_seqs=16, max_num_batched_tokens=256)
+    assert eng.warm_up() == (0, 0)                     # no graphs on the CPU: nothing to do
     eng.runner.capture = lambda body: body
-    n = eng.warm_up()
-    assert n == 2 * len([b for b in SEQ_BUCKETS if b <= 16])
+    decode, prefill = eng.warm_up()
+    mixed = eng.runner.mixed_shapes(256)
+    assert mixed == [24, 32, 48, 64, 96, 128, 192, 256, 384]     # the buckets of 16 + 1 + 1 .. 256 + 16 rows
+    assert (decode, prefill) == (2 * len([b for b in SEQ_BUCKETS if b <= 16]), 2 * len(mixed))
     assert not eng.has_unfinished() and eng.blocks.num_free == eng.blocks.num_blocks
-    prompts, params = _prompts(6, seed=5), [SamplingParams(max_tokens=12, ignore_eos=True)] * 6
+    captures, eager = eng.runner.num_captures, eng.runner.num_eager
+    prompts = _prompts(10, seed=5, lo=3) + _prompts(2, seed=6, lo=100, hi_=118)           # long ones prefill in chunks
+    params = [SamplingParams(max_tokens=12, ignore_eos=True)] * 6 + \
+        [SamplingParams(max_tokens=9, temperature=0.8, seed=i, ignore_eos=True) for i in range(6)]
     got = [s.output_ids for s in eng.generate(prompts, params)]
     assert got == _alone(model, prompts, params)
+    assert (eng.runner.num_captures, eng.runner.num_eager) == (captures, eager)
     eng.add_request([5], SamplingParams(max_tokens=2))
     with pytest.raises(hi.InputError, match="before any request"):
         eng.warm_up()

@@ -122,7 +122,7 @@ def offline(args, concurrency: int, specs) -> dict:
                for s in specs]
     params = [SamplingParams(max_tokens=s.max_tokens, ignore_eos=s.ignore_eos, temperature=args.temperature,
                              seed=args.seed + s.index) for s in specs]
-    llm.engine.warm_up()                                   # the decode graphs, as the server captures them
+    llm.engine.warm_up()                                   # the step graphs, as the server captures them
     llm.generate(prompts[:1], SamplingParams(max_tokens=8))                     # warm-up
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)

@@ -118,9 +118,10 @@ def build_engine(args):
     opts = engine_options(args) | {"verbose": False}
     engine = LLMEngine(model, ckpt.tokenizer, max_context=args.max_context, graphs=not args.eager, **opts)
     t0 = time.perf_counter()
-    n = engine.warm_up()
-    if n:
-        print(f"hetinfer serve: {n} decode step graphs captured in {time.perf_counter() - t0:.1f} s", flush=True)
+    decode, prefill = engine.warm_up()
+    if decode or prefill:
+        print(f"hetinfer serve: {decode + prefill} step graphs captured ({decode} decode, {prefill} prefill) in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
     return engine
 
 

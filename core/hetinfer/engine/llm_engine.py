@@ -9,6 +9,8 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import distributed
 
 from ..errors import ConfigError, InputError
@@ -137,25 +139,51 @@ class LLMEngine:
             self.step()
         return seqs
 
-    def warm_up(self) -> int:
-        """Capture the decode step graphs before serving: for each batch bucket up to
-        max_num_seqs, greedy and sampled, that many 1-token requests run 3 steps (the eager
-        warm-up, the capture, a replay), so that the first requests of a server do not pay for
-        them. Mixed prefill shapes are still captured on their second use. Nothing to do (0)
-        without graphs; else the number of graphs captured. Call it before any request."""
+    def warm_up(self) -> tuple[int, int]:
+        """Capture the step graphs before serving, so that the first requests of a server do
+        not pay for them: for greedy and sampled rows, each decode batch bucket up to
+        max_num_seqs (that many 1-token requests), then each prefill / mixed token bucket the
+        token budget can reach (a few prompts whose first step has that shape, new random ids
+        each time, so the prefix cache does not shorten them); each shape runs 3 times (the
+        eager warm-up, the capture, a replay). (decode graphs, prefill graphs) captured: (0, 0)
+        without graphs. Call it before any request."""
         if self.runner.capture is None:
-            return 0
+            return 0, 0
         if self.has_unfinished():
             raise InputError("warm_up() runs before any request is added")
         from .runner import SEQ_BUCKETS
-        before = self.runner.num_captures
+        before, decode = self.runner.num_captures, 0
+        m, budget = self.scheduler.max_num_seqs, self.scheduler.max_num_batched_tokens
+        rng = np.random.default_rng(0)
         for temperature in (0.0, 1.0):
             for b in SEQ_BUCKETS:
-                if b > self.scheduler.max_num_seqs:
+                if b > m:
                     break
                 params = SamplingParams(max_tokens=3, temperature=temperature, ignore_eos=True, seed=0)
+                n = self.runner.num_captures
                 self.generate([[0]] * b, params)
-        return self.runner.num_captures - before
+                decode += self.runner.num_captures - n
+            params = SamplingParams(max_tokens=1, temperature=temperature, ignore_eos=True, seed=0)
+            for tb in self.runner.mixed_shapes(budget):
+                lengths = self._prompt_lengths(tb)
+                if lengths is None:
+                    continue
+                for _ in range(3):
+                    prompts = [rng.integers(0, self.model.config.vocab_size, n).tolist() for n in lengths]
+                    try:
+                        self.generate(prompts, params)
+                    except InputError:       # e.g. more than the KV budget holds: captured when it comes
+                        break
+        return decode, self.runner.num_captures - before - decode
+
+    def _prompt_lengths(self, tb: int) -> list[int] | None:
+        """Prompt lengths whose prefill is one step of padded shape (tb, max_num_seqs + 1), or None."""
+        m, budget = self.scheduler.max_num_seqs, self.scheduler.max_num_batched_tokens
+        for k in range(1, m + 1):
+            t = min(tb - (m + 1 - k), budget)
+            if t > k and -(-t // k) <= self.max_context - 1 and self.runner.shape(t, k) == (tb, m + 1):
+                return [t // k + (i < t % k) for i in range(k)]
+        return None
 
     def stats(self) -> dict:
         s = self.scheduler

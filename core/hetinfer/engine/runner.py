@@ -1,14 +1,17 @@
 """The model runner: the paged KV pools, one forward per step, batched sampling, and
 CUDA graphs of whole steps.
 
-A step of T token rows from B sequences runs padded to a bucket (T', B'): padding
-sequences hold the extra rows (their slots are -1: nothing written; their logits are
-ignored). The graph captured for (T', B', sampling kind) is replayed: the host writes its
-input tensors, the graph runs forward and sampling, and only the sampled ids come back.
-So decode steps, prefill chunks and mixed steps all cost one replay instead of hundreds of
-kernel launches from Python. The first step of a bucket runs eagerly (warming workspaces
-and the cache the capture allocates from); the second is captured. Steps with penalized
-rows (per-row token counts uploaded each step) and devices that cannot capture run eagerly."""
+A step of T token rows from B sequences runs padded to a bucket (T', B') (shape()):
+padding sequences hold the extra rows (their slots are -1: nothing written; their logits
+are ignored). Decode steps (T = B) pad to the batch bucket; prefill and mixed steps always
+to B' = max_num_seqs + 1 and the token bucket of T, so that they come in few shapes, which
+LLMEngine.warm_up captures before serving. The graph captured for (T', B', sampling kind)
+is replayed: the host writes its input tensors, the graph runs forward and sampling, and
+only the sampled ids come back. So decode steps, prefill chunks and mixed steps all cost one
+replay instead of hundreds of kernel launches from Python. The first step of a bucket runs
+eagerly (warming workspaces and the cache the capture allocates from); the second is
+captured. Steps with penalized rows (per-row token counts uploaded each step) and devices
+that cannot capture run eagerly."""
 
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ class ModelRunner:
         self.block_size = budget.block_size
         self.max_context = budget.max_context
         self.max_blocks = -(-budget.max_context // budget.block_size)
+        self.max_num_seqs = max_num_seqs
         alloc = get_allocator(model.device)
         self.capture = alloc.capture if graphs and alloc.can_capture else None
         self.group = distributed.group()
@@ -94,15 +98,32 @@ class ModelRunner:
             attach_logprobs(seqs, rows, tokens)
         return tokens
 
-    def _run_graph(self, out: SchedulerOutput, kind: str) -> list[int]:
-        t, b = out.num_tokens, len(out.scheduled)
+    def shape(self, t: int, b: int) -> tuple[int, int]:
+        """(T', B'): the padded shape a step of t token rows from b sequences runs as. Padding
+        sequences hold the padding rows (at least one each, at most max_context)."""
+        if t > b:                                   # prefill / mixed: one batch size, token buckets
+            bb = self.max_num_seqs + 1              # (at least one padding sequence)
+            tb = bucket(t + bb - b, TOKEN_BUCKETS)
+            if tb - t <= (bb - b) * self.max_context:
+                return tb, bb
         tb = bucket(t, TOKEN_BUCKETS) if t > b else bucket(t)          # decode: T = B buckets
         pad_t = tb - t
         need = -(-pad_t // self.max_context) if pad_t else 0            # padding sequences
         bb = bucket(b + need) if pad_t else bucket(b)
-        pad_s = bb - b
-        if pad_t == 0 and pad_s:                                        # one row per padding sequence
-            tb, pad_t = t + pad_s, pad_s
+        if pad_t == 0 and bb > b:                                       # one row per padding sequence
+            tb = t + bb - b
+        return tb, bb
+
+    def mixed_shapes(self, max_num_batched_tokens: int) -> list[int]:
+        """The T' of every prefill / mixed step shape a scheduler with this token budget can
+        give (B' = max_num_seqs + 1), smallest first."""
+        shapes = (self.shape(t, 1) for t in range(2, max_num_batched_tokens + 1))
+        return sorted({tb for tb, bb in shapes if bb == self.max_num_seqs + 1})
+
+    def _run_graph(self, out: SchedulerOutput, kind: str) -> list[int]:
+        t, b = out.num_tokens, len(out.scheduled)
+        tb, bb = self.shape(t, b)
+        pad_t, pad_s = tb - t, bb - b
         host = StepInput.build(out.scheduled, self.block_size, pad_seqs=pad_s, pad_tokens=pad_t,
                                max_blocks=self.max_blocks, all_rows=True)
         # rows: every scheduled sequence then padding; only the sampling ones draw numbers
