@@ -166,14 +166,12 @@ class LLMEngine:
             params = SamplingParams(max_tokens=1, temperature=temperature, ignore_eos=True, seed=0)
             for tb in self.runner.mixed_shapes(budget):
                 lengths = self._prompt_lengths(tb)
-                if lengths is None:
-                    continue
+                bs = self.blocks.block_size
+                if lengths is None or sum(-(-(n + 1) // bs) for n in lengths) > self.blocks.num_blocks:
+                    continue                 # no such step fits: captured when one comes
                 for _ in range(3):
                     prompts = [rng.integers(0, self.model.config.vocab_size, n).tolist() for n in lengths]
-                    try:
-                        self.generate(prompts, params)
-                    except InputError:       # e.g. more than the KV budget holds: captured when it comes
-                        break
+                    self.generate(prompts, params)
         return decode, self.runner.num_captures - before - decode
 
     def _prompt_lengths(self, tb: int) -> list[int] | None:
