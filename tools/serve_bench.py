@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -53,37 +54,38 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def child_pids(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except (OSError, ValueError):
-        return []
+def core_pid(lines: list[str]) -> int | None:
+    """The engine core's pid, from the server's "loading the model in the engine process (pid N)"."""
+    for line in lines:
+        m = re.search(r"engine process \(pid (\d+)\)", line)
+        if m:
+            return int(m.group(1))
+    return None
 
 
-def cpu_snapshot(server_pid: int | None) -> dict:
+def cpu_snapshot(server_pid: int | None, engine_pid: int | None) -> dict:
     """CPU seconds of this client (with its finished client processes), and of the server
     started here and its engine core process: which process is the limit shows as ~1 s/s."""
     ru = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     out = {"client": sum(r.ru_utime + r.ru_stime for r in ru)}
     if server_pid is not None:
         out["http"] = cpu_seconds(server_pid)
-        kids = child_pids(server_pid)
-        out["core"] = cpu_seconds(kids[-1]) if kids else None
+        out["core"] = cpu_seconds(engine_pid) if engine_pid is not None else None
     return out
 
 
-async def drive(args, url: str, concurrency: int, specs, server_pid: int | None = None) -> dict:
+async def drive(args, url: str, concurrency: int, specs, server_pid: int | None = None,
+                engine_pid: int | None = None) -> dict:
     async with loadgen.client_for(url, args.api_key, concurrency, args.timeout) as client:
         model = args.served_model or await loadgen.first_model(client)
         for w in loadgen.make_specs(args.warmup, args.seed + 10**6, loadgen.span(args.input_len), (8, 8)):
             await loadgen.run(client, [w], model, 1)
         before = await loadgen.metrics(client) if args.hetinfer_metrics else {}
         procs = args.client_procs or loadgen.default_procs(concurrency)
-        cpu0 = cpu_snapshot(server_pid)
+        cpu0 = cpu_snapshot(server_pid, engine_pid)
         records, wall = await asyncio.to_thread(loadgen.run_procs, url, args.api_key, specs, model, concurrency,
                                                 procs, args.rate, args.temperature, args.seed, args.timeout)
-        cpu1 = cpu_snapshot(server_pid)
+        cpu1 = cpu_snapshot(server_pid, engine_pid)
         after = await loadgen.wait_idle(client) if args.hetinfer_metrics else {}
     if args.per_request:
         for r in records:
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
         else:
             from hetinfer_serve.proc import ServeProcess
             with ServeProcess(*serve_args(args, c), ready_timeout=900, echo=sys.stderr) as srv:
-                summary = asyncio.run(drive(args, srv.url, c, specs, srv.proc.pid))
+                summary = asyncio.run(drive(args, srv.url, c, specs, srv.proc.pid, core_pid(srv.lines)))
         print(json.dumps(summary), flush=True)
         failed += summary["failed"]
         if args.offline:

@@ -154,19 +154,18 @@ class LLMEngine:
         from .runner import SEQ_BUCKETS
         before, decode = self.runner.num_captures, 0
         m, budget = self.scheduler.max_num_seqs, self.scheduler.max_num_batched_tokens
-        rng = np.random.default_rng(0)
+        rng, bs = np.random.default_rng(0), self.blocks.block_size
         for temperature in (0.0, 1.0):
             for b in SEQ_BUCKETS:
                 if b > m:
                     break
                 params = SamplingParams(max_tokens=3, temperature=temperature, ignore_eos=True, seed=0)
-                n = self.runner.num_captures
+                captured = self.runner.num_captures
                 self.generate([[0]] * b, params)
-                decode += self.runner.num_captures - n
+                decode += self.runner.num_captures - captured
             params = SamplingParams(max_tokens=1, temperature=temperature, ignore_eos=True, seed=0)
             for tb in self.runner.mixed_shapes(budget):
                 lengths = self._prompt_lengths(tb)
-                bs = self.blocks.block_size
                 if lengths is None or sum(-(-(n + 1) // bs) for n in lengths) > self.blocks.num_blocks:
                     continue                 # no such step fits: captured when one comes
                 for _ in range(3):
