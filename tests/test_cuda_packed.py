@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 hetinfer_cuda = pytest.importorskip("hetinfer_cuda")
 
@@ -35,15 +37,51 @@ def test_table_matches_gguf():
 
 
 def test_staging_holds_a_chunk():
-    """A row's chunk (64 or 128 items) plus its alignment slack fits a staging window; 8 warps'
-    ring of windows leaves room for x at decode shapes."""
+    """A row's chunk (up to 64 or 128 items) plus its alignment slack fits a staging window; 8
+    warps' ring of windows leaves room for x at decode shapes."""
     for name in FORMATS:
         block, nbytes = PK._TABLE[name]
-        win, stages = PK._geometry(name)
-        assert win % 16 == 0 and win - 16 >= 15 + PK._chunk(name) // (block // 32) * nbytes + 15, name
-        assert PK._stage_bytes(name) == stages * 2 * win
-        assert PK._smem(name, 1, 11008) <= 227 * 1024, name      # the H100/H200 opt-in limit
-        assert PK._smem(name, 4, 4096) <= 227 * 1024, name       # M = 4 in one pass
+        for ck in (32, 64, 128):
+            if ck > PK._chunk(name) or ck % (block // 32):
+                continue
+            win = PK._win(name, ck)
+            assert win % 16 == 0 and win - 16 >= 15 + ck // (block // 32) * nbytes + 15, (name, ck)
+        assert PK._smem(name, 1, 11008) + PK._static(1) <= 227 * 1024, name      # the H100/H200 opt-in limit
+        assert PK._smem(name, 4, 4096) + PK._static(4) <= 227 * 1024, name       # M = 4 in one pass
+
+
+class _FakeDev:
+    """What packed.plan reads of a device: an H200's multiprocessors and shared memory."""
+    index, sm_count, smem_optin = 99, 132, 227 * 1024
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(FORMATS), n=st.integers(1, 40000), kb=st.integers(1, 64), m=st.sampled_from([1, 2, 4, 8]),
+       swiglu=st.booleans(), force=st.none() | st.tuples(st.sampled_from([32, 64, 128]), st.sampled_from([1, 2, 4, 8]),
+                                                          st.integers(1, 3)))
+def test_plan_is_launchable(name, n, kb, m, swiglu, force):
+    """Every plan the launcher makes (or is forced to) is one the kernel can run: a power-of-two
+    split with a chunk for each warp of a slot, a chunk of whole blocks within CHUNK, shared
+    memory within the opt-in limit, a grid that covers at least one slot's pair."""
+    block = PK._TABLE[name][0]
+    K = kb * block if block == 256 else kb * 64
+    N = max(2, n) if swiglu else n
+    dev = _FakeDev()
+    PK._smem_per_sm[dev.index] = 228 * 1024         # (what resident_blocks would read of it)
+    if PK._smem(name, m, K) + PK._static(m) > dev.smem_optin:
+        return                                     # gemv_fused halves m first
+    if force and (force[0] > PK._chunk(name) or force[0] % (block // 32)):
+        with pytest.raises(ValueError):
+            PK.plan(dev, name, N, K, m, swiglu, force)
+        return
+    p = PK.plan(dev, name, N, K, m, swiglu, force)
+    cpr = -(-(K // 32) // p.ck)
+    assert p.sk in (1, 2, 4, 8) and p.sk <= cpr
+    assert p.ck % 32 == 0 and p.ck % (block // 32) == 0 and p.ck <= PK._chunk(name)
+    assert 1 <= p.la <= 3 and p.shared == PK._smem(name, m, K, p.ck, p.la)
+    assert p.shared + PK._static(m) <= dev.smem_optin
+    pairs = N // 2 if swiglu else -(-N // 2)
+    assert 1 <= p.grid <= -(-pairs // (8 // p.sk))
 
 
 def test_names_and_errors():
@@ -165,3 +203,29 @@ def test_gemv_passes_and_grid_override():
     b = PK.packed_gemv(x, w, "q4_k", N, K, hi.empty((8, N), "f16", "cuda"), blocks=1)
     np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert _err(a.numpy(), np.asarray(xh, np.float64) @ W.T) <= TOL["f16"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("plan,blocks", [((32, 2, 1), None), ((32, 8, 3), None), ((64, 4, 2), None),
+                                         ((128, 1, 3), None), ((32, 2, 2), 1), ((64, 8, 1), 1)])
+def test_every_plan_matches_gguf(name, plan, blocks):
+    """Split-K over 2-8 warps, small chunks, 1-3 chunks in flight, and one block walking every
+    row pair in rounds: the same products, norm prologue, residual and swiglu epilogues."""
+    from hetinfer.ops import reference as R
+    w, W = _weight(name)
+    N, K = W.shape
+    plan = (min(plan[0], PK._chunk(name)),) + plan[1:]     # the 32-value formats' chunks: up to 64
+    rng = np.random.default_rng(11)
+    for M in (1, 3):
+        xh = rng.standard_normal((M, K)).astype(np.float16)
+        nwh = (1 + 0.1 * rng.standard_normal(K)).astype(np.float16)
+        rh = rng.standard_normal((M, N)).astype(np.float32)
+        x = hi.tensor(xh, "f16", "cuda")
+        res = hi.tensor(rh, "f32", "cuda")
+        PK.packed_gemv(x, w, name, N, K, res, residual=res, norm_weight=hi.tensor(nwh, "f16", "cuda"), eps=1e-5,
+                       plan=plan, blocks=blocks)
+        assert _err(res.numpy(), R.matmul(xh, W, norm_weight=nwh, eps=1e-5, residual=rh)) <= TOL["f16"], M
+        ys = PK.packed_gemv(x, w[:N - 1], name, N - 1, K, hi.empty((M, (N - 1) // 2), "f16", "cuda"), act="swiglu",
+                            plan=plan, blocks=blocks)
+        assert _err(ys.numpy(), R.matmul(xh, W[:N - 1], act="swiglu")) <= TOL["f16"], M

@@ -60,12 +60,14 @@ def shape_config(name: str, max_position: int = 4096):
 
 
 def random_model(config, dtype="f16", device="cuda", max_context: int = 1024, seed: int = 0,
-                 quantize: str | None = None):
+                 quantize: str | None = None, quantize_head: bool = False):
     """A Llama/Qwen2 model of config's shapes with hashed uniform weights made on the device:
     linear weights in +-sqrt(3/K) (unit variance through each product), embeddings in
     +-1, norm weights 1. quantize="int8": the linear weights are int8 (hashed bytes) with
     f16 scales per group of 64 (embeddings and output head stay in dtype, as hetinfer.quant);
-    quantize="q4_k", "q8_0" ...: the linear weights are packed GGUF blocks of random bytes."""
+    quantize="q4_k", "q8_0" ...: the linear weights are packed GGUF blocks of random bytes;
+    quantize_head: an untied output head packed too (as in GGUF files of one type: llama.cpp's
+    `llama-quantize --pure`; its Q4_K_M keeps the head in Q6_K), else it stays in dtype."""
     import hetinfer as hi
     from hetinfer.tensor import Tensor
     from hetinfer_models.llama import Layer, LlamaForCausalLM, Qwen2ForCausalLM
@@ -126,7 +128,12 @@ def random_model(config, dtype="f16", device="cuda", max_context: int = 1024, se
                             wqkv_scales=sqkv, wo_scales=so, w_gate_up_scales=sgu, w_down_scales=sd,
                             qkv_rows=(nq, nkv, nkv)))
     embed = rnd((c.vocab_size, D), 1.0)
-    lm_head = embed if c.tie_word_embeddings else lin(c.vocab_size, D)
+    if c.tie_word_embeddings:
+        lm_head = embed
+    elif quantize_head and quantize not in (None, "int8"):
+        lm_head = lin_packed(c.vocab_size, D)
+    else:
+        lm_head = lin(c.vocab_size, D)
     cls = Qwen2ForCausalLM if c.attention_bias else LlamaForCausalLM
     return cls(c, layers, embed, ones(D), lm_head, device, dtype, max_context)
 
@@ -208,7 +215,8 @@ def bench_case(name: str, args, read_gbs: float, device="cuda") -> dict:
     max_ctx = max(args.prompt + args.new + 8, args.prefill + 8)
     cfg = shape_config(name, max_position=max(4096, max_ctx))
     t0 = time.perf_counter()
-    model = random_model(cfg, args.dtype, device, max_context=max_ctx, quantize=args.quantize)
+    model = random_model(cfg, args.dtype, device, max_context=max_ctx, quantize=args.quantize,
+                         quantize_head=args.quantize_head)
     alloc.synchronize()
     build_s = time.perf_counter() - t0
     gen = Generator(model, _NoTokenizer(), max_ctx, graphs=not args.eager)
@@ -246,8 +254,10 @@ def bench_case(name: str, args, read_gbs: float, device="cuda") -> dict:
     st = alloc.stats()
     wb, kvb = model.weight_bytes, gen.engine.runner.kv.nbytes
     peak = st["peak"] - before
+    kind = args.dtype + (f"+{args.quantize}" if args.quantize else "")
+    kind += "+head" if args.quantize_head and args.quantize not in (None, "int8") else ""
     res = {"case": name, "engine": "hetinfer-cuda" + ("-eager" if args.eager else "-graphs"),
-           "dtype": args.dtype + (f"+{args.quantize}" if args.quantize else ""), "prompt": args.prompt, "new": args.new,
+           "dtype": kind, "prompt": args.prompt, "new": args.new,
            "decode_tok_s": round(decode, 1), "decode_tok_s_steady": round(steady, 1),
            "weight_bytes": wb, "roofline_pct": round(100 * steady * wb / (read_gbs * 1e9), 1),
            "roofline_pct_generator": round(100 * decode * wb / (read_gbs * 1e9), 1),
@@ -346,7 +356,8 @@ def batch_cases(name: str, args, read_gbs: float, device="cuda") -> list[dict]:
     batches = [int(b) for b in args.batch.split(",")]
     ctx = args.batch_prompt + args.batch_new + 16
     cfg = shape_config(name, max_position=max(4096, ctx))
-    model = random_model(cfg, args.dtype, device, max_context=ctx, quantize=args.quantize)
+    model = random_model(cfg, args.dtype, device, max_context=ctx, quantize=args.quantize,
+                         quantize_head=args.quantize_head)
     eng = _engine(model, args, ctx, max(batches))
     rng = np.random.default_rng(1)
     out = []
@@ -453,6 +464,8 @@ def main(argv=None) -> int:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--quantize", choices=["int8", "q4_k", "q8_0", "q4_0", "q6_k"], default=None,
                    help="int8 linear weights (per-group f16 scales); the anchor stays f16")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="with a packed --quantize: the untied output head packed in the same format")
     p.add_argument("--anchor", default=None, help="path of torch_anchor.py, run after our cases")
     p.add_argument("--anchor-timeout", type=int, default=420)
     p.add_argument("--batch", default=None, help="batched decode at these batch sizes, e.g. 1,4,16,64")

@@ -7,8 +7,10 @@ each row packed on its own as the GGUF file stores it. Two kernels per format:
 - gemv_<fmt>_m{1,2,4,8}: decode, M <= 8 rows of x, weights dequantized in registers (integer dot
   products against x in 16-bit fixed point), rms_norm prologue, bias, swiglu and residual fused
   (nothing is allocated: a decode step with packed weights can be captured in a CUDA graph).
-  Each warp owns two weight rows at a time; their bytes reach shared memory by cp.async, a
-  chunk (64 x 32 values; 128 x 32 for the k-quants) ahead of the one being decoded.
+  Each warp owns two weight rows at a time; their bytes reach shared memory by cp.async, one
+  or more chunks (up to 64 x 32 values; 128 x 32 for the k-quants) ahead of the one being
+  decoded. `plan` picks the chunk, the chunks in flight and, for products with fewer row pairs
+  than resident warps, a split of each pair's chunks over 2-8 warps of a block.
 - dequant_<fmt>: packed -> (N, K) f32/f16/bf16 for the cuBLAS product of a prefill (kernels.matmul
   treats it as it treats int8: dequantize into a temporary, cuBLAS, epilogue kernel).
 
@@ -19,6 +21,7 @@ of a format whose row is not a multiple of 16 bytes is refused with a clear erro
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 from hetinfer import dtypes as DT
 from hetinfer.errors import DeviceError, DTypeError, ShapeError
@@ -43,6 +46,9 @@ _WARPS = 8                             # warps per block of the GEMV
 _MM = (1, 2, 4, 8)                     # instantiated row counts of x
 # blocks per multiprocessor the GEMV grid is capped at (its warps loop over the rows beyond)
 BLOCKS_PER_SM = int(os.environ.get("HETINFER_CUDA_PACKED_BPS", "0") or 0)
+# "ck,sk,la": every GEMV launch walks its weight so (a sweep's knob; packed.plan checks it)
+_FORCED = tuple(os.environ.get("HETINFER_CUDA_PACKED_PLAN", "").split(",")) if os.environ.get(
+    "HETINFER_CUDA_PACKED_PLAN") else None
 
 
 def fmt_name(qtype) -> str:
@@ -61,26 +67,82 @@ def row_bytes(qtype, K: int) -> int:
 
 
 def _chunk(name: str) -> int:
-    """Items (32 values) of a row per warp step: PkGeo<QT>::CHUNK."""
+    """Most items (32 values) of a row per warp step: PkGeo<QT>::CHUNK."""
     return 128 if _TABLE[name][0] == 256 else 64
 
 
-def _geometry(name: str) -> tuple[int, int]:
-    """(window bytes per row, pipeline stages): PkGeo<QT>::WIN and ::S in packed.cu."""
+def _win(name: str, ck: int) -> int:
+    """Staging bytes of a row's window for chunks of ck items: pk_win<QT> in packed.cu."""
     block, nbytes = _TABLE[name]
-    cb = _chunk(name) // (block // 32)           # blocks per chunk
-    win = (cb * nbytes + 45) // 16 * 16 + 16
-    return win, 2
+    return (ck // (block // 32) * nbytes + 45) // 16 * 16 + 16
 
 
-def _stage_bytes(name: str) -> int:
-    """Shared staging bytes per warp (PkGeo<QT>::STG): S stages of a window for each of 2 rows."""
-    win, stages = _geometry(name)
-    return stages * 2 * win
+def _static(m: int) -> int:
+    """Static shared bytes of gemv_<fmt>_m<m>: red[m] and part[2][8][m][2] floats."""
+    mm = next(v for v in _MM if v >= m)
+    return 4 * mm + 128 * mm
 
 
-def _smem(name: str, m: int, K: int) -> int:
-    return m * (K // 16) * 40 + _WARPS * _stage_bytes(name)
+def _smem(name: str, m: int, K: int, ck: int | None = None, la: int = 1) -> int:
+    """Dynamic shared bytes: x of m rows in fixed point (40 bytes per 16 values) and each warp's
+    ring of la + 1 staging buffers of 2 rows' windows."""
+    return m * (K // 16) * 40 + _WARPS * (la + 1) * 2 * _win(name, ck or _chunk(name))
+
+
+def _fit(sk: int, ipr: int, ck: int) -> int:
+    """sk halved until each of a slot's warps has a chunk of the row (ipr items, ck a chunk)."""
+    while sk > 1 and sk > -(-ipr // ck):
+        sk //= 2
+    return sk
+
+
+class Plan(NamedTuple):
+    """How a GEMV launch walks the weight: chunks of ck items, la chunks in flight per warp,
+    sk warps splitting each row pair's chunks, a grid of `grid` blocks."""
+    ck: int
+    sk: int
+    la: int
+    grid: int
+    shared: int
+
+
+def plan(dev, name: str, N: int, K: int, m: int, swiglu: bool, force=None, blocks: int | None = None) -> Plan:
+    """The launch of gemv_<name> for m rows of x and an (N, K) weight.
+
+    Default, from a sweep of every plan on the H200 (packed_check.py, llama2-7b and tinyllama
+    products): whole chunks of CHUNK items, one in flight per warp, no split, except where
+    the row pairs fill at most half of the resident warps and a row holds two chunks or more
+    (tinyllama's down product: 5.5 us against 6.6): there two warps split each pair's
+    chunks. Smaller chunks, more in flight or wider splits measured slower or within 3 %.
+    force: (ck, sk, la) from the caller or HETINFER_CUDA_PACKED_PLAN="ck,sk,la" (a sweep's
+    knob), checked."""
+    ipb = _TABLE[name][0] // 32
+    ipr = K // 32
+    pairs = N // 2 if swiglu else -(-N // 2)
+    cmax = _chunk(name)
+    force = force or _FORCED
+    if force:
+        ck, sk, la = (int(v) for v in force)
+        if ck % 32 or ck % ipb or not 32 <= ck <= cmax or sk not in (1, 2, 4, 8) or not 1 <= la <= 3:
+            raise ValueError(f"packed GEMV plan {force}: ck a multiple of 32 (and of {ipb}) up to {cmax}, "
+                             f"sk 1, 2, 4 or 8, la 1..3")
+        sk = _fit(sk, ipr, ck)
+    else:
+        warps = dev.sm_count * resident_blocks(dev, _smem(name, m, K) + _static(m)) * _WARPS
+        ck, sk, la = cmax, 1, 1
+        if 2 * pairs <= warps:                     # half the warps or more would idle
+            sk = _fit(2, ipr, ck)
+    while la > 1 and _smem(name, m, K, ck, la) + _static(m) > dev.smem_optin:
+        la -= 1
+    shared = _smem(name, m, K, ck, la)
+    slots = _WARPS // sk
+    units = -(-pairs // slots)
+    if blocks:
+        grid = max(1, min(units, int(blocks)))
+    else:
+        bps = BLOCKS_PER_SM or resident_blocks(dev, shared + _static(m))
+        grid = max(1, min(units, dev.sm_count * bps))
+    return Plan(ck, sk, la, grid, shared)
 
 
 def _check_weight(w: Tensor, name: str, N: int, K: int) -> int:
@@ -107,18 +169,8 @@ def resident_blocks(dev, shared: int) -> int:
     return max(1, min(4, per_sm // (shared + 1024)))
 
 
-def _grid(dev, pairs: int, shared: int, blocks: int | None) -> int:
-    """One wave: as many blocks as the multiprocessors hold at once (their warps loop over the
-    row pairs beyond), or `blocks`, or HETINFER_CUDA_PACKED_BPS per multiprocessor."""
-    units = -(-pairs // _WARPS)                    # one pair of weight rows per warp
-    if blocks:
-        return max(1, min(units, int(blocks)))
-    bps = BLOCKS_PER_SM or resident_blocks(dev, shared)
-    return max(1, min(units, dev.sm_count * bps))
-
-
 def gemv_fused(dev, key: str, xk, x32: int, w: Tensor, name: str, b, nw, eps: float, pro: int, swi: int,
-               rk, r32: int, o, o32: int, M: int, N: int, K: int, blocks: int | None = None) -> None:
+               rk, r32: int, o, o32: int, M: int, N: int, K: int, blocks: int | None = None, force=None) -> None:
     """out (M, No) = residual + act(pro(x) @ W^T + bias) for M <= 8 (more in passes of at most 8),
     arguments as kernels.matmul prepares them: xk key-typed or f32 (x32), b and nw key-typed,
     rk / o key-typed or f32 (r32 / o32)."""
@@ -130,21 +182,21 @@ def gemv_fused(dev, key: str, xk, x32: int, w: Tensor, name: str, b, nw, eps: fl
     m0 = 0
     while m0 < M:
         mp = min(M - m0, 8)
-        while mp > 1 and _smem(name, mp, K) > dev.smem_optin:
+        while mp > 1 and _smem(name, mp, K) + _static(mp) > dev.smem_optin:
             mp //= 2
-        shared = _smem(name, mp, K)
-        if shared > dev.smem_optin:
-            raise ShapeError(f"packed {name} GEMV: K={K} needs {shared} bytes of shared memory; "
+        pl = plan(dev, name, N, K, mp, bool(swi), force, blocks)
+        if pl.shared + _static(mp) > dev.smem_optin:
+            raise ShapeError(f"packed {name} GEMV: K={K} needs {pl.shared + _static(mp)} bytes of shared memory; "
                              f"this GPU allows {dev.smem_optin}")
         mm = next(v for v in _MM if v >= mp)
         fn = f"gemv_{name}_m{mm}"
-        pairs = No if swi else -(-N // 2)
-        D.launch(dev, D.packed_kernel(dev, key, fn), (_grid(dev, pairs, shared, blocks),), (_WARPS * 32,),
+        D.launch(dev, D.packed_kernel(dev, key, fn), (pl.grid,), (_WARPS * 32,),
                  [Arg.ptr(KN._p(xk) + m0 * K * xb), Arg.i32(x32), Arg.i32(xvec), Arg.ptr(KN._p(nw)),
                   Arg.f32(eps), Arg.i32(pro), Arg.ptr(wp), Arg.ptr(KN._p(b)), Arg.i32(swi),
                   Arg.ptr(KN._p(rk) + m0 * No * rb if rk is not None else 0), Arg.i32(r32),
-                  Arg.ptr(KN._p(o) + m0 * No * ob), Arg.i32(o32), Arg.i32(mp), Arg.i32(N), Arg.i32(K)],
-                 shared=shared, name=f"{fn}<{key}>", pdl=KN.PDL and bool(dev.capturing))
+                  Arg.ptr(KN._p(o) + m0 * No * ob), Arg.i32(o32), Arg.i32(mp), Arg.i32(N), Arg.i32(K),
+                  Arg.i32(pl.ck), Arg.i32(pl.sk), Arg.i32(pl.la)],
+                 shared=pl.shared, name=f"{fn}<{key}>", pdl=KN.PDL and bool(dev.capturing))
         m0 += mp
 
 
@@ -156,11 +208,13 @@ def _key(x: Tensor, out: Tensor) -> str:
 
 
 def packed_gemv(x: Tensor, w_bytes: Tensor, qtype, N: int, K: int, out: Tensor, *, bias=None, residual=None,
-                norm_weight=None, eps: float = 1e-6, act: str | None = None, blocks: int | None = None) -> Tensor:
+                norm_weight=None, eps: float = 1e-6, act: str | None = None, blocks: int | None = None,
+                plan=None) -> Tensor:
     """out (M, N or N // 2) = residual + act(pro(x) @ W^T + bias) for x (M, K), M <= 8 rows per
     pass, W the packed (N, K) weight in w_bytes (any Tensor holding its bytes). x and out are
     f16/bf16/f32; the kernel runs in the first of x, out that is not f32 (f32 accumulation).
-    blocks: the GEMV's grid (default: one wave, resident_blocks per multiprocessor)."""
+    blocks: the GEMV's grid (default: one wave, resident_blocks per multiprocessor); plan:
+    (ck, sk, la) in place of packed.plan's choice."""
     name = fmt_name(qtype)
     key = _key(x, out)
     if out.dtype.name not in (key, "f32") or x.dtype.name not in (key, "f32"):
@@ -176,7 +230,7 @@ def packed_gemv(x: Tensor, w_bytes: Tensor, qtype, N: int, K: int, out: Tensor, 
     o32 = int(out.dtype == DT.f32 and key != "f32")
     gemv_fused(KN._dev(w_bytes), key, xk, x32, w_bytes, name, KN._as(bias, key), KN._as(norm_weight, key),
                float(eps), int(norm_weight is not None), int(act == "swiglu"), rk, r32, out, o32, M, N, K,
-               blocks=blocks)
+               blocks=blocks, force=plan)
     return out
 
 

@@ -8,8 +8,11 @@ cuda (M <= 8: the fused GEMV of csrc/packed.cu; M > 8: dequant_<fmt> + cuBLAS), 
 rms_norm + bias + residual and with swiglu; max |y - ref| / max |ref| against the float64
 product of the gguf-dequantized weight and the x that was uploaded; dequant_<fmt> must match
 gguf's float32 values exactly (after rounding to the output dtype).
-Timing ({"bench": ...}): M = 1, llama2-7b and tinyllama shapes, Q4_K and Q8_0 beside f16 and
-int8 (group 64, f16 scales) weights through ops.matmul. Each product is timed as 20 calls
+Timing ({"bench": ...}): M = 1, the llama2-7b and tinyllama products (q, k, v and gate, up
+fused as the models run them), Q4_K and Q8_0 beside f16 and int8 (group 64, f16 scales)
+weights through ops.matmul, and (unless --no-sweep) every launch plan (chunk, K split, chunks
+in flight, blocks per multiprocessor: packed.plan) of the packed GEMV, with the best one and
+the per-token sums (plan keys "ck,sk,la,bps", bps 0 = as many blocks as fit). Each product is timed as 20 calls
 captured in one CUDA graph replayed 10 times between CUDA events, median of 7; the calls
 cycle through copies of the weight totalling >= 256 MB so that the 50 MB L2 holds none of
 them (HBM time, not L2 time). GB/s counts the weight bytes; % of 4.4 TB/s.
@@ -28,64 +31,16 @@ import numpy as np
 
 TOL = {"f32": 2e-4, "f16": 2e-3, "bf16": 1.5e-2}
 FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
-SHAPES = [("llama2-7b qkv/o", 4096, 4096), ("llama2-7b gate|up", 11008, 4096), ("llama2-7b down", 4096, 11008),
-          ("tinyllama o", 2048, 2048), ("tinyllama gate|up", 5632, 2048), ("tinyllama down", 2048, 5632)]
+# the products of a decode step as the models run them (q, k, v fused; gate and up fused)
+SHAPES = [("llama2-7b qkv", 12288, 4096), ("llama2-7b o", 4096, 4096), ("llama2-7b gate|up", 22016, 4096),
+          ("llama2-7b down", 4096, 11008), ("tinyllama qkv", 2560, 2048), ("tinyllama o", 2048, 2048),
+          ("tinyllama gate|up", 11264, 2048), ("tinyllama down", 2048, 5632)]
+LAYERS = {"llama2-7b": 32, "tinyllama": 22}
 HBM = 4.4e12
 
 
 def emit(**kw):
     print(json.dumps(kw), flush=True)
-
-
-# ---------------------------------------------------------------- A/B of kernel sources
-def variant_geometry(src: str):
-    """packed.py's _geometry for another packed.cu (its PK_CHUNK and stage rule)."""
-    import re
-
-    from hetinfer_cuda import packed as PK
-    chunk = int(re.search(r"#define PK_CHUNK (\d+)", src).group(1))
-    three = "WIN <= 1600 ? 3 : 2" in src
-
-    def geo(name):
-        block, nbytes = PK._TABLE[name]
-        win = (chunk // (block // 32) * nbytes + 45) // 16 * 16 + 16
-        return win, 3 if three and win <= 1600 else 2
-    return geo
-
-
-class use_variant:
-    """Within: the packed kernels come from another packed.cu source (own module and cache key)."""
-
-    def __init__(self, src: str):
-        self.src, self.geo = src, variant_geometry(src)
-
-    def __enter__(self):
-        from hetinfer_cuda import driver as D
-        from hetinfer_cuda import packed as PK
-        self.D, self.PK = D, PK
-        D.packed_kernel(D.get_device(0), "f16", "dequant_q8_0")         # the current source is loaded
-        self.saved = {k: v for k, v in D._kernels.items() if k[2].startswith("packed:")}
-        for k in self.saved:
-            del D._kernels[k]
-        self.old = D._packed_source, PK._geometry
-        D._packed_source = (D._CSRC / "common.cuh").read_text() + "\n" + self.src
-        PK._geometry = self.geo
-        return self
-
-    def __exit__(self, *exc):
-        D = self.D
-        for k in [k for k in D._kernels if k[2].startswith("packed:")]:
-            del D._kernels[k]
-        D._kernels.update(self.saved)
-        D._packed_source, self.PK._geometry = self.old
-        return False
-
-
-def load_variants(folder):
-    from pathlib import Path
-    if not folder:
-        return []
-    return [(f.stem, f.read_text()) for f in sorted(Path(folder).glob("*.cu"))]
 
 
 def random_packed(name: str, N: int, K: int, rng) -> np.ndarray:
@@ -199,7 +154,25 @@ def check_correctness(rng, quiet: bool = False) -> int:
     return fails
 
 
-def bench(rng, blocks_sweep: bool, variants=()) -> None:
+def plans(name: str, K: int, full: bool):
+    """(ck, sk, la, blocks per multiprocessor or 0: as many as fit) to time for a row of K
+    values of format name: every plan the GEMV can run (full), else the whole or half chunk,
+    no split or 2, 1 or 2 chunks in flight, at 1, 2, 3 blocks per multiprocessor or all."""
+    from hetinfer_cuda import packed as PK
+    ipb = PK._TABLE[name][0] // 32
+    cmax = PK._chunk(name)
+    for ck in (32, 64, 128):
+        if ck > cmax or ck % ipb or (not full and ck < cmax // 2):
+            continue
+        for sk in (1, 2, 4, 8) if full else (1, 2):
+            if sk > -(-(K // 32) // ck):
+                continue
+            for la in (1, 2, 3) if full else (1, 2):
+                for bps in (0,) if full else (1, 2, 3, 0):
+                    yield ck, sk, la, bps
+
+
+def bench(rng, sweep: bool, full_sweep: bool = False) -> None:
     import hetinfer as hi
     from hetinfer import ops
     from hetinfer.device import get_allocator
@@ -212,6 +185,7 @@ def bench(rng, blocks_sweep: bool, variants=()) -> None:
     dev = D.get_device(0)
     ev = _Events(dev)
     seeds = itertools.count(1)
+    per_token = {}                      # (model, fmt) -> [default us, best us] summed over layers
 
     def copies(nbytes):
         return max(2, min(32, -(-256_000_000 // nbytes)))
@@ -228,6 +202,7 @@ def bench(rng, blocks_sweep: bool, variants=()) -> None:
         return statistics.median(_graph_us(alloc, ev, fn) for _ in range(5))
 
     for label, N, K in SHAPES:
+        model = label.split()[0]
         x = hi.empty((1, K), "f16", "cuda")
         fill(x, -1.0, 1.0)
         y = hi.empty((1, N), "f16", "cuda")
@@ -263,43 +238,40 @@ def bench(rng, blocks_sweep: bool, variants=()) -> None:
                 fill(Tensor(t.buffer, (nbq // 2,), hi.f16), -1e-3, 1e-3)   # every f16 field finite
                 wq.append(t)
             usq = timed(lambda i, w=wq, x=x, y=y: ops.matmul(x, w[i % len(w)], out=y))
-            sweep = {}
-            if blocks_sweep:
-                for bps in (1, 2, 3, 4, 0):
-                    blocks = bps * dev.sm_count if bps else -(-N // 16)     # 0: one row pair per warp
-                    us = timed(lambda i, w=wq, x=x, y=y, n=name, nn=N, kk=K, b=blocks:
-                               PK.packed_gemv(x, w[i % len(w)], n, nn, kk, y, blocks=b))
-                    sweep[f"bps{bps}" if bps else "one_pair_per_warp"] = round(us, 2)
-                sweep["default_bps"] = PK.resident_blocks(dev, PK._smem(name, 1, K))
-            yq = y.numpy().astype(np.float64)
-            for label, src in variants:
-                with use_variant(src):
-                    usv = timed(lambda i, w=wq, x=x, y=y: ops.matmul(x, w[i % len(w)], out=y))
-                    ops.matmul(x, wq[0], out=y)
-                    yv = y.numpy().astype(np.float64)
-                ops.matmul(x, wq[0], out=y)
-                yq = y.numpy().astype(np.float64)
-                emit(ab=label, fmt=name, shape=label_shape(N, K), us=round(usv, 2), vs_f16=round(us16 / usv, 2),
-                     current_us=round(usq, 2), rel_diff_vs_current=float(np.abs(yv - yq).max() / (np.abs(yq).max() or 1)))
+            default = PK.plan(dev, name, N, K, 1, False)
+            times = {}
+            if sweep:
+                for pl in plans(name, K, full_sweep):
+                    blocks = pl[3] * dev.sm_count or None
+                    times[pl] = timed(lambda i, w=wq, x=x, y=y, n=name, pl=pl, b=blocks:
+                                      PK.packed_gemv(x, w[i % len(w)], n, N, K, y, plan=pl[:3], blocks=b))
+            best = min(times, key=times.get) if times else None
             wq.clear()
             emit(bench="packed", fmt=name, **row, us=round(usq, 2), gbs=round(nbq / usq / 1e3, 1),
                  pct_hbm=round(100 * nbq / (usq * 1e-6) / HBM, 1),
-                 vs_f16=round(us16 / usq, 2), vs_int8=round(us8 / usq, 2), grid_sweep_us=sweep)
+                 vs_f16=round(us16 / usq, 2), vs_int8=round(us8 / usq, 2), plan=list(default[:3]),
+                 grid=default.grid, best=list(best) if best else None,
+                 best_us=round(times[best], 2) if best else None,
+                 best_pct_hbm=round(100 * nbq / (times[best] * 1e-6) / HBM, 1) if best else None,
+                 sweep={",".join(map(str, k)): round(v, 2) for k, v in sorted(times.items(), key=lambda kv: kv[1])})
+            acc = per_token.setdefault((model, name), [0.0, 0.0, 0.0])
+            acc[0] += usq * LAYERS[model]
+            acc[1] += (times[best] if best else usq) * LAYERS[model]
+            acc[2] += us16 * LAYERS[model]
         alloc.empty_cache() if hasattr(alloc, "empty_cache") else None
+    for (model, name), (d, b, f16) in per_token.items():
+        emit(bench="per token (layer products only)", model=model, fmt=name, default_us=round(d, 1),
+             best_us=round(b, 1), f16_us=round(f16, 1), default_vs_f16=round(f16 / d, 2), best_vs_f16=round(f16 / b, 2))
 
 
 def label_shape(N, K):
     return f"{N}x{K}"
 
 
-def compile_only(module: str, dt: str, variant: str | None = None) -> None:
+def compile_only(module: str, dt: str) -> None:
     """Compile one NVRTC module into the disk cache (run in parallel processes first)."""
-    from pathlib import Path
-
     from hetinfer_cuda import driver as D
     dev = D.get_device(0)
-    if variant:
-        D._packed_source = (D._CSRC / "common.cuh").read_text() + "\n" + Path(variant).read_text()
     if module == "packed":
         D.packed_kernel(dev, dt, "dequant_q8_0")
     else:
@@ -316,14 +288,14 @@ def warm(modules) -> float:
 
 
 def main(argv=None) -> int:
-    if argv is None and len(sys.argv) in (4, 5) and sys.argv[1] == "--compile-only":
+    if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--compile-only":
         compile_only(*sys.argv[2:])
         return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--ab", default="", help="folder of other packed.cu sources to check and time beside")
+    ap.add_argument("--no-sweep", action="store_true", help="time the default plan only")
+    ap.add_argument("--full-sweep", action="store_true", help="every (chunk, split, in flight) plan, one wave")
     args = ap.parse_args(argv)
     import hetinfer_cuda
     if not hetinfer_cuda.probe()["available"]:
@@ -331,24 +303,23 @@ def main(argv=None) -> int:
         return 2
     from hetinfer_cuda import driver as D
     from hetinfer_cuda import packed as PK
-    variants = load_variants(args.ab)
     mods = [("packed", "f16"), ("packed", "bf16"), ("packed", "f32"), ("ops", "f16")]
-    mods += [("packed", dt, str(__import__("pathlib").Path(args.ab) / f"{lab}.cu"))
-             for lab, _ in variants for dt in ("f16", "bf16", "f32")]
-    emit(warm_compile_s=round(warm(mods), 1), modules=len(mods), variants=[lab for lab, _ in variants])
+    emit(warm_compile_s=round(warm(mods), 1), modules=len(mods))
     emit(registered_here=PK.ensure_registered(), device=repr(D.get_device(0)))
+    A = D._drv().CUfunction_attribute
+    for fn in ("gemv_q4_k_m1", "gemv_q8_0_m1", "gemv_q4_k_m8", "gemv_q8_0_m8"):
+        f = D.packed_kernel(D.get_device(0), "f16", fn)
+        emit(kernel=fn, registers=D.check(D._drv().cuFuncGetAttribute(A.CU_FUNC_ATTRIBUTE_NUM_REGS, f)),
+             local_bytes=D.check(D._drv().cuFuncGetAttribute(A.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, f)),
+             static_shared=D.check(D._drv().cuFuncGetAttribute(A.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f)))
     rng = np.random.default_rng(0)
     t0 = time.time()
     fails = 0
     if not args.no_check:
         fails = check_correctness(rng)
         emit(check="summary", fails=fails, seconds=round(time.time() - t0, 1), result="PASS" if not fails else "FAIL")
-        for label, src in variants:
-            with use_variant(src):
-                vf = check_correctness(np.random.default_rng(0), quiet=True)
-            emit(check="variant summary", variant=label, fails=vf, result="PASS" if not vf else "FAIL")
     if not args.no_bench:
-        bench(rng, not args.no_sweep, variants)
+        bench(rng, not args.no_sweep, args.full_sweep)
     emit(compile_stats={"nvrtc_compiles": D.stats.nvrtc_compiles, "disk_hits": D.stats.disk_hits},
          seconds=round(time.time() - t0, 1))
     return 1 if fails else 0

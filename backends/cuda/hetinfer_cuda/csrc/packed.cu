@@ -59,20 +59,21 @@ template <> struct PkFmt<5> { static constexpr int BS = 256, TS = 144, AL = 3; s
 template <> struct PkFmt<6> { static constexpr int BS = 256, TS = 176, AL = 3; static constexpr bool SG = false; };
 template <> struct PkFmt<7> { static constexpr int BS = 256, TS = 210, AL = 0; static constexpr bool SG = false; };
 
-// A chunk: the items (32 values each) of a row a warp decodes per step: 128 (4 per lane) for the
-// 256-value formats, 64 for the 32-value ones (128 measured 10-20% faster for Q4_K, mixed for Q8_0,
-// whose 34-byte blocks would need 141 KB of staging per block: run 4 of packed_check --ab).
+// A chunk: the items (32 values each) of a row a warp decodes per step, ck at run time (a multiple
+// of 32 and of the items per block, at most CHUNK: 128 = 4 per lane for the 256-value formats, 64
+// for the 32-value ones, whose 34-byte blocks would need 141 KB of staging per block at 128).
+// The launcher (packed.py plan) picks ck, the chunks in flight per warp and the K split.
 template <int QT> struct PkGeo {
     typedef PkFmt<QT> F;
     static constexpr int IPB = F::BS / 32;                   // items per block
-    static constexpr int CHUNK = F::BS == 256 ? 128 : 64;
-    static constexpr int CB = CHUNK / IPB;                   // blocks per chunk
-    static constexpr int NV = (CB * F::TS + 45) / 16;        // 16-byte copies of a row's window, at most
+    static constexpr int CHUNK = F::BS == 256 ? 128 : 64;    // most items of a chunk
+    static constexpr int NV = (CHUNK / IPB * F::TS + 45) / 16; // 16-byte copies of a row's window, at most
     static constexpr int P = (NV + 31) / 32;                 // per lane
-    static constexpr int WIN = NV * 16 + 16;                 // bytes of a window (+ slack for funnel reads)
-    static constexpr int S = 2;                              // pipeline stages: one chunk in flight
-    static constexpr int STG = S * 2 * WIN;                  // staging bytes per warp: S stages of 2 rows
-};                                                           // (packed.py _stage_bytes mirrors this)
+};
+// bytes of a row's staging window for chunks of ck items (+ slack for funnel reads): packed.py _win
+template <int QT> __device__ __forceinline__ int pk_win(int ck) {
+    return ((ck / PkGeo<QT>::IPB) * PkFmt<QT>::TS + 45) / 16 * 16 + 16;
+}
 
 // loads at byte offset o (even) from base (16-byte aligned)
 template <int AL> __device__ __forceinline__ u32 pk_ld32(const u8* base, int o) {
@@ -328,18 +329,18 @@ template <int N> __device__ __forceinline__ void pk_wait() {
     asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 }
 
-// byte offset within its aligned window of chunk c of row `row`
-template <int QT> __device__ __forceinline__ int pk_win_off(const u8* w, size_t rowbytes, int row, int c) {
-    const size_t a = reinterpret_cast<size_t>(w) + (size_t)row * rowbytes + (size_t)c * PkGeo<QT>::CB * PkFmt<QT>::TS;
+// byte offset within its aligned window of chunk c (cb blocks each) of row `row`
+template <int QT> __device__ __forceinline__ int pk_win_off(const u8* w, size_t rowbytes, int row, int c, int cb) {
+    const size_t a = reinterpret_cast<size_t>(w) + (size_t)row * rowbytes + (size_t)c * cb * PkFmt<QT>::TS;
     return (int)(a & 15);
 }
 
 // copy the aligned 16-byte window around chunk c of row `row` into dst (shared), lanes interleaved
-template <int QT> __device__ __forceinline__ void pk_issue(const u8* w, size_t rowbytes, int row, int c, int nblk,
-                                                           int lane, u8* dst) {
+template <int QT> __device__ __forceinline__ void pk_issue(const u8* w, size_t rowbytes, int row, int c, int cb,
+                                                           int nblk, int lane, u8* dst) {
     typedef PkGeo<QT> Gm;
-    const int b0 = c * Gm::CB;
-    const int nb = min(Gm::CB, nblk - b0);
+    const int b0 = c * cb;
+    const int nb = min(cb, nblk - b0);
     const size_t a = reinterpret_cast<size_t>(w) + (size_t)row * rowbytes + (size_t)b0 * PkFmt<QT>::TS;
     const int off = (int)(a & 15);
     const int n16 = (off + nb * PkFmt<QT>::TS + 15) >> 4;
@@ -352,55 +353,78 @@ template <int QT> __device__ __forceinline__ void pk_issue(const u8* w, size_t r
     }
 }
 
-// A warp owns a pair of weight rows at a time (with swiglu: gate row p and up row p + N/2; else
-// rows 2p, 2p + 1), walked in chunks (PkGeo); S - 1 chunks of both rows are in flight (cp.async
-// into the warp's ring of S staging buffers) while one is decoded. x's loads serve both rows.
-// (3 stages measured no faster than 2 at the 7B shapes and cost a block per multiprocessor.)
+// wait until at most n (0 .. 3, warp-uniform) of this lane's copy groups are in flight
+__device__ __forceinline__ void pk_wait_n(int n) {
+    if (n >= 3) pk_wait<3>();
+    else if (n == 2) pk_wait<2>();
+    else if (n == 1) pk_wait<1>();
+    else pk_wait<0>();
+}
+// the sk warps of one slot meet (named barrier 1 + slot; 0 is __syncthreads')
+__device__ __forceinline__ void pk_slot_sync(int slot, int sk) {
+    asm volatile("bar.sync %0, %1;" :: "r"(1 + slot), "r"(32 * sk) : "memory");
+}
+
+// A warp works on a pair of weight rows at a time (with swiglu: gate row p and up row p + N/2;
+// else rows 2p, 2p + 1), walked in chunks of ck items; the sk warps of a slot (sk = 1, 2, 4, 8;
+// 8 / sk slots per block) split a pair's chunks between them (chunks ks, ks + sk, ...) and add
+// their sums in shared memory, where warp ks = 0 applies the epilogue. `la` chunks (1 .. 3) of
+// both rows are in flight per warp (cp.async into its ring of la + 1 staging buffers) while one
+// is decoded. x's loads serve both rows. Blocks take groups of 8 / sk pairs, strided by the grid.
 template <int QT, int MM>
 __device__ __forceinline__ void pk_gemv(const void* __restrict__ x, int x32, int xvec, const T* __restrict__ nw,
                                         float eps, int pro, const u8* __restrict__ w, const T* __restrict__ bias,
                                         int act, const void* residual, int r32, void* out, int o32,
-                                        int M, int N, int K) {
+                                        int M, int N, int K, int ck, int sk, int la) {
     typedef PkFmt<QT> F;
     typedef PkGeo<QT> Gm;
-    constexpr int S = Gm::S;
     extern __shared__ __align__(16) u8 pk_smem[];
     __shared__ float red[MM];
+    __shared__ float part[2][8][MM][2];             // per round parity, warp, row of x: the two sums
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarp = blockDim.x >> 5;
     const int G = K >> 4;
+    const int win = pk_win<QT>(ck), cb = ck / Gm::IPB, nst = la + 1;
     uint4* xh = reinterpret_cast<uint4*>(pk_smem);
     uint4* xl = xh + M * G;
     float2* xf = reinterpret_cast<float2*>(xl + M * G);
-    u8* stg = pk_smem + (size_t)M * G * 40 + (size_t)warp * Gm::STG;
+    u8* stg = pk_smem + (size_t)M * G * 40 + (size_t)warp * nst * 2 * win;
     const int nblk = K / F::BS;
     const size_t rowbytes = (size_t)nblk * F::TS;
     const int ipr = K >> 5;                         // items per row
-    const int cpr = (ipr + Gm::CHUNK - 1) / Gm::CHUNK;
+    const int cpr = (ipr + ck - 1) / ck;            // chunks per row (>= sk: packed.py plan)
     const int No = act ? N / 2 : N;
     const int NP = act ? No : (N + 1) / 2;          // row pairs
-    const int gw = blockIdx.x * nwarp + warp, tw = gridDim.x * nwarp;
-    const int nout = gw < NP ? (NP - 1 - gw) / tw + 1 : 0;
-    const int njobs = nout * cpr;                   // (pair, chunk) steps of this warp
+    const int slots = nwarp / sk, slot = warp / sk, ks = warp - slot * sk;
+    const int gw = blockIdx.x * slots + slot, tw = gridDim.x * slots;
+    const int nout = gw < NP ? (NP - 1 - gw) / tw + 1 : 0;       // pairs of this slot
+    const int nc = ks < cpr ? (cpr - 1 - ks) / sk + 1 : 0;       // chunks of a pair for this warp
+    const int njobs = nout * nc;                    // (pair, chunk) steps of this warp
     const int nfull = ipr >> 3;                     // full windows of 16 x groups
 
     pdl_trigger();
     if (threadIdx.x < MM) red[threadIdx.x] = 0.f;
 
-    // the first S - 1 chunks' weights are requested before x is ready
-#pragma unroll
-    for (int s = 0; s < S - 1; ++s) {
+    // (pair pn, chunk index cin) of the next job to request; the first la chunks' weights are
+    // requested before x is ready
+    int pn = gw, cin = 0, sn = 0;
+    for (int s = 0; s < la; ++s) {
         if (s < njobs) {
-            const int t = s / cpr, c = s - t * cpr;
-            const int p = gw + t * tw;
-            const int n0 = act ? p : 2 * p, n1 = act ? p + No : min(2 * p + 1, N - 1);
-            pk_issue<QT>(w, rowbytes, n0, c, nblk, lane, stg + s * 2 * Gm::WIN);
-            pk_issue<QT>(w, rowbytes, n1, c, nblk, lane, stg + s * 2 * Gm::WIN + Gm::WIN);
+            const int c = ks + cin * sk;
+            const int n0 = act ? pn : 2 * pn, n1 = act ? pn + No : min(2 * pn + 1, N - 1);
+            pk_issue<QT>(w, rowbytes, n0, c, cb, nblk, lane, stg + sn * 2 * win);
+            pk_issue<QT>(w, rowbytes, n1, c, cb, nblk, lane, stg + sn * 2 * win + win);
+            if (++cin == nc) { cin = 0; pn += tw; }
         }
         pk_commit();
+        sn = sn + 1 == nst ? 0 : sn + 1;
     }
     pdl_wait();
     __syncthreads();
     // prologue: x (times nw) in fixed point per 16 values; sum of x^2 per row for the norm
+    // (per thread, then per warp: one shared atomic per warp and row, not one per group)
+    float ssq[MM];
+#pragma unroll
+    for (int m = 0; m < MM; ++m) ssq[m] = 0.f;
     for (int i = threadIdx.x; i < M * G; i += blockDim.x) {
         const int m = i / G, g = i - m * G;
         float f[16];
@@ -411,7 +435,8 @@ __device__ __forceinline__ void pk_gemv(const void* __restrict__ x, int x32, int
             float s = 0.f;
 #pragma unroll
             for (int e = 0; e < 16; ++e) { s += f[e] * f[e]; f[e] *= wv[e]; }
-            atomicAdd(&red[m], s);
+#pragma unroll
+            for (int mm = 0; mm < MM; ++mm) if (mm == m) ssq[mm] += s;
         }
         float amax = 0.f, sum = 0.f;
         bool finite = true;
@@ -439,38 +464,45 @@ __device__ __forceinline__ void pk_gemv(const void* __restrict__ x, int x32, int
         xl[si] = make_uint4(lw[0], lw[1], lw[2], lw[3]);
         xf[si] = make_float2(finite ? amax * (1.f / 32767.f) : HI_NAN, finite ? sum : HI_NAN);
     }
+    if (pro) {
+#pragma unroll
+        for (int m = 0; m < MM; ++m) {
+            const float v = warp_sum(ssq[m]);
+            if (m < M && lane == 0) atomicAdd(&red[m], v);
+        }
+    }
     __syncthreads();
 
     float acc0[MM], acc1[MM];
 #pragma unroll
     for (int m = 0; m < MM; ++m) { acc0[m] = 0.f; acc1[m] = 0.f; }
-    // (pair p, chunk c) of this job and of the next one to request, counted without divisions
-    int p = gw, c = 0;
-    int pn = gw + ((S - 1) / cpr) * tw, cn = (S - 1) % cpr;
+    int p = gw, ci = 0, sj = 0, round = 0;          // this job: pair, chunk index, stage; pairs done
     for (int job = 0; job < njobs; ++job) {
-        {                                           // keep S - 1 chunks in flight
-            const int jn = job + S - 1;
-            if (jn < njobs) {
+        {                                           // keep la chunks in flight
+            if (job + la < njobs) {
+                const int c = ks + cin * sk;
                 const int n0 = act ? pn : 2 * pn, n1 = act ? pn + No : min(2 * pn + 1, N - 1);
-                u8* dst = stg + (jn % S) * 2 * Gm::WIN;
-                pk_issue<QT>(w, rowbytes, n0, cn, nblk, lane, dst);
-                pk_issue<QT>(w, rowbytes, n1, cn, nblk, lane, dst + Gm::WIN);
+                u8* dst = stg + sn * 2 * win;
+                pk_issue<QT>(w, rowbytes, n0, c, cb, nblk, lane, dst);
+                pk_issue<QT>(w, rowbytes, n1, c, cb, nblk, lane, dst + win);
+                if (++cin == nc) { cin = 0; pn += tw; }
             }
             pk_commit();
-            if (++cn == cpr) { cn = 0; pn += tw; }
+            sn = sn + 1 == nst ? 0 : sn + 1;
         }
-        pk_wait<S - 1>();                           // this job's copies (this lane's) are done
+        pk_wait_n(la);                              // this job's copies (this lane's) are done
         __syncwarp();                               // ... and every lane's
+        const int c = ks + ci * sk;
         const int n0 = act ? p : 2 * p, n1 = act ? p + No : min(2 * p + 1, N - 1);
-        const u8* s0 = stg + (job % S) * 2 * Gm::WIN;
-        const u8* s1 = s0 + Gm::WIN;
-        const int off0 = pk_win_off<QT>(w, rowbytes, n0, c), off1 = pk_win_off<QT>(w, rowbytes, n1, c);
+        const u8* s0 = stg + sj * 2 * win;
+        const u8* s1 = s0 + win;
+        const int off0 = pk_win_off<QT>(w, rowbytes, n0, c, cb), off1 = pk_win_off<QT>(w, rowbytes, n1, c, cb);
 #pragma unroll
         for (int k = 0; k < Gm::CHUNK / 32; ++k) {
-            const int gi = c * Gm::CHUNK + lane + 32 * k;
-            if (gi < ipr) {
+            const int gi = c * ck + lane + 32 * k;
+            if (32 * k < ck && gi < ipr) {
                 const int blk = gi / Gm::IPB, it = gi % Gm::IPB;
-                const int bo = (blk - c * Gm::CB) * F::TS;
+                const int bo = (blk - c * cb) * F::TS;
                 const PkItem u0 = pk_decode<QT>(pk_raw<QT, F::AL>(s0, off0 + bo, it), it);
                 const PkItem u1 = pk_decode<QT>(pk_raw<QT, F::AL>(s1, off1 + bo, it), it);
                 const int wdw = gi >> 3;            // x slots of the two units (pk_slot)
@@ -481,10 +513,10 @@ __device__ __forceinline__ void pk_gemv(const void* __restrict__ x, int x32, int
                 for (int m = 0; m < MM; ++m) {
                     if (m < M) {
                         const int ia = m * G + ga, ib = m * G + gb;
-                        const uint4 ha = xh[ia], la = xl[ia], hb = xh[ib], lb = xl[ib];
+                        const uint4 ha = xh[ia], la_ = xl[ia], hb = xh[ib], lb = xl[ib];
                         const float2 fa = xf[ia], fb = xf[ib];
-                        const float va0 = (float)pk_dot16<F::SG>(u0.qa, ha, la), vb0 = (float)pk_dot16<F::SG>(u0.qb, hb, lb);
-                        const float va1 = (float)pk_dot16<F::SG>(u1.qa, ha, la), vb1 = (float)pk_dot16<F::SG>(u1.qb, hb, lb);
+                        const float va0 = (float)pk_dot16<F::SG>(u0.qa, ha, la_), vb0 = (float)pk_dot16<F::SG>(u0.qb, hb, lb);
+                        const float va1 = (float)pk_dot16<F::SG>(u1.qa, ha, la_), vb1 = (float)pk_dot16<F::SG>(u1.qb, hb, lb);
                         float s = acc0[m], q = acc1[m];
                         s = fmaf(u0.aa, fa.x * va0, s);
                         s = fmaf(u0.ab, fb.x * vb0, s);
@@ -502,20 +534,35 @@ __device__ __forceinline__ void pk_gemv(const void* __restrict__ x, int x32, int
                 }
             }
         }
-        __syncwarp();                               // the buffer is refilled S - 1 jobs later
-        if (c == cpr - 1) {                         // the pair is done
+        __syncwarp();                               // the buffer is refilled la jobs later
+        sj = sj + 1 == nst ? 0 : sj + 1;
+        if (ci == nc - 1) {                         // this warp's part of the pair is done
+            const int par = round & 1;
 #pragma unroll
             for (int m = 0; m < MM; ++m) {
                 if (m < M) {
-                    float s0v = warp_sum(acc0[m]), s1v = warp_sum(acc1[m]);
-                    acc0[m] = 0.f;
-                    acc1[m] = 0.f;
-                    if (pro) {
-                        const float inv = rsqrtf(red[m] / (float)K + eps);
-                        s0v *= inv;
-                        s1v *= inv;
-                    }
-                    if (lane == 0) {
+                    acc0[m] = warp_sum(acc0[m]);
+                    acc1[m] = warp_sum(acc1[m]);
+                    if (sk > 1 && lane == 0) { part[par][warp][m][0] = acc0[m]; part[par][warp][m][1] = acc1[m]; }
+                }
+            }
+            if (sk > 1) pk_slot_sync(slot, sk);     // the slot's parts are written (double-buffered
+                                                    // by round: a part is rewritten only after the
+                                                    // next round's barrier, past this read)
+            if (ks == 0 && lane == 0) {
+#pragma unroll
+                for (int m = 0; m < MM; ++m) {
+                    if (m < M) {
+                        float s0v = acc0[m], s1v = acc1[m];
+                        for (int j = 1; j < sk; ++j) {
+                            s0v += part[par][warp + j][m][0];
+                            s1v += part[par][warp + j][m][1];
+                        }
+                        if (pro) {
+                            const float inv = rsqrtf(red[m] / (float)K + eps);
+                            s0v *= inv;
+                            s1v *= inv;
+                        }
                         if (act) {
                             const size_t o = (size_t)m * No + p;
                             float g = s0v, u = s1v;
@@ -539,8 +586,14 @@ __device__ __forceinline__ void pk_gemv(const void* __restrict__ x, int x32, int
                     }
                 }
             }
+#pragma unroll
+            for (int m = 0; m < MM; ++m) { acc0[m] = 0.f; acc1[m] = 0.f; }
+            ++round;
+            ci = 0;
+            p += tw;
+        } else {
+            ++ci;
         }
-        if (++c == cpr) { c = 0; p += tw; }
     }
     pk_wait<0>();                                   // (nothing left in flight: the last groups were empty)
 }
@@ -551,9 +604,9 @@ __device__ __forceinline__ void pk_gemv(const void* __restrict__ x, int x32, int
     extern "C" __global__ void __launch_bounds__(256, MM == 1 ? 4 : 2)                             \
     NAME(const void* __restrict__ x, int x32, int xvec, const T* __restrict__ nw, float eps, int pro, \
          const void* __restrict__ w, const T* __restrict__ bias, int act, const void* residual,     \
-         int r32, void* out, int o32, int M, int N, int K) {                                        \
+         int r32, void* out, int o32, int M, int N, int K, int ck, int sk, int la) {                \
         pk_gemv<QT, MM>(x, x32, xvec, nw, eps, pro, reinterpret_cast<const u8*>(w), bias, act,      \
-                        residual, r32, out, o32, M, N, K);                                          \
+                        residual, r32, out, o32, M, N, K, ck, sk, la);                              \
     }
 #define PK_GEMV_ALL(FMT, QT)                                                                       \
     PK_GEMV(gemv_##FMT##_m1, QT, 1)                                                                \
