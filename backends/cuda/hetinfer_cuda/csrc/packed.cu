@@ -189,6 +189,9 @@ __device__ __forceinline__ void pk_scale_min2(u32 s0, u32 s1, u32 s2, int c, flo
     mna = pk_b2f(mnp, 0); mnb = pk_b2f(mnp, 1);
 }
 
+// The second unit of a 4-bit format without a fifth bit (q4_0, q4_1, q4_k) keeps its high
+// nibbles in place (16 q, up to 240: q b-dot products stay within 2^27) and its scale takes the
+// 1/16, exact in float: one AND per word instead of a shift and an AND.
 template <int QT> __device__ __forceinline__ PkItem pk_decode(const PkRaw& r, int it) {
     PkItem t;
     if constexpr (QT == 0) {
@@ -208,12 +211,15 @@ template <int QT> __device__ __forceinline__ PkItem pk_decode(const PkRaw& r, in
         }
         if constexpr (QT >= 3) qh = r.c.y;
         t.qa = pk_and(r.a, 0x0f0f0f0fu);
-        t.qb = pk_and(pk_shr(r.a, 4), 0x0f0f0f0fu);
+        t.aa = t.ab = d; t.ba = t.bb = b;
         if constexpr (QT >= 3) {
+            t.qb = pk_and(pk_shr(r.a, 4), 0x0f0f0f0fu);
             t.qa = pk_or(t.qa, pk_hb16(qh));
             t.qb = pk_or(t.qb, pk_hb16(qh >> 16));
+        } else {                                    // high nibbles in place: 16 q (pk_decode notes)
+            t.qb = pk_and(r.a, 0xf0f0f0f0u);
+            t.ab = d * 0.0625f;
         }
-        t.aa = t.ab = d; t.ba = t.bb = b;
         t.ea = 0; t.eb = 16;
     } else if constexpr (QT == 5 || QT == 6) {
         const int c = it >> 1, hh = it & 1;
@@ -222,7 +228,7 @@ template <int QT> __device__ __forceinline__ PkItem pk_decode(const PkRaw& r, in
         float sca, mna, scb, mnb;
         pk_scale_min2(r.a.y, r.a.z, r.a.w, c, sca, mna, scb, mnb);
         t.qa = pk_and(r.b, 0x0f0f0f0fu);
-        t.qb = pk_and(pk_shr(r.b, 4), 0x0f0f0f0fu);
+        t.qb = QT == 5 ? pk_and(r.b, 0xf0f0f0f0u) : pk_and(pk_shr(r.b, 4), 0x0f0f0f0fu);
         if constexpr (QT == 6) {
             t.qa = pk_or(t.qa, make_uint4(((r.c.x >> sa) & 0x01010101u) << 4, ((r.c.y >> sa) & 0x01010101u) << 4,
                                           ((r.c.z >> sa) & 0x01010101u) << 4, ((r.c.w >> sa) & 0x01010101u) << 4));
@@ -230,7 +236,7 @@ template <int QT> __device__ __forceinline__ PkItem pk_decode(const PkRaw& r, in
                                           ((r.c.z >> sb) & 0x01010101u) << 4, ((r.c.w >> sb) & 0x01010101u) << 4));
         }
         t.aa = d * sca; t.ba = -(dm * mna);
-        t.ab = d * scb; t.bb = -(dm * mnb);
+        t.ab = d * scb * (QT == 5 ? 0.0625f : 1.f); t.bb = -(dm * mnb);
         t.ea = 64 * c + 16 * hh; t.eb = t.ea + 32;
     } else {
         const int h = it >> 2, j = it & 3;
@@ -344,13 +350,11 @@ template <int QT> __device__ __forceinline__ void pk_issue(const u8* w, size_t r
     const size_t a = reinterpret_cast<size_t>(w) + (size_t)row * rowbytes + (size_t)b0 * PkFmt<QT>::TS;
     const int off = (int)(a & 15);
     const int n16 = (off + nb * PkFmt<QT>::TS + 15) >> 4;
-    const u8* g = reinterpret_cast<const u8*>(a - (size_t)off);
-    const u32 d = pk_smem_addr(dst);
+    const u8* g = reinterpret_cast<const u8*>(a - (size_t)off) + 16 * lane;   // this lane's first copy
+    const u32 d = pk_smem_addr(dst) + 16 * lane;
 #pragma unroll
-    for (int p = 0; p < Gm::P; ++p) {
-        const int i = lane + 32 * p;
-        if (i < n16) pk_cp16(d + 16 * i, g + 16 * i);
-    }
+    for (int p = 0; p < Gm::P; ++p)                 // then every 512 bytes (constant offsets)
+        if (lane + 32 * p < n16) pk_cp16(d + 512 * p, g + 512 * p);
 }
 
 // wait until at most n (0 .. 3, warp-uniform) of this lane's copy groups are in flight
@@ -497,17 +501,23 @@ __device__ __forceinline__ void pk_gemv(const void* __restrict__ x, int x32, int
         const u8* s0 = stg + sj * 2 * win;
         const u8* s1 = s0 + win;
         const int off0 = pk_win_off<QT>(w, rowbytes, n0, c, cb), off1 = pk_win_off<QT>(w, rowbytes, n1, c, cb);
+        // this lane's items: g0 + 32 k. ck and 32 are multiples of 8 and of IPB, so the item
+        // within its block, its place in the window and its x slots move by constants with k
+        const int g0 = c * ck + lane;
+        const int it = lane % Gm::IPB;
+        const int bo0 = (lane / Gm::IPB) * F::TS;
+        const int w0 = g0 >> 3, ga0 = (w0 << 4) + (lane & 7);
 #pragma unroll
         for (int k = 0; k < Gm::CHUNK / 32; ++k) {
-            const int gi = c * ck + lane + 32 * k;
+            const int gi = g0 + 32 * k;
             if (32 * k < ck && gi < ipr) {
-                const int blk = gi / Gm::IPB, it = gi % Gm::IPB;
-                const int bo = (blk - c * cb) * F::TS;
+                const int bo = bo0 + k * (32 / Gm::IPB) * F::TS;
                 const PkItem u0 = pk_decode<QT>(pk_raw<QT, F::AL>(s0, off0 + bo, it), it);
                 const PkItem u1 = pk_decode<QT>(pk_raw<QT, F::AL>(s1, off1 + bo, it), it);
-                const int wdw = gi >> 3;            // x slots of the two units (pk_slot)
-                const bool full = wdw < nfull;
-                const int ga = full ? (wdw << 4) + (gi & 7) : (blk * F::BS + u0.ea) >> 4;
+                // x slots of the two units (pk_slot): every window is full for the k-quants
+                const bool full = F::BS == 256 || w0 + 4 * k < nfull;
+                const int blk = gi / Gm::IPB;
+                const int ga = full ? ga0 + 64 * k : (blk * F::BS + u0.ea) >> 4;
                 const int gb = full ? ga + 8 : (blk * F::BS + u0.eb) >> 4;
 #pragma unroll
                 for (int m = 0; m < MM; ++m) {
