@@ -103,6 +103,27 @@ def test_matmul_every_format_and_variant(variant, name, m):
     assert (np.abs(y - exact) <= packed_rounding_bound(x, w, fmt.act_block) * 1.01 + 1e-6 * mag.max()).all()
 
 
+def test_threads_back_off_with_the_same_bits():
+    """After a threaded product whose caller waited for a late worker (another process on the
+    core), the next products run on the calling thread alone (par.inc): the same bits as threaded,
+    the count of such products going down by one per product, and threads again after it."""
+    lib = P.library()
+    if lib is None or lib.hi_pk_threads() < 2:
+        pytest.skip("needs the C library and two OpenMP threads")
+    rng = np.random.default_rng(5)
+    n, k = 3072, 576                                     # above PAR_MIN: a threaded product
+    w = hi.packed.from_blocks(packed_blocks(rng, "q8_0", n, k, 1 / np.sqrt(k)), "q8_0")
+    x = hi.tensor(rng.standard_normal((1, k)).astype(np.float32))
+    lib.hi_pk_par_skip(0)
+    threaded = hi.ops.matmul(x, w).numpy()
+    assert lib.hi_pk_par_skip(-1) in (0, 1000)           # 1000: this machine's cores were busy
+    lib.hi_pk_par_skip(3)
+    alone = [hi.ops.matmul(x, w).numpy() for _ in range(2)]
+    assert lib.hi_pk_par_skip(0) == 1
+    for y in alone:
+        np.testing.assert_array_equal(y, threaded)
+
+
 def test_activation_rounding():
     """quantize_activations against float64: dx = max|x| / 127 per block, |x - dx q| <= dx / 2,
     |q| <= 127, the sums per 16 values exact; an all-zero block gives dx = 0, q = 0."""

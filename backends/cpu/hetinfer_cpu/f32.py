@@ -14,8 +14,9 @@ added, then i and i + VL/4, ...), then + bias. Tiles of 1-4 rows of x against up
 share the loads (a row of w is read once per tile of x), blocks of rows of w stay in L2 while
 the tiles of x pass over them, and from 64 rows of x on, the tiles are first packed into aligned
 k-major panels; none of this changes an element's operations. Blocks of rows of w are split over
-OpenMP threads (OMP_NUM_THREADS, default all cores; workers sleep between products,
-OMP_WAIT_POLICY=PASSIVE as int8.py sets it) for products of >= PAR_MIN multiply-adds.
+OpenMP threads (OMP_NUM_THREADS, default all cores; workers spin a while between products, then
+sleep, and a worker left behind on a busy core sends the next products to one thread: par.inc) for
+products of >= PAR_MIN multiply-adds.
 
 Bits are the same within one build. The AVX-512, AVX2 and plain-C paths (whichever the compiler
 targets with -march=native) give different bits from each other; the plain-C path (8 lanes, built
@@ -60,6 +61,7 @@ C_SOURCE = r"""
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "par.inc"
 #define INL static inline __attribute__((always_inline))
 
 /* One output element = one chain of VL-lane partial sums over k (lane j takes k = j mod VL), the
@@ -326,6 +328,7 @@ void hi_f32_matmul(const float *x, int64_t M, int64_t K, const float *w, int64_t
     int nt = 1;
 #ifdef _OPENMP
     nt = nthreads > 0 ? nthreads : omp_get_max_threads();
+    par = par_go(par && nt > 1);
     if (par && nt > 1) {      /* >= 4 blocks a thread, for the dynamic schedule to balance */
         int64_t want = (N + 4 * nt - 1) / (4 * nt);
         want = (want + CLCM - 1) / CLCM * CLCM;
@@ -341,10 +344,11 @@ void hi_f32_matmul(const float *x, int64_t M, int64_t K, const float *w, int64_t
         #pragma omp parallel for schedule(static) if (par && nt > 1) num_threads(nt)
         for (int64_t m = 0; m < M4; m += 4) pack(x + m * K, K, 4, ks, xp + m * ks * VL);
     }
+    double t0 = par ? par_now() : 0.0, tmain = t0;
     #pragma omp parallel if (par && nt > 1) num_threads(nt)
     {
         float *wp = xp ? alloc64((size_t)(nb / C4) * C4 * ks * VL * sizeof(float)) : NULL;
-        #pragma omp for schedule(dynamic, 1)
+        #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t b = 0; b < nblk; b++) {
             int64_t n0 = b * nb, n1 = n0 + nb < N ? n0 + nb : N;
             if (wp) {
@@ -373,7 +377,9 @@ void hi_f32_matmul(const float *x, int64_t M, int64_t K, const float *w, int64_t
             }
         }
         free(wp);
+        if (par && par_tid() == 0) tmain = par_now();
     }
+    if (par && nt > 1) par_done(t0, tmain, par_now());
     free(xp);
 }
 """

@@ -11,8 +11,9 @@
       vectors only, AVX2 (vpmaddubsw + vpmaddwd), and plain C for any other CPU. No -march flag:
       each variant carries __attribute__((target)), so one build runs on any x86-64. Rows of W are split into chunks of RC rows
       handed out to OpenMP threads dynamically (schedule(dynamic)), so a thread slowed by
-      another process takes fewer chunks instead of holding the others up; idle workers sleep
-      (OMP_WAIT_POLICY=PASSIVE, set by int8.build_library before the library loads). Prefill:
+      another process takes fewer chunks instead of holding the others up; idle workers spin a
+      while, then sleep (GOMP_SPINCOUNT, set by int8.build_library before the library loads), and
+      a caller left waiting for a descheduled worker runs the next products alone (par.inc). Prefill:
       a chunk's rows stay in cache while tiles of MR activation rows pass over them, each
       unpacked block of W meeting MR rows, so W is read from memory once per product.
    3. hi_pk_dequant: rows of W (or rows picked by ids: embedding) to float32; prefill multiplies
@@ -34,6 +35,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "par.inc"
 
 /* ggml type ids (hetinfer.packed.FORMATS) */
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
@@ -355,6 +357,13 @@ void hi_pk_set_threads(int n) {
 #endif
 }
 
+/* the regions left to run on one thread (par.inc); set >= 0 replaces it (tests) */
+int hi_pk_par_skip(int set) {
+    int s = __atomic_load_n(&par_skip, __ATOMIC_RELAXED);
+    if (set >= 0) __atomic_store_n(&par_skip, set, __ATOMIC_RELAXED);
+    return s;
+}
+
 int hi_pk_threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -398,31 +407,38 @@ void hi_pk_matmul(int type, const uint8_t *w, int64_t N, int64_t K, const int8_t
         if (!xo) dot1 = 0;
         else for (int64_t b = 0; b < nb; b++) xo[b] = xd[b] * (float)(xs[2 * b] + xs[2 * b + 1]);
     }
-    #pragma omp parallel for schedule(dynamic, 1) if (N * K * M >= PAR_MIN)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t n0 = c * RC, n1 = n0 + RC < N ? n0 + RC : N;
-        if (dot1) {
-            for (int64_t n = n0; n < n1; n++) {
-                if (n + PF < N) {
-                    const char *ahead = (const char *)(w + (n + PF) * rowb);
-                    for (int64_t i = 0; i < rowb; i += 64) __builtin_prefetch(ahead + i, 0, 2);
+    const int par = par_go(N * K * M >= PAR_MIN && hi_pk_threads() > 1);
+    double t0 = par ? par_now() : 0.0, tmain = t0;
+    #pragma omp parallel if (par)
+    {
+        #pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t n0 = c * RC, n1 = n0 + RC < N ? n0 + RC : N;
+            if (dot1) {
+                for (int64_t n = n0; n < n1; n++) {
+                    if (n + PF < N) {
+                        const char *ahead = (const char *)(w + (n + PF) * rowb);
+                        for (int64_t i = 0; i < rowb; i += 64) __builtin_prefetch(ahead + i, 0, 2);
+                    }
+                    dot1(type, w + n * rowb, nb, xq, xd, xo, out + n);
                 }
-                dot1(type, w + n * rowb, nb, xq, xd, xo, out + n);
+                continue;
             }
-            continue;
-        }
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            int nr = M - m0 < MR ? (int)(M - m0) : MR;
-            for (int64_t n = n0; n < n1; n++) {
-                if (m0 == 0 && n + PF < N) {            /* the row PF ahead, from memory into L2 */
-                    const char *ahead = (const char *)(w + (n + PF) * rowb);
-                    for (int64_t i = 0; i < rowb; i += 64) __builtin_prefetch(ahead + i, 0, 2);
+            for (int64_t m0 = 0; m0 < M; m0 += MR) {
+                int nr = M - m0 < MR ? (int)(M - m0) : MR;
+                for (int64_t n = n0; n < n1; n++) {
+                    if (m0 == 0 && n + PF < N) {            /* the row PF ahead, from memory into L2 */
+                        const char *ahead = (const char *)(w + (n + PF) * rowb);
+                        for (int64_t i = 0; i < rowb; i += 64) __builtin_prefetch(ahead + i, 0, 2);
+                    }
+                    dot(type, w + n * rowb, nb, xq + m0 * K, xd + m0 * (K / blk), xs + m0 * (K / 16), K, nr,
+                        out + m0 * ldo + n, ldo);
                 }
-                dot(type, w + n * rowb, nb, xq + m0 * K, xd + m0 * (K / blk), xs + m0 * (K / 16), K, nr,
-                    out + m0 * ldo + n, ldo);
             }
         }
+        if (par && par_tid() == 0) tmain = par_now();
     }
+    if (par) par_done(t0, tmain, par_now());
     if (xo && xo != xo_stack) free(xo);
 }
 
@@ -567,9 +583,16 @@ void hi_pk_dequant(int type, const uint8_t *w, int64_t K, const int64_t *ids, in
     const int64_t blk = block_of(type), nb = K / blk, rowb = nb * bytes_of(type);
     if (!DOT) hi_pk_select(0);
     const dequant_fn row_fn = pick_dequant();
-    #pragma omp parallel for schedule(static) if (R * K >= ((int64_t)1 << 20))
-    for (int64_t r = 0; r < R; r++)
-        row_fn(type, w + (ids ? ids[r] : r0 + r) * rowb, nb, out + r * K);
+    const int par = par_go(R * K >= ((int64_t)1 << 20) && hi_pk_threads() > 1);
+    double t0 = par ? par_now() : 0.0, tmain = t0;
+    #pragma omp parallel if (par)
+    {
+        #pragma omp for schedule(dynamic, 16) nowait
+        for (int64_t r = 0; r < R; r++)
+            row_fn(type, w + (ids ? ids[r] : r0 + r) * rowb, nb, out + r * K);
+        if (par && par_tid() == 0) tmain = par_now();
+    }
+    if (par) par_done(t0, tmain, par_now());
 }
 
 void hi_pk_decode_layer(const hi_layer *L, float *x, int64_t B, float *kp, float *vp, const int32_t *pos,
@@ -611,11 +634,18 @@ void hi_pk_decode_layer(const hi_layer *L, float *x, int64_t B, float *kp, float
     /* attention: per sequence and kv head, its g query heads meet each key row once */
     if (!DOT) hi_pk_select(0);
     const attend_fn attend = pick_attend();
-    #pragma omp parallel for schedule(dynamic, 1) collapse(2) if (B * Hq * max_ctx >= 65536)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t kh = 0; kh < Hkv; kh++)
-            attend(qkv + b * nqkv + kh * g * Dh, g, Dh, kp, vp, bt + b * MB, ctx[b], BS, kvrow, kh,
-                   L->scale, sc + (b * Hkv + kh) * g * max_ctx, max_ctx, att + (b * Hq + kh * g) * Dh);
+    const int par = par_go(B * Hq * max_ctx >= 65536 && hi_pk_threads() > 1);
+    double t0 = par ? par_now() : 0.0, tmain = t0;
+    #pragma omp parallel if (par)
+    {
+        #pragma omp for schedule(dynamic, 1) collapse(2) nowait
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t kh = 0; kh < Hkv; kh++)
+                attend(qkv + b * nqkv + kh * g * Dh, g, Dh, kp, vp, bt + b * MB, ctx[b], BS, kvrow, kh,
+                       L->scale, sc + (b * Hkv + kh) * g * max_ctx, max_ctx, att + (b * Hq + kh * g) * Dh);
+        if (par && par_tid() == 0) tmain = par_now();
+    }
+    if (par) par_done(t0, tmain, par_now());
     a32.blk = a256.blk = 0;
     parts_product(&L->o, 1, att, B, Hq * Dh, NULL, 0.0f, &a32, &a256, tmp, yo, D);
     for (int64_t j = 0; j < B * D; j++) x[j] += yo[j];

@@ -139,6 +139,7 @@ def _declare(lib) -> None:
     lib.hi_pk_select.argtypes, lib.hi_pk_select.restype = [i32], ctypes.c_char_p
     lib.hi_pk_set_threads.argtypes, lib.hi_pk_set_threads.restype = [i32], None
     lib.hi_pk_threads.argtypes, lib.hi_pk_threads.restype = [], i32
+    lib.hi_pk_par_skip.argtypes, lib.hi_pk_par_skip.restype = [i32], i32
     lib.hi_pk_quantize.argtypes, lib.hi_pk_quantize.restype = [vp, i64, i64, i64, vp, vp, vp], None
     lib.hi_pk_matmul.argtypes = [i32, vp, i64, i64, vp, vp, vp, i64, vp, i64]
     lib.hi_pk_matmul.restype = None
