@@ -344,6 +344,32 @@ def _decode_layer_cases():
     ]
 
 
+def test_decode_layer_checks_what_changed_after_a_good_call():
+    """decode_layer checks a layer's own tensors once and a step's tensors once per step (the
+    same objects are not checked again): after a good call, a new x, a new step tensor or a new
+    weight part is still checked in full. D = 32, one head of 32, F = 32, Q8_0 weights."""
+    from hetinfer.testing.strategies import packed_blocks
+    rng = np.random.default_rng(0)
+
+    def q8(n, k):
+        return hetinfer.packed.from_blocks(packed_blocks(rng, "q8_0", n, k, 0.1), "q8_0")
+    layer = dict(attn_norm=T((32,)), wqkv=(q8(32, 32), q8(64, 32)), wo=q8(32, 32), mlp_norm=T((32,)),
+                 w_gate_up=q8(64, 32), w_down=q8(32, 32), k_pool=T((3, 2, 1, 32)), v_pool=T((3, 2, 1, 32)),
+                 cos=T((8, 16)), sin=T((8, 16)), num_heads=1)
+    step = dict(positions=ids(2), slot_mapping=ids(2), context_lens=T((2,), "i32", fill=1),
+                block_tables=T((2, 1), "i32"))
+    ops.decode_layer(T((2, 32)), **layer, **step)
+    ops.decode_layer(T((2, 32)), **layer, **step)                     # the same layer and step again
+    with pytest.raises(ShapeError, match=r"^decode_layer: wqkv\[0\] has shape"):
+        ops.decode_layer(T((2, 64)), **layer, **step)                 # x of another width
+    with pytest.raises(ShapeError, match=r"^decode_layer: context_lens must be in \[1, 2\]"):
+        ops.decode_layer(T((2, 32)), **layer, **dict(step, context_lens=T((2,), "i32", fill=5)))
+    with pytest.raises(ShapeError, match=r"^decode_layer: wqkv has 128 rows"):
+        ops.decode_layer(T((2, 32)), **dict(layer, wqkv=(q8(32, 32), q8(96, 32))), **step)
+    with pytest.raises(DTypeError, match=r"^decode_layer: mlp_norm has dtype i32"):
+        ops.decode_layer(T((2, 32)), **dict(layer, mlp_norm=T((32,), "i32")), **step)
+
+
 def _all_reduce_cases():
     return [
         (lambda: ops.all_reduce(T((4,), "i32")), DTypeError, r"^all_reduce: x has dtype i32; expected one of f32"),

@@ -423,26 +423,17 @@ def _parts(op, name, w, k, dtypes) -> tuple:
 
 
 _checked_steps: list = []     # decode_layer: the step tensors last validated (kept alive: ids stay theirs)
+_checked_layers: dict = {}    # decode_layer: id(wo) -> the layer's tensors last validated (kept alive)
 
 
-def decode_layer(x: Tensor, attn_norm: Tensor, wqkv, wo: Tensor, mlp_norm: Tensor, w_gate_up, w_down: Tensor,
-                 k_pool: Tensor, v_pool: Tensor, positions: Tensor, slot_mapping: Tensor, context_lens: Tensor,
-                 block_tables: Tensor, cos: Tensor, sin: Tensor, *, num_heads: int, bqkv: Tensor | None = None,
-                 eps: float = 1e-6, style: str = "half", scale: float | None = None) -> Tensor:
-    """One pre-norm decoder layer (Llama / Qwen2) for B decode rows, row b the one new token of
-    sequence b, fused: x (B, D) f32 is updated in place and returned.
+def _same_objects(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(u is v or (not isinstance(u, Tensor) and not isinstance(v, Tensor) and u == v)
+                                    for u, v in zip(a, b))
 
-        qkv = matmul(x, wqkv, bqkv, norm_weight=attn_norm, eps)          (B, (Hq + 2 Hkv) Dh)
-        rope_paged_kv_write(q, k, v, k_pool, v_pool, positions, slot_mapping, cos, sin, style)
-        x += paged_attention(q, pools, query_start = 0..B, context_lens, block_tables, scale) @ wo^T
-        x += matmul(matmul(x, w_gate_up, norm_weight=mlp_norm, eps, act="swiglu"), w_down)
 
-    wqkv and w_gate_up are one weight or a tuple of row parts ([q | k | v], [gate | up]) that
-    may differ in format. Hq = num_heads; pools (NB, BS, Hkv, Dh). Packed weights may round the
-    products' inputs to 8 bits per block as matmul does."""
-    op = "decode_layer"
-    _t(op, "x", x, (D.f32,), 2)
-    b, d = x.shape
+def _check_layer(op, d, attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_pool, v_pool, bqkv, num_heads, style):
+    """decode_layer's checks of the layer's own tensors (x has d columns): (qkv parts, gate-up
+    parts, Hq, NB, BS, Hkv, Dh)."""
     _check_pool(op, k_pool, v_pool, D.FLOATS)
     nb, bs, hkv, dh = k_pool.shape
     hq = int(num_heads)
@@ -469,27 +460,65 @@ def decode_layer(x: Tensor, attn_norm: Tensor, wqkv, wo: Tensor, mlp_norm: Tenso
         _t(op, "bqkv", bqkv, D.FLOATS, 1)
         _shape(op, "bqkv", bqkv, ((hq + 2 * hkv) * dh,))
     _check_style(op, style)
-    positions = _rope_inputs(op, positions, cos, sin, x.device, b, dh)
-    slot_mapping = _index(op, "slot_mapping", slot_mapping, x.device, (b,))
-    context_lens = _index(op, "context_lens", context_lens, x.device, (b,))
-    block_tables = _index(op, "block_tables", block_tables, x.device, ndim=2)
-    mb = block_tables.shape[1]
-    _shape(op, "block_tables", block_tables, (b, mb))
-    step = (positions, slot_mapping, context_lens, block_tables, cos, k_pool.shape)
+    return qkv, gu, hq, nb, bs, hkv, dh
+
+
+def decode_layer(x: Tensor, attn_norm: Tensor, wqkv, wo: Tensor, mlp_norm: Tensor, w_gate_up, w_down: Tensor,
+                 k_pool: Tensor, v_pool: Tensor, positions: Tensor, slot_mapping: Tensor, context_lens: Tensor,
+                 block_tables: Tensor, cos: Tensor, sin: Tensor, *, num_heads: int, bqkv: Tensor | None = None,
+                 eps: float = 1e-6, style: str = "half", scale: float | None = None) -> Tensor:
+    """One pre-norm decoder layer (Llama / Qwen2) for B decode rows, row b the one new token of
+    sequence b, fused: x (B, D) f32 is updated in place and returned.
+
+        qkv = matmul(x, wqkv, bqkv, norm_weight=attn_norm, eps)          (B, (Hq + 2 Hkv) Dh)
+        rope_paged_kv_write(q, k, v, k_pool, v_pool, positions, slot_mapping, cos, sin, style)
+        x += paged_attention(q, pools, query_start = 0..B, context_lens, block_tables, scale) @ wo^T
+        x += matmul(matmul(x, w_gate_up, norm_weight=mlp_norm, eps, act="swiglu"), w_down)
+
+    wqkv and w_gate_up are one weight or a tuple of row parts ([q | k | v], [gate | up]) that
+    may differ in format. Hq = num_heads; pools (NB, BS, Hkv, Dh). Packed weights may round the
+    products' inputs to 8 bits per block as matmul does."""
+    op = "decode_layer"
+    _t(op, "x", x, (D.f32,), 2)
+    b, d = x.shape
+    # the layer's own tensors are checked once: a call with the same objects (a model's every
+    # step) skips to the step's checks
+    static = (attn_norm, wo, mlp_norm, w_down, k_pool, v_pool, bqkv, cos, sin, int(num_heads), style, d)
+    wq = tuple(wqkv) if isinstance(wqkv, (tuple, list)) else (wqkv,)
+    wg = tuple(w_gate_up) if isinstance(w_gate_up, (tuple, list)) else (w_gate_up,)
+    seen_layer = _checked_layers.get(id(wo))
+    if seen_layer is not None and _same_objects(seen_layer[0], static) and _same_objects(seen_layer[1], wq) \
+            and _same_objects(seen_layer[2], wg):
+        qkv, gu, hq, nb, bs, hkv, dh = wq, wg, *seen_layer[3]
+    else:
+        qkv, gu, hq, nb, bs, hkv, dh = _check_layer(op, d, attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down,
+                                                    k_pool, v_pool, bqkv, num_heads, style)
+        if len(_checked_layers) > 4096:
+            _checked_layers.clear()
+        _checked_layers[id(wo)] = (static, wq, wg, (hq, nb, bs, hkv, dh))
+    step = (positions, slot_mapping, context_lens, block_tables, cos, sin, k_pool.shape, b)
     seen = _checked_steps[0] if _checked_steps else None
-    if positions._host and not (seen is not None and all(a is c for a, c in zip(seen[:5], step[:5]))
-                                and seen[5] == step[5]):
-        ps, sl, cl, bt = (t.numpy() for t in (positions, slot_mapping, context_lens, block_tables))
-        if b and (int(ps.min()) < 0 or int(ps.max()) >= cos.shape[0]):
-            raise ShapeError(f"{op}: positions must be in [0, {cos.shape[0]}) (the rope table)")
-        if b and (int(cl.min()) < 1 or int(cl.max()) > mb * bs):
-            raise ShapeError(f"{op}: context_lens must be in [1, {mb * bs}] (block_tables' capacity)")
-        if b and int(sl.max()) >= nb * bs:
-            raise ShapeError(f"{op}: slot {int(sl.max())} is beyond the pools ({nb * bs} slots)")
-        used = np.arange(mb)[None, :] < -(-cl[:, None].astype(np.int64) // bs)
-        if used.any() and (bt[used].min() < 0 or bt[used].max() >= nb):
-            raise ShapeError(f"{op}: block ids in use must be in [0, {nb})")
-        _checked_steps[:] = [step]
+    if seen is not None and all(a is c for a, c in zip(seen[:6], step[:6])) and seen[6:] == step[6:]:
+        mb = block_tables.shape[1]              # the step's tensors, as last checked (in range too)
+    else:
+        positions = _rope_inputs(op, positions, cos, sin, x.device, b, dh)
+        slot_mapping = _index(op, "slot_mapping", slot_mapping, x.device, (b,))
+        context_lens = _index(op, "context_lens", context_lens, x.device, (b,))
+        block_tables = _index(op, "block_tables", block_tables, x.device, ndim=2)
+        mb = block_tables.shape[1]
+        _shape(op, "block_tables", block_tables, (b, mb))
+        if positions._host:
+            ps, sl, cl, bt = (t.numpy() for t in (positions, slot_mapping, context_lens, block_tables))
+            if b and (int(ps.min()) < 0 or int(ps.max()) >= cos.shape[0]):
+                raise ShapeError(f"{op}: positions must be in [0, {cos.shape[0]}) (the rope table)")
+            if b and (int(cl.min()) < 1 or int(cl.max()) > mb * bs):
+                raise ShapeError(f"{op}: context_lens must be in [1, {mb * bs}] (block_tables' capacity)")
+            if b and int(sl.max()) >= nb * bs:
+                raise ShapeError(f"{op}: slot {int(sl.max())} is beyond the pools ({nb * bs} slots)")
+            used = np.arange(mb)[None, :] < -(-cl[:, None].astype(np.int64) // bs)
+            if used.any() and (bt[used].min() < 0 or bt[used].max() >= nb):
+                raise ShapeError(f"{op}: block ids in use must be in [0, {nb})")
+        _checked_steps[:] = [(positions, slot_mapping, context_lens, block_tables, cos, sin, k_pool.shape, b)]
     _same_device(op, x=x, attn_norm=attn_norm, wo=wo, mlp_norm=mlp_norm, w_down=w_down, k_pool=k_pool,
                  v_pool=v_pool, positions=positions, block_tables=block_tables, bqkv=bqkv, cos=cos)
     scale = float(scale) if scale is not None else 1.0 / float(np.sqrt(dh))
