@@ -355,13 +355,21 @@ def _ptr(t) -> int:
     return t.numpy().ctypes.data
 
 
+def _known_layer(attn_norm, qkv, wo, mlp_norm, gu, w_down, k_pool, bqkv, eps, style, scale, num_heads):
+    """The struct made for these very tensors and settings before (the C path took them), or None."""
+    got = _LAYERS.get(id(wo))
+    if got is not None and all(a is b for a, b in zip(got[0][:-1], (attn_norm, qkv, wo, mlp_norm, gu, w_down, bqkv))) \
+            and got[0][-1] == (eps, style, scale, num_heads, k_pool.shape):
+        return got[1]
+    return None
+
+
 def _layer_struct(attn_norm, qkv, wo, mlp_norm, gu, w_down, k_pool, bqkv, eps, style, scale, num_heads):
+    known = _known_layer(attn_norm, qkv, wo, mlp_norm, gu, w_down, k_pool, bqkv, eps, style, scale, num_heads)
+    if known is not None:
+        return known
     refs = (attn_norm, qkv, wo, mlp_norm, gu, w_down, bqkv)
     key = id(wo)
-    got = _LAYERS.get(key)
-    if got is not None and all(a is b for a, b in zip(got[0][:-1], refs)) and got[0][-1] == (
-            eps, style, scale, num_heads, k_pool.shape):
-        return got[1]
     nb, bs, hkv, dh = k_pool.shape
     f = w_down.shape[1] * w_down.dtype.block
     L = _Layer(D=wo.shape[0], F=f, Hq=num_heads, Hkv=hkv, Dh=dh, BS=bs, MB=0, eps=eps, scale=scale,
@@ -392,14 +400,11 @@ def decode_layer(x, attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_pool, v_
     products, rope, the cache write, attention, swiglu and both residual adds in one call), or
     the same composed of ops without the library (or for tensors it does not take)."""
     lib = library()
-    got = _LAYERS.get(id(wo))
-    if lib is not None and got is not None and all(
-            a is b for a, b in zip(got[0][:-1], (attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, bqkv))) \
-            and got[0][-1] == (eps, style, scale, num_heads, k_pool.shape):
-        L = got[1]                      # a layer the C path took before: only x and the pools may differ
+    L = None if lib is None else _known_layer(attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_pool, bqkv, eps,
+                                              style, scale, num_heads)
+    if L is not None:                   # a layer the C path took before: only x and the pools may differ
         ready = _f32c(x) is not None and _f32c(k_pool) is not None and _f32c(v_pool) is not None
     else:
-        L = None
         ready = lib is not None and num_heads // k_pool.shape[2] <= 16 and \
             _c_ready(x, attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down, k_pool, v_pool, bqkv)
     if not ready:

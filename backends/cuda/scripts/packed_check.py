@@ -264,10 +264,6 @@ def bench(rng, sweep: bool, full_sweep: bool = False) -> None:
              best_us=round(b, 1), f16_us=round(f16, 1), default_vs_f16=round(f16 / d, 2), best_vs_f16=round(f16 / b, 2))
 
 
-def label_shape(N, K):
-    return f"{N}x{K}"
-
-
 def compile_only(module: str, dt: str) -> None:
     """Compile one NVRTC module into the disk cache (run in parallel processes first)."""
     from hetinfer_cuda import driver as D
